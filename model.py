@@ -1,0 +1,927 @@
+"""
+A GPT language model, nanoGPT style, with two swappable parts:
+
+  attention (GPTConfig.attn)   "softmax"  : causal multi-head attention through SDPA (nanoGPT baseline)
+                               "hyperglu" : HyperGLU   (Lu & Yang, "HyperMLP", arXiv 2602.12601)
+                               "hypermlp" : HyperMLP   (the same module with ReLU instead of the GLU split)
+  residual  (GPTConfig.residual) "plain"  : pre-norm residual, x = x + f(ln(x))
+                               "hc"       : hyper-connections (Zhu et al., ICLR 2025)
+                               "mhc"      : manifold-constrained hyper-connections (DeepSeek, arXiv 2512.24880)
+
+Read top to bottom: small pieces (norms, conv, RoPE, MLP), softmax attention, HyperGLU, the three
+residual connections, the Block and the GPT, then parameter accounting and budget matching.
+Shapes: B batch, T sequence, C (= D) width, h heads, L block_size.
+"""
+
+import math
+import warnings
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _choice(owner, name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{owner}.{name}={value!r} is not valid; expected one of {list(allowed)}")
+
+
+def _up(t):
+    """At least fp32 (bf16/fp16 go up, fp64 stays): for norms, clamps and inverses that fp16 cannot hold."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _positive(owner, name, value):
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{owner}.{name}={value!r} is not valid; expected a positive int")
+
+
+# -----------------------------------------------------------------------------
+# small pieces
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's cannot turn the bias off)."""
+
+    def __init__(self, ndim, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, ndim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+
+    def forward(self, x):
+        return F.rms_norm(x, self.weight.shape, self.weight, 1e-6)
+
+
+def make_norm(config):
+    """The one dispatch point for GPTConfig.norm."""
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.n_embd)
+    return LayerNorm(config.n_embd, bias=config.bias)
+
+
+class CausalConv1d(nn.Module):
+    """Depthwise causal conv over time, no bias: y_t = sum_j w_j * x_{t-k+1+j} (zero left padding).
+
+    With `state` (B, k-1, C), the last k-1 inputs of earlier calls, it continues a sequence; it returns
+    the new state so decoding one token at a time matches the full-sequence conv exactly."""
+
+    def __init__(self, channels, kernel_size):
+        super().__init__()
+        self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=False)
+        nn.init.normal_(self.conv.weight, std=0.02)
+
+    def forward(self, x, state=None):
+        # x: (B, T, C) -> (B, T, C)
+        k = self.conv.kernel_size[0]
+        if state is None:
+            xp = F.pad(x.transpose(1, 2), (k - 1, 0))  # (B, C, T+k-1)
+        else:
+            xp = torch.cat([state, x], dim=1).transpose(1, 2)
+        y = F.conv1d(xp, self.conv.weight, groups=self.conv.groups)  # conv weight follows autocast
+        return y.transpose(1, 2), xp[:, :, xp.shape[-1] - (k - 1):].transpose(1, 2)
+
+
+def apply_rope(x, pos, base):
+    """Rotary embedding, a true rotation of the channel pairs (i, i + d/2) by angle pos * base^(-2i/d).
+
+    x: (B, H, T, d) with d even; pos: (T,) absolute positions. Computed in fp32, returned in x's dtype."""
+    d = x.shape[-1]
+    ft = torch.promote_types(x.dtype, torch.float32)
+    inv_freq = base ** (-torch.arange(0, d, 2, device=x.device, dtype=ft) / d)  # (d/2,)
+    ang = pos.to(ft)[:, None] * inv_freq[None, :]  # (T, d/2)
+    cos, sin = ang.cos(), ang.sin()
+    xf = _up(x)
+    x1, x2 = xf[..., : d // 2], xf[..., d // 2:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+class MLP(nn.Module):
+    """GELU MLP (nanoGPT, 4C hidden) or SwiGLU (hidden 8C/3 rounded up to a multiple of 16)."""
+
+    def __init__(self, config):
+        super().__init__()
+        C = config.n_embd
+        self.swiglu = config.mlp == "swiglu"
+        hidden = -(-8 * C // 3 // 16) * 16 if self.swiglu else 4 * C
+        self.c_fc = nn.Linear(C, 2 * hidden if self.swiglu else hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, C, bias=config.bias)
+
+    def forward(self, x):
+        h = self.c_fc(x)
+        if self.swiglu:
+            a, g = h.chunk(2, dim=-1)
+            h = F.silu(g) * a
+        else:
+            h = F.gelu(h)
+        return self.c_proj(h)
+
+
+# -----------------------------------------------------------------------------
+# softmax attention (the baseline): S, S-p (RoPE), S-c (KV conv), S-pc
+
+class CausalSelfAttention(nn.Module):
+    """nanoGPT's attention (names c_attn, c_proj) plus the paper's softmax options: RoPE ("p", from
+    GPTConfig.pos) and a depthwise causal conv in front of K and V ("c", GPTConfig.use_kv_conv),
+    placed exactly as in HyperGLU: k = W_k conv1(x), v = W_v conv2(x)."""
+
+    def __init__(self, config):
+        super().__init__()
+        C, h = config.n_embd, config.n_head
+        self.n_head, self.dropout = h, config.dropout
+        self.rope = config.pos == "rope"
+        self.rope_base = config.rope_base
+        self.c_attn = nn.Linear(C, 3 * C, bias=config.bias)
+        self.c_proj = nn.Linear(C, C, bias=config.bias)
+        if config.use_kv_conv:
+            self.conv1 = CausalConv1d(C, config.conv_kernel_size)
+            self.conv2 = CausalConv1d(C, config.conv_kernel_size)
+        self.use_conv = config.use_kv_conv
+
+    def forward(self, x, cache=None):
+        B, T, C = x.shape
+        h = self.n_head
+        if self.use_conv:
+            state = cache.get("conv") if cache is not None else None
+            xk, new_state = self.conv1(x, state)
+            xv, _ = self.conv2(x, state)
+            Wq, Wk, Wv = self.c_attn.weight.split(C)
+            bq, bk, bv = self.c_attn.bias.split(C) if self.c_attn.bias is not None else (None,) * 3
+            q, k, v = F.linear(x, Wq, bq), F.linear(xk, Wk, bk), F.linear(xv, Wv, bv)
+        else:
+            q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, h, C // h).transpose(1, 2) for t in (q, k, v))  # (B, h, T, hd)
+        n_past = cache["k"].shape[2] if cache is not None and "k" in cache else 0
+        if self.rope:
+            pos = torch.arange(n_past, n_past + T, device=x.device)
+            q, k = apply_rope(q, pos, self.rope_base), apply_rope(k, pos, self.rope_base)
+        if cache is not None:
+            if n_past:
+                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+            cache["k"], cache["v"] = k, v
+            if self.use_conv:
+                cache["conv"] = new_state
+        mask, causal = None, n_past == 0
+        if n_past and T > 1:  # a chunk of new queries against a cache: query m sees keys <= n_past + m
+            mask = torch.ones(T, n_past + T, dtype=torch.bool, device=x.device).tril(n_past)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+    def flops_per_token(self, T):
+        """Forward FLOPs of the score maps per token at context T (QK^T and AV), as nanoGPT counts them."""
+        C = self.c_proj.out_features
+        return 4 * T * C
+
+
+# -----------------------------------------------------------------------------
+# HyperGLU / HyperMLP  (hypermlp.md §1)
+#
+# One head, query row t, lags j = 0..t (most recent first), paper notation:
+#   z_j   = < q_t * g_qk(x_t), k_{t-j} >                              score row, k from conv1(x)
+#   z    <- z (I + diag(d1) + U1 diag(c1(x_t)) Vt1)                   R1 "op1", before the nonlinearity
+#   a     = softplus(z_scale) * relu(z_gate) / ||z_gate||             GLU; ReLU variant: relu(z) / ||z||
+#   a    <- a (I + diag(d2) + U2 diag(c2(x_t)) Vt2)                   R2 "op2", after it
+#   o_t   = W_o [ (sum_j a_j v_{t-j}) * g_vo(x_t) ]                   v from conv2(x)
+# The sequence mixers act along the lag axis of one row, so the layer is causal by construction and
+# its per-token output does not depend on how many older tokens follow (extension consistency).
+
+@dataclass
+class HyperGLUConfig:
+    """Field names, defaults and checks follow the official HyperGLUConfig (LJC-FVNR/HyperMLP)."""
+    n_embd: int
+    n_head: int
+    block_size: int
+    bias: bool = False                 # bias on q/k/v/c_proj (gates and controls always have one)
+    n_layer: int = 24                  # unused inside the layer; sets GPT's scaled c_proj init
+    qk_rank: int = None                # total Q/K width; None -> n_embd // 4
+    vo_rank: int = None                # total V/O width; None -> n_embd
+    conv_kernel_size: int = 4
+    use_kv_conv: bool = True           # depthwise causal conv in front of K and V
+    use_rope: bool = False
+    rope_base: float = 10000.0
+    attn_kind: str = "glu"             # "glu" (HyperGLU) | "relu" (HyperMLP)
+    attn_norm: str = "out_scale"       # "out_scale" | "l2" | "none" (l2 == out_scale exactly)
+    gate_act: str = "sigmoid"          # "sigmoid" | "none", for both gates and both controls
+    norm_eps: float = 1e-12
+    use_qk_gate: bool = True           # dtqk: sigmoid gate on q
+    use_vo_gate: bool = True           # dtvo: sigmoid gate on the readout
+    impl_default: str = "chunked"      # "dense" | "chunked"
+    chunk_T: int = 1024                # query rows per chunk
+    use_op1: bool = True
+    op1_rank: int = 16
+    op1_per_head: bool = True
+    op1_use_diag: bool = True
+    op1_init_std: float = 0.02
+    op1_shortcut: bool = True
+    op1_do_masking: bool = True
+    use_op2: bool = True
+    op2_rank: int = 16
+    op2_per_head: bool = True
+    op2_use_diag: bool = True
+    op2_init_std: float = 0.02
+    op2_shortcut: bool = True
+    op2_do_masking: bool = True
+    do_masking: bool = True            # causal; False is only truly bidirectional with "identity"
+    aligner_kind: str = "offset"       # "offset" (lag layout) | "identity" (left layout)
+    aligner_impl_train: str = "padview"
+    aligner_impl_eval: str = "padview"
+
+    def __post_init__(self):
+        o = "HyperGLUConfig"
+        for name in ("n_embd", "n_head", "block_size", "conv_kernel_size", "chunk_T", "op1_rank", "op2_rank"):
+            _positive(o, name, getattr(self, name))
+        _choice(o, "attn_kind", self.attn_kind, ("glu", "relu"))
+        _choice(o, "attn_norm", self.attn_norm, ("out_scale", "l2", "none"))
+        _choice(o, "gate_act", self.gate_act, ("sigmoid", "none"))
+        _choice(o, "impl_default", self.impl_default, ("dense", "chunked"))
+        _choice(o, "aligner_kind", self.aligner_kind, ("offset", "identity"))
+        _choice(o, "aligner_impl_train", self.aligner_impl_train, ("padview",))
+        _choice(o, "aligner_impl_eval", self.aligner_impl_eval, ("padview",))
+        H1 = 2 * self.n_head if self.attn_kind == "glu" else self.n_head
+        qk = self.qk_rank if self.qk_rank is not None else self.n_embd // 4
+        vo = self.vo_rank if self.vo_rank is not None else self.n_embd
+        if qk <= 0 or qk % H1:
+            raise ValueError(f"{o}.qk_rank={qk} is not valid; expected a positive multiple of "
+                             f"{H1} ({'2*n_head for glu' if self.attn_kind == 'glu' else 'n_head for relu'})")
+        if vo <= 0 or vo % self.n_head:
+            raise ValueError(f"{o}.vo_rank={vo} is not valid; expected a positive multiple of n_head={self.n_head}")
+        if self.use_rope and (qk // H1) % 2:
+            raise ValueError(f"{o}.use_rope=True needs an even per-head q/k dim; qk_rank={qk} gives {qk // H1}")
+        for op in ("op1", "op2"):
+            if getattr(self, f"use_{op}") and not getattr(self, f"{op}_per_head"):
+                raise ValueError(f"{o}.{op}_per_head=False is not implemented (the official code fails at forward); "
+                                 f"expected True")
+        if not self.do_masking and self.aligner_kind == "offset":
+            warnings.warn("HyperGLUConfig: do_masking=False with aligner_kind='offset' is not bidirectional "
+                          "(the lag layout never reads future keys); use aligner_kind='identity'", RuntimeWarning)
+
+
+def to_lag(S, row_start):
+    """Key order -> lag layout (the reverse-offset "padview", hypermlp.md §1.5).
+
+    S: (..., M, W) scores of query rows r = row_start..row_start+M-1 against keys 0..W-1.
+    Returns Y (..., M, W) with Y[m, c] = S[m, r + c - (W-1)]: column c holds lag W-1-c, so lag 0 (the
+    token itself) is the last column; entries whose key index would be < 0 are 0 (read from the pad).
+    Future keys (index > r) are never read. Needs row_start + M <= W."""
+    M, W = S.shape[-2:]
+    P = F.pad(S, (W - 1, 0)).contiguous()  # (..., M, 2W-1)
+    st = P.stride()
+    return P.as_strided(S.shape, (*st[:-2], st[-2] + 1, 1), P.storage_offset() + row_start)
+
+
+def from_lag(Y, row_start):
+    """Inverse of to_lag: A[m, i] = Y[m, i + W-1-r] for keys i <= r, 0 for i > r (read from the pad)."""
+    M, W = Y.shape[-2:]
+    P = F.pad(Y, (0, W - 1)).contiguous()  # (..., M, 2W-1)
+    st = P.stride()
+    return P.as_strided(Y.shape, (*st[:-2], st[-2] - 1, 1), P.storage_offset() + W - 1 - row_start)
+
+
+def causal_mask(M, W, row_start, lag, device):
+    """(M, W) bool, True where query row r = row_start + m may use column c.
+    Lag layout: the key r + c - (W-1) exists, i.e. c + r >= W-1. Key order: c <= r."""
+    r = torch.arange(row_start, row_start + M, device=device)[:, None]
+    c = torch.arange(W, device=device)[None, :]
+    return (c + r >= W - 1) if lag else (c <= r)
+
+
+class LagMix(nn.Module):
+    """Per-head diagonal-plus-low-rank sequence mixer R = I + diag(d) + U diag(c(x_t)) Vt (paper: D + A S B^T),
+    applied on the right of each score row along its lag axis, then masked.
+
+    U (H, L, r), Vt (H, r, L), d (H, L) are indexed by parameter row p <-> lag L-1-p, so a row of width W
+    uses the last W rows: the same lag always meets the same parameters, whatever W is (hypermlp.md §1.7)."""
+
+    no_decay = ("d",)
+
+    def __init__(self, heads, L, rank, init_std, use_diag, shortcut):
+        super().__init__()
+        self.U = nn.Parameter(torch.randn(heads, L, rank) * init_std)
+        self.Vt = nn.Parameter(torch.randn(heads, rank, L) * init_std)
+        self.d = nn.Parameter(torch.zeros(heads, L)) if use_diag else None
+        self.shortcut, self.init_std = shortcut, init_std
+
+    def forward(self, X, ctrl, mask=None):
+        # X: (B, H, M, W) rows in layout coordinates; ctrl: (B, H, M, r), one r-vector per query row
+        s = self.U.shape[1] - X.shape[-1]
+        Y = ((X @ self.U[:, s:]) * ctrl) @ self.Vt[:, :, s:]  # (B,H,M,r) -> (B,H,M,W)
+        if self.shortcut:
+            Y = Y + X
+        if self.d is not None:
+            Y = Y + X * self.d[:, None, s:]
+        if mask is not None:
+            Y = Y.masked_fill(~mask, 0.0)  # low-rank mass must not leak into invalid lags (hypermlp.md §1.6)
+        return Y
+
+
+class HyperGLU(nn.Module):
+    """HyperGLU / HyperMLP attention layer, a drop-in for the official module: same config, same
+    state_dict keys and shapes, same forward(x, *, impl, chunk_T, attention_mask), (B, T, n_embd) in and out.
+
+    `cache` (a dict, used by GPT.generate) makes forward continue a sequence: it keeps K (after conv1, W_k,
+    RoPE; ungated), V and the conv tail, and computes only the new rows (hypermlp.md §6)."""
+
+    def __init__(self, config):
+        super().__init__()
+        cfg = self.config = config
+        D, h, L = cfg.n_embd, cfg.n_head, cfg.block_size
+        self.glu = cfg.attn_kind == "glu"
+        self.H1 = 2 * h if self.glu else h  # qk heads: the GLU gate heads then the scale heads
+        self.qk_rank = cfg.qk_rank if cfg.qk_rank is not None else D // 4
+        self.vo_rank = cfg.vo_rank if cfg.vo_rank is not None else D
+        self.q = nn.Linear(D, self.qk_rank, bias=cfg.bias)
+        self.k = nn.Linear(D, self.qk_rank, bias=cfg.bias)
+        self.v = nn.Linear(D, self.vo_rank, bias=cfg.bias)
+        self.c_proj = nn.Linear(self.vo_rank, D, bias=cfg.bias)
+        if cfg.use_kv_conv:
+            self.conv1 = CausalConv1d(D, cfg.conv_kernel_size)
+            self.conv2 = CausalConv1d(D, cfg.conv_kernel_size)
+        if cfg.use_op1:
+            self.op = nn.ModuleDict({"mix": LagMix(self.H1, L, cfg.op1_rank, cfg.op1_init_std,
+                                                   cfg.op1_use_diag, cfg.op1_shortcut)})
+            self.control1 = nn.Linear(D, self.H1 * cfg.op1_rank, bias=True)
+        if cfg.use_op2:
+            self.op2 = nn.ModuleDict({"mix": LagMix(h, L, cfg.op2_rank, cfg.op2_init_std,
+                                                    cfg.op2_use_diag, cfg.op2_shortcut)})
+            self.control2 = nn.Linear(D, h * cfg.op2_rank, bias=True)
+        if cfg.use_qk_gate:
+            self.left_gate = nn.Linear(D, self.qk_rank, bias=True)
+        if cfg.use_vo_gate:
+            self.right_gate = nn.Linear(D, self.vo_rank, bias=True)
+
+    def reset_parameters(self):
+        """Re-draw the mixers' U/Vt (after an outer init that touched them) and zero their diagonals."""
+        with torch.no_grad():
+            for name in ("op", "op2"):
+                if hasattr(self, name):
+                    mix = getattr(self, name)["mix"]
+                    mix.U.normal_(0.0, mix.init_std)
+                    mix.Vt.normal_(0.0, mix.init_std)
+                    if mix.d is not None:
+                        mix.d.zero_()
+
+    def forward(self, x, *, impl=None, chunk_T=None, attention_mask=None, cache=None):
+        cfg = self.config
+        B, T, D = x.shape
+        h, H1 = cfg.n_head, self.H1
+        n_past = cache["k"].shape[2] if cache is not None and "k" in cache else 0
+        if n_past + T > cfg.block_size:
+            raise ValueError(f"sequence length {n_past + T} exceeds block_size={cfg.block_size}")
+        act = torch.sigmoid if cfg.gate_act == "sigmoid" else (lambda t: t)
+        heads = lambda t, n: t.view(B, T, n, -1).transpose(1, 2)  # (B, T, n*d) -> (B, n, T, d)
+
+        # keys from conv1(x), values from conv2(x); queries, gates and controls from x itself
+        xk = xv = x
+        if cfg.use_kv_conv:
+            state = cache.get("conv") if cache is not None else None
+            xk, new_state = self.conv1(x, state)
+            xv, _ = self.conv2(x, state)
+        q, k, v = heads(self.q(x), H1), heads(self.k(xk), H1), heads(self.v(xv), h)
+        if cfg.use_rope:
+            pos = torch.arange(n_past, n_past + T, device=x.device)
+            q, k = apply_rope(q, pos, cfg.rope_base), apply_rope(k, pos, cfg.rope_base)
+        if cfg.use_qk_gate:
+            q = q * heads(act(self.left_gate(x)), H1)
+        if attention_mask is not None:  # padded keys contribute nothing (they still take a lag slot)
+            m = attention_mask[:, None, :, None].to(k.dtype)
+            k, v = k * m, v * m
+        if cache is not None:
+            if n_past:
+                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+            cache["k"], cache["v"] = k, v
+            if cfg.use_kv_conv:
+                cache["conv"] = new_state
+        c1 = heads(act(self.control1(x)), H1) if cfg.use_op1 else None  # (B, H1, T, r1)
+        c2 = heads(act(self.control2(x)), h) if cfg.use_op2 else None   # (B, h, T, r2)
+
+        # score rows, chunk by chunk over the new query rows
+        impl = impl or cfg.impl_default
+        _choice("HyperGLU.forward", "impl", impl, ("dense", "chunked"))
+        step = T if impl == "dense" else (chunk_T or cfg.chunk_T)
+        prune = cfg.aligner_kind == "offset" and cfg.do_masking  # a row only needs keys up to itself
+        W_all = n_past + T
+        outs = []
+        for i0 in range(0, T, step):
+            i1 = min(i0 + step, T)
+            W = n_past + i1 if prune else W_all
+            sl = slice(i0, i1)
+            outs.append(self._rows(q[:, :, sl], k[:, :, :W], v[:, :, :W],
+                                   c1[:, :, sl] if c1 is not None else None,
+                                   c2[:, :, sl] if c2 is not None else None, n_past + i0))
+        y = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]  # (B, h, T, dv)
+        y = y.transpose(1, 2)  # (B, T, h, dv)
+        if cfg.use_vo_gate:
+            y = y * act(self.right_gate(x)).view(B, T, h, -1)
+        return self.c_proj(y.reshape(B, T, self.vo_rank))
+
+    def _rows(self, q, k, v, c1, c2, row_start):
+        """Output rows row_start..row_start+M-1.
+        q (B,H1,M,dqk), k (B,H1,W,dqk), v (B,h,W,dv), c1 (B,H1,M,r1), c2 (B,h,M,r2) -> (B,h,M,dv)."""
+        cfg = self.config
+        M, W = q.shape[2], k.shape[2]
+        lag = cfg.aligner_kind == "offset"
+        S = q @ k.transpose(-1, -2)  # (B,H1,M,W) raw scores in key order
+        mask = causal_mask(M, W, row_start, lag, q.device) if cfg.do_masking else None
+        if lag:
+            Z = to_lag(S, row_start)
+        else:
+            Z = S.masked_fill(~mask, 0.0) if mask is not None else S
+        if cfg.use_op1:
+            Z = self.op["mix"](Z, c1, mask if cfg.op1_do_masking else None)
+        h = cfg.n_head
+        gate = Z[:, :h] if self.glu else Z  # GLU: qk-heads 0..h-1 gate, h..2h-1 scale (head j pairs j, h+j)
+        inv = None
+        if cfg.attn_norm == "l2":
+            gate = F.normalize(_up(gate), dim=-1, eps=cfg.norm_eps).to(gate.dtype)
+        elif cfg.attn_norm == "out_scale":  # fp32: eps=1e-12 and its inverse are not representable in fp16
+            inv = 1.0 / _up(gate).norm(dim=-1, keepdim=True).clamp_min(cfg.norm_eps)  # (B,h,M,1)
+        a = F.relu(gate)
+        if self.glu:
+            a = F.softplus(Z[:, h:]) * a
+        if cfg.use_op2:
+            a = self.op2["mix"](a, c2, mask if cfg.op2_do_masking else None)
+        A = from_lag(a, row_start) if lag else a  # (B,h,M,W) in key order
+        out = A @ v
+        if inv is not None:
+            out = (_up(out) * inv).to(out.dtype)
+        return out
+
+    def flops_per_token(self, T):
+        """Forward FLOPs of the score-map work per token at context T (1 MAC = 2 FLOPs; elementwise ignored):
+        QK^T, op1 (X U and (.)Vt per qk-head), op2 (per head) and A V, over a full row of T (hypermlp.md §2)."""
+        cfg = self.config
+        r1 = cfg.op1_rank if cfg.use_op1 else 0
+        r2 = cfg.op2_rank if cfg.use_op2 else 0
+        return T * (2 * self.qk_rank + 4 * self.H1 * r1 + 4 * cfg.n_head * r2 + 2 * self.vo_rank)
+
+
+# -----------------------------------------------------------------------------
+# residual connections: x_next = conn(x, f), f the pre-norm sublayer (B,T,C) -> (B,T,C)
+# plain works on (B,T,C); hc and mhc on n streams (B,T,n,C), expanded once after the embedding and
+# summed once before ln_f. Site k = 2*layer + (0 attention, 1 MLP).
+
+class Plain(nn.Module):
+    """Pre-norm residual: x + f(x), bit-identical to nanoGPT's x = x + attn(ln_1(x))."""
+
+    def forward(self, x, f):
+        return x + f(x)
+
+
+class HyperConnection(nn.Module):
+    """Hyper-connections [HC Eq. 2]: H' = B^T f(H^T A_m) + A_r^T H, with the static matrix [A_m | A_r] and B,
+    plus, when dynamic, s * tanh(norm(H) W) corrections [HC Eqs. 8-13]. Init [e_{k mod n} | I], B = 1 and
+    W = 0 make the network equal the pre-norm network [HC §2.3]. Coefficients and mixing run in fp32."""
+
+    no_decay = ("static_alpha", "static_beta", "s_alpha", "s_beta")
+
+    def __init__(self, config, site):
+        super().__init__()
+        n, C = config.hc_streams, config.n_embd
+        alpha = torch.zeros(n, n + 1)
+        alpha[site % n, 0] = 1.0
+        alpha[:, 1:] = torch.eye(n)
+        self.static_alpha = nn.Parameter(alpha)          # [A_m | A_r]  (n, n+1)
+        self.static_beta = nn.Parameter(torch.ones(n))   # B            (n,)
+        self.dynamic, self.tanh = config.hc_dynamic, config.hc_tanh
+        if self.dynamic:
+            self.norm = make_norm(config)
+            self.W_alpha = nn.Parameter(torch.zeros(C, n + 1))
+            self.W_beta = nn.Parameter(torch.zeros(C, 1))
+            self.s_alpha = nn.Parameter(torch.tensor(0.01))
+            self.s_beta = nn.Parameter(torch.tensor(0.01))
+
+    def coefficients(self, x):
+        """x: (B,T,n,C) fp32 -> alpha (B,T,n,n+1) or (n,n+1), beta (B,T,n) or (n,)."""
+        alpha, beta = self.static_alpha, self.static_beta
+        if self.dynamic:
+            xn = self.norm(x)
+            da, db = xn @ self.W_alpha, (xn @ self.W_beta).squeeze(-1)  # (B,T,n,n+1), (B,T,n)
+            if self.tanh:
+                da, db = torch.tanh(da), torch.tanh(db)
+            alpha, beta = alpha + self.s_alpha * da, beta + self.s_beta * db
+        return alpha, beta
+
+    def forward(self, x, f):
+        with torch.autocast(x.device.type, enabled=False):
+            xf = _up(x)
+            alpha, beta = self.coefficients(xf)
+            mix = alpha.transpose(-1, -2) @ xf  # (B,T,n+1,C): row 0 is the sublayer input, rows 1.. are A_r^T H
+        y = f(mix[..., 0, :].to(x.dtype))
+        return (beta.unsqueeze(-1) * y.unsqueeze(-2) + mix[..., 1:, :]).to(x.dtype)
+
+
+def sinkhorn(logits, iters=20):
+    """Sinkhorn-Knopp [mHC Eq. 9] on (..., n, n) logits in fp32: exp(logits - max), then `iters` rounds of
+    column then row normalisation. Rows end exact (forward gain 1), columns approximate."""
+    M = torch.exp(logits - logits.amax(dim=(-2, -1), keepdim=True))
+    for _ in range(iters):
+        M = M / M.sum(dim=-2, keepdim=True)
+        M = M / M.sum(dim=-1, keepdim=True)
+    return M
+
+
+class ManifoldHC(nn.Module):
+    """mHC [mHC Eq. 3]: x' = H_res x + H_post^T f(H_pre x), coefficients from the RMS-normalised flattened
+    streams [Eqs. 7-9], the norm applied after the matmul [Eqs. 14-16]: H_pre = sigmoid, H_post = 2 sigmoid,
+    H_res = Sinkhorn. Gates alpha = 0.01, phi = 0, b_post = 0, b_pre favouring stream k mod n and
+    b_res = c_r (2I - 1) (hyperconnections.md §5.4) make it equal the pre-norm network at init."""
+
+    no_decay = ("alpha_pre", "alpha_post", "alpha_res", "b_pre", "b_post", "b_res")
+
+    def __init__(self, config, site):
+        super().__init__()
+        n, C = config.hc_streams, config.n_embd
+        self.n, self.iters = n, config.mhc_iters
+        self.phi = nn.Parameter(torch.zeros(n * C, n * n + 2 * n))
+        self.alpha_pre = nn.Parameter(torch.tensor(0.01))
+        self.alpha_post = nn.Parameter(torch.tensor(0.01))
+        self.alpha_res = nn.Parameter(torch.tensor(0.01))
+        b_pre = torch.full((n,), -config.mhc_pre_init)
+        b_pre[site % n] = config.mhc_pre_init
+        self.b_pre = nn.Parameter(b_pre)
+        self.b_post = nn.Parameter(torch.zeros(n))
+        self.b_res = nn.Parameter(config.mhc_res_init * (2 * torch.eye(n) - 1))
+
+    def coefficients(self, x):
+        """x: (B,T,n,C) fp32 -> H_pre (B,T,n), H_post (B,T,n), H_res (B,T,n,n)."""
+        n = self.n
+        flat = x.reshape(*x.shape[:-2], -1)  # (B,T,nC)
+        h = (flat @ self.phi) * torch.rsqrt(flat.pow(2).mean(-1, keepdim=True) + 1e-6)  # (B,T,n^2+2n)
+        pre = torch.sigmoid(self.alpha_pre * h[..., :n] + self.b_pre)
+        post = 2 * torch.sigmoid(self.alpha_post * h[..., n:2 * n] + self.b_post)
+        res = sinkhorn(self.alpha_res * h[..., 2 * n:].unflatten(-1, (n, n)) + self.b_res, self.iters)
+        return pre, post, res
+
+    def forward(self, x, f):
+        with torch.autocast(x.device.type, enabled=False):
+            xf = _up(x)
+            pre, post, res = self.coefficients(xf)
+            u = (pre.unsqueeze(-2) @ xf).squeeze(-2)  # (B,T,C)
+            mixed = res @ xf                          # (B,T,n,C)
+        y = f(u.to(x.dtype))
+        return (mixed + post.unsqueeze(-1) * y.unsqueeze(-2)).to(x.dtype)
+
+
+def make_residual(config, site):
+    """The one dispatch point for GPTConfig.residual."""
+    if config.residual == "hc":
+        return HyperConnection(config, site)
+    if config.residual == "mhc":
+        return ManifoldHC(config, site)
+    return Plain()
+
+
+# -----------------------------------------------------------------------------
+# the GPT
+
+HYPERGLU_FIELDS = [f.name for f in fields(HyperGLUConfig)
+                   if f.name not in ("n_embd", "n_head", "block_size", "bias", "n_layer", "use_rope", "attn_kind")]
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50304            # GPT-2's 50257 padded up to a multiple of 64
+    block_size: int = 1024
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True                  # bias in Linears and LayerNorms (nanoGPT)
+    attn: str = "softmax"              # "softmax" | "hyperglu" | "hypermlp"
+    residual: str = "plain"            # "plain" | "hc" | "mhc"
+    hc_streams: int = 4                # n, residual streams for hc/mhc
+    hc_dynamic: bool = True            # hc: dynamic (DHC) or static (SHC)
+    hc_tanh: bool = True               # hc: tanh on the dynamic part
+    mhc_iters: int = 20                # mhc: Sinkhorn-Knopp iterations
+    mhc_pre_init: float = 3.0          # mhc: b_pre = +c on the home stream, -c elsewhere
+    mhc_res_init: float = 2.0          # mhc: b_res = c (2I - 1)
+    pos: str = "learned"               # "learned" (wpe) | "rope" (in attention) | "none"
+    mlp: str = "gelu"                  # "gelu" | "swiglu"
+    norm: str = "layernorm"            # "layernorm" | "rmsnorm"
+    # HyperGLU / HyperMLP fields, as in HyperGLUConfig (use_kv_conv and conv_kernel_size also serve softmax)
+    qk_rank: int = None                # None -> n_embd // 4
+    vo_rank: int = None                # None -> n_embd
+    conv_kernel_size: int = 4
+    use_kv_conv: bool = None           # None -> True for hyperglu/hypermlp, False for softmax
+    rope_base: float = 10000.0
+    attn_norm: str = "out_scale"
+    gate_act: str = "sigmoid"
+    norm_eps: float = 1e-12
+    use_qk_gate: bool = True
+    use_vo_gate: bool = True
+    impl_default: str = "chunked"
+    chunk_T: int = 1024
+    use_op1: bool = True
+    op1_rank: int = 16
+    op1_per_head: bool = True
+    op1_use_diag: bool = True
+    op1_init_std: float = 0.02
+    op1_shortcut: bool = True
+    op1_do_masking: bool = True
+    use_op2: bool = True
+    op2_rank: int = 16
+    op2_per_head: bool = True
+    op2_use_diag: bool = True
+    op2_init_std: float = 0.02
+    op2_shortcut: bool = True
+    op2_do_masking: bool = True
+    do_masking: bool = True
+    aligner_kind: str = "offset"
+    aligner_impl_train: str = "padview"
+    aligner_impl_eval: str = "padview"
+
+    def __post_init__(self):
+        o = "GPTConfig"
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "hc_streams", "mhc_iters"):
+            _positive(o, name, getattr(self, name))
+        _choice(o, "attn", self.attn, ("softmax", "hyperglu", "hypermlp"))
+        _choice(o, "residual", self.residual, ("plain", "hc", "mhc"))
+        _choice(o, "pos", self.pos, ("learned", "rope", "none"))
+        _choice(o, "mlp", self.mlp, ("gelu", "swiglu"))
+        _choice(o, "norm", self.norm, ("layernorm", "rmsnorm"))
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"{o}.dropout={self.dropout!r} is not valid; expected 0 <= dropout < 1")
+        if self.use_kv_conv is None:
+            self.use_kv_conv = self.attn != "softmax"
+        if self.attn == "softmax":
+            if self.n_embd % self.n_head:
+                raise ValueError(f"{o}.n_embd={self.n_embd} is not valid for softmax; expected a multiple of n_head={self.n_head}")
+            if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
+                raise ValueError(f"{o}.pos='rope' needs an even head dim; n_embd/n_head = {self.n_embd // self.n_head}")
+            _positive(o, "conv_kernel_size", self.conv_kernel_size)
+        else:
+            if self.qk_rank is None:
+                self.qk_rank = self.n_embd // 4
+            if self.vo_rank is None:
+                self.vo_rank = self.n_embd
+            self.hyperglu_config()  # validates the HyperGLU fields
+
+    def hyperglu_config(self):
+        return HyperGLUConfig(n_embd=self.n_embd, n_head=self.n_head, block_size=self.block_size, bias=self.bias,
+                              n_layer=self.n_layer, use_rope=self.pos == "rope",
+                              attn_kind="glu" if self.attn == "hyperglu" else "relu",
+                              **{k: getattr(self, k) for k in HYPERGLU_FIELDS})
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer):
+        super().__init__()
+        self.ln_1 = make_norm(config)
+        self.attn = CausalSelfAttention(config) if config.attn == "softmax" else HyperGLU(config.hyperglu_config())
+        self.ln_2 = make_norm(config)
+        self.mlp = MLP(config)
+        self.res_attn = make_residual(config, 2 * layer)
+        self.res_mlp = make_residual(config, 2 * layer + 1)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x, cache=None):
+        x = self.res_attn(x, lambda u: self.drop(self.attn(self.ln_1(u), cache=cache)))
+        x = self.res_mlp(x, lambda u: self.drop(self.mlp(self.ln_2(u))))
+        return x
+
+
+class KVCache:
+    """Decoding state for GPT.generate: one dict per layer (keys, values, conv tail) and the token count."""
+
+    def __init__(self, n_layer):
+        self.layers = [{} for _ in range(n_layer)]
+        self.n = 0
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=make_norm(config),
+        ))
+        if config.pos == "learned":
+            self.transformer["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        self.apply(self._init_weights)
+        for pn, p in self.named_parameters():  # scaled init of the residual projections (GPT-2)
+            if pn.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding=True):
+        """Parameter count; by default without the position embedding (the token one is tied to lm_head)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and "wpe" in self.transformer:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def forward(self, idx, targets=None, cache=None):
+        B, T = idx.shape
+        t0 = cache.n if cache is not None else 0
+        if t0 + T > self.config.block_size:
+            raise ValueError(f"sequence length {t0 + T} exceeds block_size={self.config.block_size}")
+        x = self.transformer.wte(idx)  # (B,T,C)
+        if "wpe" in self.transformer:
+            x = x + self.transformer.wpe(torch.arange(t0, t0 + T, device=idx.device))
+        x = self.transformer.drop(x)
+        streams = self.config.residual != "plain"
+        if streams:  # n copies of the embedding [HC Alg. 1]
+            x = x.unsqueeze(2).expand(B, T, self.config.hc_streams, x.shape[-1])
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache.layers[i] if cache is not None else None)
+        if streams:
+            x = x.sum(2)  # summed before the final norm
+        x = self.transformer.ln_f(x)
+        if cache is not None:
+            cache.n += T
+        if targets is not None:
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        else:
+            logits = self.lm_head(x[:, [-1], :])  # inference: only the last position
+            loss = None
+        return logits, loss
+
+    def crop_block_size(self, block_size):
+        """Model surgery to a smaller block size. HyperGLU's mixers are indexed by lag with row L-1 = lag 0,
+        so they keep their *last* block_size rows (the newest lags)."""
+        if not 0 < block_size <= self.config.block_size:
+            raise ValueError(f"crop_block_size: block_size={block_size} is not valid; expected 1..{self.config.block_size}")
+        self.config.block_size = block_size
+        if "wpe" in self.transformer:
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        for block in self.transformer.h:
+            if isinstance(block.attn, HyperGLU):
+                block.attn.config.block_size = block_size
+                for mix in (m for m in block.attn.modules() if isinstance(m, LagMix)):
+                    mix.U = nn.Parameter(mix.U[:, -block_size:])
+                    mix.Vt = nn.Parameter(mix.Vt[:, :, -block_size:])
+                    if mix.d is not None:
+                        mix.d = nn.Parameter(mix.d[:, -block_size:])
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW with two groups. No decay: biases, norm weights, HC/mHC static parameters and gate scalars,
+        the op1/op2 diagonals (each module lists these in `no_decay`) and anything below 2-D.
+        Decay: 2-D weights, embeddings, the HyperGLU U/Vt factors and convs, the dynamic HC/mHC projections."""
+        skip = set()
+        for m in self.modules():
+            for name in getattr(m, "no_decay", ()):
+                p = getattr(m, name)
+                if p is not None:
+                    skip.add(id(p))
+        params = {id(p): (n, p) for n, p in self.named_parameters() if p.requires_grad}
+        decay = [p for i, (n, p) in params.items() if p.dim() >= 2 and i not in skip]
+        no_decay = [p for i, (n, p) in params.items() if p.dim() < 2 or i in skip]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        print(f"num decayed parameter tensors: {len(decay)}, with {sum(p.numel() for p in decay):,} parameters")
+        print(f"num non-decayed parameter tensors: {len(no_decay)}, with {sum(p.numel() for p in no_decay):,} parameters")
+        fused = device_type == "cuda"
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+
+    def flops_per_token(self, T=None):
+        """Training FLOPs per token (forward + backward = 3x forward) at context T (default block_size):
+        6 N for every parameter used once per token, plus 3x each attention's score-map FLOPs, plus the
+        HC/mHC stream mixing. HyperGLU's U/Vt/d are not per-token weights; their work is in the score maps."""
+        cfg = self.config
+        T = T or cfg.block_size
+        per_token = [p for n, p in self.named_parameters() if ".mix." not in n and not n.endswith("wpe.weight")]
+        N = sum(p.numel() for p in per_token)
+        flops = 6 * N + 3 * sum(b.attn.flops_per_token(T) for b in self.transformer.h)
+        n, C = cfg.hc_streams, cfg.n_embd
+        if cfg.residual == "hc":
+            flops += 3 * 2 * cfg.n_layer * (2 * n * (n + 1) * C + 2 * n * C)
+        elif cfg.residual == "mhc":
+            flops += 3 * 2 * cfg.n_layer * (2 * n * C + 2 * n * n * C + 2 * n * C)
+        return flops
+
+    def estimate_mfu(self, fwdbwd_per_iter, dt, device=None):
+        """Model FLOPs utilisation against the GPU's bf16 dense peak; None (print "n/a") on CPU, MPS or an
+        unknown GPU, never a guessed number."""
+        peak = peak_flops(device)
+        if peak is None or dt <= 0:
+            return None
+        T = self.config.block_size
+        return self.flops_per_token(T) * T * fwdbwd_per_iter / dt / peak
+
+    def can_cache(self):
+        """KV-cache decoding is exact for softmax and for causal lag-layout HyperGLU. The identity layout
+        is not extension consistent (a token's output depends on the sequence length), so it recomputes."""
+        cfg = self.config
+        return cfg.attn == "softmax" or (cfg.aligner_kind == "offset" and cfg.do_masking)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, vocab_limit=None):
+        """Sample max_new_tokens after idx (B, T). temperature=0 is greedy. vocab_limit masks padded ids.
+
+        With the cache, the prompt is prefilled once and each step feeds one token; its logits equal the
+        full forward's. Past block_size the window slides over the newest block_size tokens, as nanoGPT's
+        crop does: every position shifts, so each of those steps recomputes the window (exact, not cached)."""
+        L = self.config.block_size
+        cache = KVCache(self.config.n_layer) if use_cache and self.can_cache() else None
+        for _ in range(max_new_tokens):
+            if cache is None:
+                logits, _ = self(idx[:, -L:])
+            elif 0 < cache.n < L:
+                logits, _ = self(idx[:, -1:], cache=cache)
+            else:  # first call, or the window is full: (re)fill the cache from the newest L tokens
+                cache = KVCache(self.config.n_layer)
+                logits, _ = self(idx[:, -L:], cache=cache)
+            logits = logits[:, -1, :].float()
+            if vocab_limit is not None:
+                logits[:, vocab_limit:] = -float("inf")
+            if temperature == 0:
+                idx_next = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
+
+
+# bf16 dense tensor-core peak FLOPs by GPU name (substring match, most specific first)
+PEAK_FLOPS = [
+    ("H200", 989e12), ("GH200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("H800", 989e12),
+    ("H20", 148e12), ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12),
+    ("L40", 181e12), ("L4", 121e12), ("A10G", 70e12), ("A10", 125e12), ("A6000", 155e12),
+    ("4090", 165e12), ("3090", 71e12), ("V100", 125e12), ("T4", 65e12),
+]
+
+
+def peak_flops(device=None):
+    if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((f for key, f in PEAK_FLOPS if key in name), None)
+
+
+# -----------------------------------------------------------------------------
+# parameter accounting and budget matching
+
+def param_report(config):
+    """Parameters per component of a GPTConfig, counted on a model built on the meta device (exact, no memory).
+    Keys: embedding (wte, tied to lm_head), position (wpe), attention, mlp, norm, residual (HC/mHC),
+    non_embedding (all but wte and wpe) and total."""
+    with torch.device("meta"):
+        model = GPT(config)
+    rep = dict(embedding=0, position=0, attention=0, mlp=0, norm=0, residual=0)
+    for n, p in model.named_parameters():
+        key = ("embedding" if "wte" in n else "position" if "wpe" in n else "attention" if ".attn." in n
+               else "mlp" if ".mlp." in n else "residual" if ".res_" in n else "norm")
+        rep[key] += p.numel()
+    rep["non_embedding"] = rep["attention"] + rep["mlp"] + rep["norm"] + rep["residual"]
+    rep["total"] = rep["non_embedding"] + rep["embedding"] + rep["position"]
+    return rep
+
+
+def match_budget(base, tol=0.02, min_head_dim=8, **changes):
+    """Return replace(base, **changes) with qk_rank (then op1/op2 ranks, halved together) shrunk so that its
+    non-embedding parameter count is within `tol` of base's (so the total is too), as the paper matches
+    budgets ("q" = QK compression). The embeddings are left out because at a 50k vocabulary they would
+    make any attention look matched. qk_rank keeps at least min_head_dim per qk-head; below that the op
+    ranks are halved instead. Example: match_budget(GPTConfig(n_layer=6, n_embd=256), attn="hyperglu", n_head=2)."""
+    target = param_report(base)["non_embedding"]
+    cfg = replace(base, **changes)
+    if cfg.attn == "softmax":
+        return cfg
+    H1 = 2 * cfg.n_head if cfg.attn == "hyperglu" else cfg.n_head
+    unit = 2 * H1 if cfg.pos == "rope" else H1  # qk_rank must split into H1 heads (of even dim with RoPE)
+    lo = -(-min_head_dim * H1 // unit)          # smallest qk_rank allowed, in units
+    r1, r2 = cfg.op1_rank, cfg.op2_rank
+    best = None
+    while True:
+        count = lambda qk: param_report(replace(cfg, qk_rank=qk, op1_rank=r1, op2_rank=r2))["non_embedding"]
+        t1 = count(unit * lo)
+        slope = count(unit * (lo + 1)) - t1  # the count is linear in qk_rank
+        k = max(lo, lo + round((target - t1) / slope))
+        for qk in (unit * k, unit * max(lo, k - 1), unit * (k + 1)):
+            err = abs(count(qk) - target) / target
+            if best is None or err < best[0]:
+                best = (err, replace(cfg, qk_rank=qk, op1_rank=r1, op2_rank=r2))
+        if best[0] <= tol or (r1 == 1 and r2 == 1):
+            break
+        r1, r2 = max(1, r1 // 2), max(1, r2 // 2)
+    if best[0] > tol:
+        raise ValueError(f"match_budget: no qk_rank/op ranks bring {cfg.attn} within {tol:.0%} of {target:,} "
+                         f"non-embedding parameters (closest is {best[0]:.1%} off); lower block_size, "
+                         f"min_head_dim or the number of heads")
+    return best[1]

@@ -1,0 +1,369 @@
+"""model.py: every attention x residual combination, HyperGLU exactness, HC/mHC at init, decoding, budgets."""
+import itertools
+import math
+
+import pytest
+import torch
+
+from model import (GPT, GPTConfig, HyperGLU, HyperGLUConfig, KVCache, apply_rope, match_budget, param_report,
+                   sinkhorn)
+
+ATTNS = ["softmax", "hyperglu", "hypermlp"]
+RESIDUALS = ["plain", "hc", "mhc"]
+
+
+def tiny(**kw):
+    base = dict(vocab_size=61, block_size=24, n_layer=2, n_head=2, n_embd=32, dropout=0.0,
+                qk_rank=8, op1_rank=4, op2_rank=4, chunk_T=7)
+    base.update(kw)
+    return GPTConfig(**base)
+
+
+def layer_cfg(**kw):
+    base = dict(n_embd=24, n_head=2, block_size=20, qk_rank=8, vo_rank=12, op1_rank=3, op2_rank=3, chunk_T=6)
+    base.update(kw)
+    return HyperGLUConfig(**base)
+
+
+def randomize(module, std=0.3):
+    """Move every parameter off its init so mixers, diagonals and HC coefficients all matter."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+    return module
+
+
+# ---------------------------------------------------------------- every combination
+
+@pytest.mark.parametrize("attn,residual", list(itertools.product(ATTNS, RESIDUALS)))
+def test_combination_trains_and_is_causal(attn, residual):
+    torch.manual_seed(0)
+    model = GPT(tiny(attn=attn, residual=residual))
+    idx = torch.randint(0, 61, (2, 24))
+    logits, loss = model(idx, idx)
+    assert torch.isfinite(loss)
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert missing == [], f"parameters without a gradient (DDP would fail): {missing}"
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    # causality probe on a trained-looking model: changing token t leaves every output before t unchanged
+    randomize(model, 0.05)
+    model.eval()
+    with torch.no_grad():
+        a, _ = model(idx, idx)
+        idx2 = idx.clone()
+        idx2[:, 13] = (idx2[:, 13] + 7) % 61
+        b, _ = model(idx2, idx2)
+    assert (a[:, :13] - b[:, :13]).abs().max() < 1e-6
+    assert (a[:, 13:] - b[:, 13:]).abs().max() > 1e-4  # and the change does reach later positions
+
+
+# ---------------------------------------------------------------- HyperGLU numerics (float64)
+
+def run_layer(layer, x, **kw):
+    x = x.clone().requires_grad_(True)
+    y = layer(x, **kw)
+    (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    grads["x"] = x.grad.clone()
+    layer.zero_grad()
+    return y.detach(), grads
+
+
+@pytest.mark.parametrize("kind,norm,layout", list(itertools.product(["glu", "relu"], ["l2", "out_scale", "none"],
+                                                                    ["offset", "identity"])))
+def test_dense_equals_chunked(kind, norm, layout):
+    torch.manual_seed(0)
+    layer = randomize(HyperGLU(layer_cfg(attn_kind=kind, attn_norm=norm, aligner_kind=layout, qk_rank=8))).double()
+    x = torch.randn(2, 17, 24, dtype=torch.float64)
+    y0, g0 = run_layer(layer, x, impl="dense")
+    for chunk in (1, 5, 16):
+        y1, g1 = run_layer(layer, x, impl="chunked", chunk_T=chunk)
+        assert (y0 - y1).abs().max() < 1e-12
+        for n in g0:
+            assert (g0[n] - g1[n]).abs().max() < 1e-12, n
+
+
+@pytest.mark.parametrize("kind", ["glu", "relu"])
+def test_l2_equals_out_scale(kind):
+    torch.manual_seed(0)
+    a = randomize(HyperGLU(layer_cfg(attn_kind=kind, attn_norm="out_scale"))).double()
+    b = HyperGLU(layer_cfg(attn_kind=kind, attn_norm="l2")).double()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 19, 24, dtype=torch.float64)
+    ya, ga = run_layer(a, x)
+    yb, gb = run_layer(b, x)
+    assert (ya - yb).abs().max() < 1e-10
+    for n in ga:
+        assert (ga[n] - gb[n]).abs().max() < 1e-9, n
+    c = HyperGLU(layer_cfg(attn_kind=kind, attn_norm="none")).double()
+    c.load_state_dict(a.state_dict())
+    assert (c(x) - ya).abs().max() > 1e-3  # the norm is not a no-op
+
+
+def test_offset_layout_is_extension_consistent_and_identity_is_not():
+    torch.manual_seed(0)
+    x = torch.randn(2, 20, 24, dtype=torch.float64)
+    for layout, consistent in (("offset", True), ("identity", False)):
+        layer = randomize(HyperGLU(layer_cfg(aligner_kind=layout))).double()
+        full = layer(x)
+        for n in (5, 12):
+            diff = (layer(x[:, :n]) - full[:, :n]).abs().max()
+            assert (diff < 1e-12) if consistent else (diff > 1e-6), (layout, n, diff)
+
+
+@pytest.mark.parametrize("kind,rope", list(itertools.product(["glu", "relu"], [False, True])))
+def test_incremental_decoding_equals_full_forward(kind, rope):
+    torch.manual_seed(0)
+    layer = randomize(HyperGLU(layer_cfg(attn_kind=kind, use_rope=rope))).double()
+    x = torch.randn(2, 20, 24, dtype=torch.float64)
+    full = layer(x)
+    cache = {}
+    steps = [layer(x[:, :6], cache=cache)]  # prefill 6, then one token at a time
+    for t in range(6, 20):
+        steps.append(layer(x[:, t:t + 1], cache=cache))
+    assert (torch.cat(steps, 1) - full).abs().max() < 1e-12
+
+
+def test_rope_is_a_rotation_of_relative_position():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 16, dtype=torch.float64), torch.randn(1, 1, 1, 16, dtype=torch.float64)
+    rot = lambda t, p: apply_rope(t, torch.tensor([p]), 10000.0)
+    assert abs(rot(q, 37).norm() - q.norm()) < 1e-12
+    dots = [(rot(q, p + 3) * rot(k, p)).sum().item() for p in (0, 5, 40)]
+    assert max(dots) - min(dots) < 1e-12
+    assert abs((rot(q, 3) * rot(k, 0)).sum() - (rot(q, 4) * rot(k, 0)).sum()) > 1e-3
+
+
+def test_bf16_autocast_with_fp32_params():
+    torch.manual_seed(0)
+    for attn, res in (("hyperglu", "mhc"), ("hypermlp", "hc"), ("softmax", "mhc")):
+        model = GPT(tiny(attn=attn, residual=res))
+        idx = torch.randint(0, 61, (2, 24))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, loss = model(idx, idx)
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert all(p.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_out_scale_has_no_nan_in_half_precision():
+    layer = HyperGLU(layer_cfg()).to(torch.bfloat16)
+    x = torch.zeros(1, 8, 24, dtype=torch.bfloat16)  # all-zero rows: the norm clamp bites
+    assert torch.isfinite(layer(x)).all()
+
+
+def test_import_leaves_matmul_precision_alone():
+    assert torch.get_float32_matmul_precision() == "highest"
+
+
+OFFICIAL_KEYS = [
+    ("q.weight", (64, 256)), ("k.weight", (64, 256)), ("v.weight", (256, 256)), ("c_proj.weight", (256, 256)),
+    ("conv1.conv.weight", (256, 1, 4)), ("conv2.conv.weight", (256, 1, 4)),
+    ("op.mix.U", (4, 128, 16)), ("op.mix.Vt", (4, 16, 128)), ("op.mix.d", (4, 128)),
+    ("control1.weight", (64, 256)), ("control1.bias", (64,)),
+    ("op2.mix.U", (2, 128, 16)), ("op2.mix.Vt", (2, 16, 128)), ("op2.mix.d", (2, 128)),
+    ("control2.weight", (32, 256)), ("control2.bias", (32,)),
+    ("left_gate.weight", (64, 256)), ("left_gate.bias", (64,)),
+    ("right_gate.weight", (256, 256)), ("right_gate.bias", (256,)),
+]
+
+
+def test_state_dict_matches_official_layout():
+    layer = HyperGLU(HyperGLUConfig(n_embd=256, n_head=2, block_size=128))
+    assert [(k, tuple(v.shape)) for k, v in layer.state_dict().items()] == OFFICIAL_KEYS
+    other = HyperGLU(HyperGLUConfig(n_embd=256, n_head=2, block_size=128))
+    other.load_state_dict(layer.state_dict(), strict=True)
+    x = torch.randn(1, 10, 256)
+    assert torch.equal(layer(x), other(x))
+
+
+@pytest.mark.parametrize("kw,field", [
+    (dict(attn_kind="gelu"), "attn_kind"), (dict(attn_norm="rms"), "attn_norm"), (dict(gate_act="tanh"), "gate_act"),
+    (dict(impl_default="fast"), "impl_default"), (dict(aligner_kind="left"), "aligner_kind"),
+    (dict(aligner_impl_train="gather"), "aligner_impl_train"), (dict(qk_rank=6), "qk_rank"),
+    (dict(vo_rank=7), "vo_rank"), (dict(chunk_T=0), "chunk_T"), (dict(op1_rank=0), "op1_rank"),
+    (dict(conv_kernel_size=0), "conv_kernel_size"), (dict(use_rope=True, qk_rank=12), "use_rope"),
+    (dict(op2_per_head=False), "op2_per_head"),
+])
+def test_hyperglu_config_errors_name_the_field(kw, field):
+    with pytest.raises(ValueError, match=field):
+        layer_cfg(**kw)
+
+
+@pytest.mark.parametrize("kw,field", [
+    (dict(attn="linear"), "attn"), (dict(residual="post"), "residual"), (dict(pos="alibi"), "pos"),
+    (dict(mlp="relu"), "mlp"), (dict(norm="batch"), "norm"), (dict(n_embd=30, n_head=4), "n_embd"),
+    (dict(attn="hyperglu", qk_rank=6), "qk_rank"), (dict(hc_streams=0), "hc_streams"), (dict(dropout=1.5), "dropout"),
+])
+def test_gpt_config_errors_name_the_field(kw, field):
+    with pytest.raises(ValueError, match=field):
+        tiny(**kw)
+
+
+def test_too_long_sequence_is_a_value_error():
+    for attn in ATTNS:
+        with pytest.raises(ValueError, match="block_size"):
+            GPT(tiny(attn=attn))(torch.zeros(1, 25, dtype=torch.long))
+    with pytest.raises(ValueError, match="block_size"):
+        HyperGLU(layer_cfg())(torch.zeros(1, 21, 24))
+
+
+# ---------------------------------------------------------------- residuals
+
+def test_plain_is_nanogpt_bit_identical():
+    torch.manual_seed(0)
+    model = randomize(GPT(tiny()), 0.05).eval()
+    block = model.transformer.h[0]
+    x = torch.randn(2, 24, 32)
+    y = x + block.attn(block.ln_1(x))
+    y = y + block.mlp(block.ln_2(y))
+    assert torch.equal(block(x), y)
+
+
+@pytest.mark.parametrize("attn", ATTNS)
+@pytest.mark.parametrize("residual,dynamic,n,tol", [
+    ("hc", True, 4, 1e-6), ("hc", False, 4, 1e-6), ("mhc", True, 4, 1e-5),
+    ("hc", True, 1, 1e-6), ("hc", False, 1, 1e-6), ("mhc", True, 1, 1e-5)])
+def test_hyper_connections_equal_prenorm_at_init(attn, residual, dynamic, n, tol):
+    """Same sublayer weights: the residual state entering ln_f (streams summed, / n) equals pre-norm's, and
+    the logits agree up to ln_f's eps acting on an n-times larger input (embedding at a trained scale)."""
+    torch.manual_seed(0)
+    plain = randomize(GPT(tiny(attn=attn)), 0.05).eval()
+    with torch.no_grad():
+        plain.transformer.wte.weight.normal_(0.0, 1.0)
+    hyper = GPT(tiny(attn=attn, residual=residual, hc_dynamic=dynamic, hc_streams=n)).eval()
+    missing, unexpected = hyper.load_state_dict(plain.state_dict(), strict=False)
+    assert unexpected == [] and missing and all(".res_" in k for k in missing)
+    seen = {}
+    plain.transformer.ln_f.register_forward_pre_hook(lambda m, a: seen.setdefault("plain", a[0]))
+    hyper.transformer.ln_f.register_forward_pre_hook(lambda m, a: seen.setdefault("hyper", a[0]))
+    idx = torch.randint(0, 61, (2, 24))
+    with torch.no_grad():
+        a, _ = plain(idx, idx)
+        b, _ = hyper(idx, idx)
+    assert (seen["plain"] - seen["hyper"] / n).abs().max() < tol
+    assert (a - b).abs().max() < 1e-5 * a.abs().max()
+
+
+def test_streams_diverge_after_training():
+    torch.manual_seed(0)
+    model = GPT(tiny(residual="mhc"))
+    opt = model.configure_optimizers(0.0, 1e-2, (0.9, 0.95), "cpu")
+    idx = torch.randint(0, 61, (4, 24))
+    for _ in range(5):
+        _, loss = model(idx, idx)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    seen = {}
+    model.transformer.h[1].register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
+    with torch.no_grad():
+        model(idx, idx)
+    x = seen["x"]  # (B,T,n,C) streams entering layer 1
+    assert (x - x.mean(2, keepdim=True)).abs().max() > 1e-6
+
+
+def test_sinkhorn_sums():
+    torch.manual_seed(0)
+    # (c, noise, column tolerance): std-1 logits; mHC's init b_res = 2(2I - 1) exactly, and with noise
+    # five times the dynamic part's size at init (alpha = 0.01). Near-permutation logits converge slowest.
+    for c, noise, col_tol in ((0.0, 1.0, 1e-3), (2.0, 0.0, 1e-6), (2.0, 0.05, 2e-3)):
+        logits = c * (2 * torch.eye(4) - 1) + noise * torch.randn(2000, 4, 4)
+        P = sinkhorn(logits, 20)
+        assert P.dtype == torch.float32 and (P >= 0).all()
+        assert (P.sum(-1) - 1).abs().max() < 1e-5  # rows: exact by construction (row step is last)
+        assert (P.sum(-2) - 1).abs().max() < col_tol
+    P = sinkhorn(torch.randn(60, 4, 4), 20)
+    composite = torch.linalg.multi_dot(list(P))
+    assert (composite.sum(-1) - 1).abs().max() < 1e-5 and composite.sum(-2).max() < 1.001
+
+
+def test_sinkhorn_gradcheck():
+    logits = torch.randn(3, 4, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: sinkhorn(t, 20), (logits,))
+
+
+@pytest.mark.parametrize("residual", ["hc", "mhc"])
+def test_hyper_connection_params_are_not_decayed(residual):
+    model = GPT(tiny(residual=residual, attn="hyperglu"))
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    static = ("static_alpha", "static_beta", "s_alpha", "s_beta", "alpha_pre", "alpha_post", "alpha_res",
+              "b_pre", "b_post", "b_res", "mix.d", "bias", "ln_")
+    for i in decayed:
+        assert not any(s in names[i] for s in static), names[i]
+    dynamic = [n for n in names.values() if n.endswith(("W_alpha", "W_beta", "phi", "c_attn.weight", "q.weight"))]
+    assert dynamic and all(id(dict(model.named_parameters())[n]) in decayed for n in dynamic)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+# ---------------------------------------------------------------- generation, surgery, accounting
+
+@pytest.mark.parametrize("attn", ATTNS)
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+def test_kv_cache_logits_equal_full_forward(attn, pos):
+    torch.manual_seed(0)
+    model = randomize(GPT(tiny(attn=attn, pos=pos, residual="mhc", use_kv_conv=True)), 0.05).double().eval()
+    idx = torch.randint(0, 61, (2, 24))
+    with torch.no_grad():
+        full, _ = model(idx, idx)
+        cache = KVCache(2)
+        steps = [model(idx[:, :9], cache=cache)[0]]
+        for t in range(9, 24):
+            steps.append(model(idx[:, t:t + 1], cache=cache)[0])
+    assert (full[:, 8] - steps[0][:, 0]).abs().max() < 1e-10
+    assert (full[:, 9:] - torch.cat(steps[1:], 1)).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("attn,layout", [("softmax", "offset"), ("hyperglu", "offset"), ("hypermlp", "offset"),
+                                         ("hyperglu", "identity")])
+def test_generate_with_cache_equals_without(attn, layout):
+    torch.manual_seed(0)
+    model = randomize(GPT(tiny(attn=attn, aligner_kind=layout)), 0.05).double().eval()
+    idx = torch.randint(0, 61, (2, 5))
+    a = model.generate(idx, 30, temperature=0, use_cache=True)  # runs past block_size=24
+    b = model.generate(idx, 30, temperature=0, use_cache=False)
+    assert torch.equal(a, b)
+    assert a.shape == (2, 35)
+
+
+def test_generate_respects_vocab_limit():
+    torch.manual_seed(0)
+    model = GPT(tiny()).eval()
+    out = model.generate(torch.zeros(3, 1, dtype=torch.long), 40, temperature=2.0, vocab_limit=10)
+    assert out.max() < 10
+
+
+def test_crop_block_size_keeps_newest_lags():
+    torch.manual_seed(0)
+    model = randomize(GPT(tiny(attn="hyperglu", pos="none")), 0.05).double().eval()
+    idx = torch.randint(0, 61, (2, 12))
+    with torch.no_grad():
+        before, _ = model(idx, idx)
+        model.crop_block_size(12)
+        after, _ = model(idx, idx)
+    assert model.transformer.h[0].attn.op["mix"].U.shape[1] == 12
+    assert (before - after).abs().max() < 1e-12
+
+
+def test_match_budget_within_two_percent():
+    base = GPTConfig(vocab_size=65, block_size=128, n_layer=4, n_head=4, n_embd=128)
+    for attn in ("hyperglu", "hypermlp"):
+        cfg = match_budget(base, attn=attn, n_head=2)
+        ratio = param_report(cfg)["non_embedding"] / param_report(base)["non_embedding"]
+        assert abs(ratio - 1) <= 0.02 and cfg.qk_rank < 128
+        assert param_report(cfg)["total"] == sum(p.numel() for p in GPT(cfg).parameters())
+
+
+def test_flops_and_mfu():
+    cfg = tiny(attn="hyperglu")
+    model = GPT(cfg)
+    assert model.estimate_mfu(1, 0.1) is None  # CPU: n/a, never a made-up number
+    soft = GPT(tiny())
+    N = sum(p.numel() for n, p in soft.named_parameters() if "wpe" not in n)
+    assert soft.flops_per_token(24) == 6 * N + 12 * 2 * 32 * 24  # nanoGPT's 6N + 12 L C T
+    hg = model.transformer.h[0].attn
+    assert hg.flops_per_token(24) == 24 * (2 * 8 + 4 * 4 * 4 + 4 * 2 * 4 + 2 * 32)
