@@ -20,6 +20,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 def _choice(owner, name, value, allowed):
@@ -712,6 +713,7 @@ class GPT(nn.Module):
             self.transformer["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        self.grad_ckpt = False  # recompute each block in backward instead of keeping its activations
         self.apply(self._init_weights)
         for pn, p in self.named_parameters():  # scaled init of the residual projections (GPT-2)
             if pn.endswith("c_proj.weight"):
@@ -745,7 +747,10 @@ class GPT(nn.Module):
         if streams:  # n copies of the embedding [HC Alg. 1]
             x = x.unsqueeze(2).expand(B, T, self.config.hc_streams, x.shape[-1])
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache.layers[i] if cache is not None else None)
+            if self.grad_ckpt and self.training and cache is None:
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, cache.layers[i] if cache is not None else None)
         if streams:
             x = x.sum(2)  # summed before the final norm
         x = self.transformer.ln_f(x)
@@ -753,7 +758,7 @@ class GPT(nn.Module):
             cache.n += T
         if targets is not None:
             logits = self.lm_head(x)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         else:
             logits = self.lm_head(x[:, [-1], :])  # inference: only the last position
             loss = None

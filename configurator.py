@@ -1,0 +1,73 @@
+"""
+The poor man's configurator, with checks. Used by train.py, sample.py and bench.py:
+
+    python train.py config/quickstart.py --batch_size=32 --attn=hyperglu
+
+Each argument without '=' is a Python config file whose top-level assignments override the script's
+globals; each --key=value overrides one global. Later arguments win. Names in a config file that start
+with '_', and imported modules, classes and functions, are left alone, so a config file may compute
+its values (e.g. with model.match_budget).
+
+Checks: an unknown key is an error listing the closest valid keys; a value of the wrong type is an error
+naming the key and the expected type. An int is accepted for a float (--dropout=0), and None for a
+setting whose default is None (None means "auto").
+"""
+
+import ast
+import difflib
+import types
+
+
+def _check(key, value, defaults, expected, source):
+    if key not in defaults:
+        close = difflib.get_close_matches(key, defaults, n=3, cutoff=0.5)
+        hint = f"; closest valid keys: {', '.join(close)}" if close else ""
+        raise ValueError(f"{source}: unknown config key '{key}'{hint}")
+    want = expected[key]
+    if want is None or (value is None and defaults[key] is None):
+        return value
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not want:
+        raise ValueError(f"{source}: config key '{key}' expects {want.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def configure(g, keys, argv, annotations=None):
+    """Apply config files and --key=value overrides in argv to the dict g (a script's globals()).
+
+    keys: the names that are settings. annotations: {key: type} for settings whose default is None
+    (their type cannot be read from the value). Returns the list of (key, value) applied, in order."""
+    annotations = annotations or {}
+    current = {k: g[k] for k in keys}
+    expected = {k: (type(v) if v is not None else annotations.get(k)) for k, v in current.items()}
+    applied = []
+    for arg in argv:
+        if "=" not in arg:
+            if arg.startswith("--"):
+                raise ValueError(f"argument '{arg}': expected --key=value or a config file path")
+            scope = {}
+            try:
+                with open(arg) as f:
+                    code = f.read()
+            except OSError as e:
+                raise ValueError(f"config file '{arg}' cannot be read: {e.strerror}") from None
+            exec(compile(code, arg, "exec"), scope)
+            for k, v in scope.items():
+                if k.startswith("_") or isinstance(v, (types.ModuleType, types.FunctionType, type)):
+                    continue
+                g[k] = _check(k, v, current, expected, f"config file '{arg}'")
+                applied.append((k, g[k]))
+        else:
+            if not arg.startswith("--"):
+                raise ValueError(f"argument '{arg}': expected --key=value")
+            k, raw = arg[2:].split("=", 1)
+            try:
+                v = ast.literal_eval(raw)
+            except (SyntaxError, ValueError):
+                v = raw  # a bare string such as --attn=hyperglu
+            if expected.get(k) is str and not isinstance(v, str):
+                v = raw  # --dataset=123 is the string "123"
+            g[k] = _check(k, v, current, expected, f"--{k}")
+            applied.append((k, g[k]))
+    return applied

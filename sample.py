@@ -1,0 +1,80 @@
+"""
+Sample from a trained model, with the KV-cache generate and the tokenizer recorded in the checkpoint.
+
+$ python sample.py --out_dir=out/quickstart                      # ckpt_best.pt there, else ckpt_last.pt
+$ python sample.py --ckpt=out/run/ckpt_last.pt --start="def " --num_samples=3 --max_new_tokens=200
+$ python sample.py --out_dir=out/run --start=FILE:prompt.txt --temperature=0.8 --top_k=200 --seed=7
+"""
+
+import os
+import sys
+from contextlib import nullcontext
+
+import torch
+
+from configurator import configure
+from data.tokenizer import encoder
+from model import GPT, GPTConfig
+
+# -----------------------------------------------------------------------------
+out_dir = "out"           # a run folder: uses its ckpt_best.pt, else ckpt_last.pt
+ckpt = ""                 # or an explicit checkpoint path (wins over out_dir)
+start = "\n"              # the prompt, or FILE:path to read it from a file
+num_samples = 3
+max_new_tokens = 500
+temperature = 0.8         # 0 = greedy
+top_k = 200               # None = no top-k filtering
+seed = 1337
+device = None             # None = cuda, else mps, else cpu
+dtype = None              # None = bfloat16 on cuda where supported, else float32
+use_cache = True          # KV-cache decoding (exact); False recomputes the window every token
+tokenizer_file = ""       # GPT-2 BPE offline: path to r50k_base.tiktoken
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))]
+try:
+    configure(globals(), config_keys, sys.argv[1:], dict(top_k=int, device=str, dtype=str))
+except ValueError as e:
+    sys.exit(f"error: {e}")
+
+if not ckpt:
+    for name in ("ckpt_best.pt", "ckpt_last.pt"):
+        if os.path.isfile(os.path.join(out_dir, name)):
+            ckpt = os.path.join(out_dir, name)
+            break
+    else:
+        sys.exit(f"error: no ckpt_best.pt or ckpt_last.pt in out_dir '{out_dir}'; train first or pass --ckpt=PATH")
+if not os.path.isfile(ckpt):
+    sys.exit(f"error: checkpoint '{ckpt}' not found")
+if device is None:
+    device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+device_type = torch.device(device).type
+if dtype is None:
+    dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
+torch.manual_seed(seed)
+
+state = torch.load(ckpt, map_location="cpu", weights_only=False)
+model = GPT(GPTConfig(**state["model_args"]))
+model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in state["model"].items()})
+model.eval().to(device)
+tokenizer = state["tokenizer"]
+encode, decode = encoder(tokenizer, tokenizer_file)
+
+if start.startswith("FILE:"):
+    with open(start[5:], encoding="utf-8") as f:
+        start = f.read()
+try:
+    ids = encode(start)
+except ValueError as e:
+    sys.exit(f"error: the prompt cannot be encoded: {e}")
+if not ids:
+    sys.exit("error: the prompt is empty; pass --start=TEXT (or FILE:path)")
+x = torch.tensor(ids, dtype=torch.long, device=device)[None, :]
+with torch.no_grad(), ctx:
+    for _ in range(num_samples):
+        # vocab_limit: a padded vocabulary (50304 > 50257) must never produce an id the tokenizer lacks
+        y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, use_cache=use_cache,
+                           vocab_limit=tokenizer["vocab_size"])
+        print(decode(y[0].tolist()))
+        print("---------------")
