@@ -4,9 +4,10 @@ The poor man's configurator, with checks. Used by train.py, sample.py and bench.
     python train.py config/quickstart.py --batch_size=32 --attn=hyperglu
 
 Each argument without '=' is a Python config file whose top-level assignments override the script's
-globals; each --key=value overrides one global. Later arguments win. Names in a config file that start
-with '_', and imported modules, classes and functions, are left alone, so a config file may compute
-its values (e.g. with model.match_budget).
+globals; each --key=value overrides one global. Later arguments win. A config file sees the settings as
+they stand when it runs, so it can be an overlay on an earlier one (config/hyperglu.py reads n_embd and
+n_layer to match the budget). Names in a config file that start with '_', and imported modules, classes
+and functions, are left alone, so a config file may compute its values (e.g. with model.match_budget).
 
 Checks: an unknown key is an error listing the closest valid keys; a value of the wrong type is an error
 naming the key and the expected type. An int is accepted for a float (--dropout=0), and None for a
@@ -46,7 +47,7 @@ def configure(g, keys, argv, annotations=None):
         if "=" not in arg:
             if arg.startswith("--"):
                 raise ValueError(f"argument '{arg}': expected --key=value or a config file path")
-            scope = {}
+            scope = {k: g[k] for k in keys}
             try:
                 with open(arg) as f:
                     code = f.read()
@@ -56,6 +57,8 @@ def configure(g, keys, argv, annotations=None):
             for k, v in scope.items():
                 if k.startswith("_") or isinstance(v, (types.ModuleType, types.FunctionType, type)):
                     continue
+                if k in keys and v is g[k]:
+                    continue  # seen, not changed
                 g[k] = _check(k, v, current, expected, f"config file '{arg}'")
                 applied.append((k, g[k]))
         else:

@@ -4,7 +4,7 @@ Token shards on disk, and the deterministic loader train.py reads them with.
 Two formats, both uint16 token ids:
   raw    nanoGPT's train.bin / val.bin: the tokens and nothing else (meta.pkl beside them for char vocabularies)
   header llm.c / modded-nanogpt shards: 256 x int32 header (magic 20240520, version 1, token count), then the
-         tokens; train and val files are matched by glob (*train*.bin, *val*.bin)
+         tokens; train and val files are matched by glob (*_train_*.bin, *_val_*.bin)
 
 The loader is a pure function of a global row counter: row n of the training stream is the window
 tokens[o(n) : o(n) + T + 1], with o(n) = n*T (order="sequential", one pass after another over the
@@ -64,13 +64,13 @@ def open_shard(path, header=True):
 
 
 def find_shards(data_dir, split):
-    """(paths, header) for split 'train' or 'val': train.bin / val.bin (raw) if present, else *{split}*.bin shards."""
+    """(paths, header) for split "train" or "val": train.bin / val.bin (raw) if present, else *_{split}_*.bin shards."""
     raw = os.path.join(data_dir, f"{split}.bin")
     if os.path.isfile(raw):
         return [raw], False
-    paths = sorted(glob.glob(os.path.join(data_dir, f"*{split}*.bin")))
+    paths = sorted(glob.glob(os.path.join(data_dir, f"*_{split}_*.bin")))
     if not paths:
-        raise ValueError(f"{data_dir}: no {split} data; expected {split}.bin or *{split}*.bin shards "
+        raise ValueError(f"{data_dir}: no {split} data; expected {split}.bin or *_{split}_*.bin shards "
                          f"(run the dataset's prepare.py first)")
     return paths, True
 
@@ -156,3 +156,27 @@ def val_batches(data_dir, batch_size, block_size, n_batches, rank=0, world=1, de
         idx = range(b * batch_size, min((b + 1) * batch_size, n_windows))
         buf = torch.from_numpy(np.stack([tokens[i * T:i * T + T + 1] for i in idx]))
         yield to_device(buf[:, :-1].contiguous(), buf[:, 1:].contiguous(), device)
+
+
+def read_text(input_path, cache_path, url):
+    """The text at input_path if given, else cache_path if it exists, else downloaded from url into cache_path.
+    Offline with nothing local is a SystemExit that says what to pass."""
+    if input_path:
+        if not os.path.isfile(input_path):
+            raise SystemExit(f"error: --input '{input_path}' not found")
+        with open(input_path, encoding="utf-8") as f:
+            return f.read()
+    if not os.path.isfile(cache_path):
+        import urllib.request
+        print(f"downloading {url} -> {cache_path}")
+        try:
+            with urllib.request.urlopen(url, timeout=30) as r:
+                data = r.read()
+        except OSError as e:
+            raise SystemExit(f"error: could not download {url} ({e}).\nOffline? Pass --input=PATH to a local copy "
+                             f"(or put it at {cache_path}).") from None
+        with open(cache_path + ".tmp", "wb") as f:
+            f.write(data)
+        os.replace(cache_path + ".tmp", cache_path)
+    with open(cache_path, encoding="utf-8") as f:
+        return f.read()
