@@ -142,10 +142,10 @@ class CausalSelfAttention(nn.Module):
         self.rope_base = config.rope_base
         self.c_attn = nn.Linear(C, 3 * C, bias=config.bias)
         self.c_proj = nn.Linear(C, C, bias=config.bias)
-        if config.use_kv_conv:
+        self.use_conv = config.kv_conv()
+        if self.use_conv:
             self.conv1 = CausalConv1d(C, config.conv_kernel_size)
             self.conv2 = CausalConv1d(C, config.conv_kernel_size)
-        self.use_conv = config.use_kv_conv
 
     def forward(self, x, cache=None):
         B, T, C = x.shape
@@ -612,7 +612,7 @@ class GPTConfig:
     qk_rank: int = None                # None -> n_embd // 4
     vo_rank: int = None                # None -> n_embd
     conv_kernel_size: int = 4
-    use_kv_conv: bool = None           # None -> True for hyperglu/hypermlp, False for softmax
+    use_kv_conv: bool = None           # None -> on for hyperglu/hypermlp, off for softmax (see kv_conv())
     rope_base: float = 10000.0
     attn_norm: str = "out_scale"
     gate_act: str = "sigmoid"
@@ -651,8 +651,6 @@ class GPTConfig:
         _choice(o, "norm", self.norm, ("layernorm", "rmsnorm"))
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"{o}.dropout={self.dropout!r} is not valid; expected 0 <= dropout < 1")
-        if self.use_kv_conv is None:
-            self.use_kv_conv = self.attn != "softmax"
         if self.attn == "softmax":
             if self.n_embd % self.n_head:
                 raise ValueError(f"{o}.n_embd={self.n_embd} is not valid for softmax; expected a multiple of n_head={self.n_head}")
@@ -660,17 +658,18 @@ class GPTConfig:
                 raise ValueError(f"{o}.pos='rope' needs an even head dim; n_embd/n_head = {self.n_embd // self.n_head}")
             _positive(o, "conv_kernel_size", self.conv_kernel_size)
         else:
-            if self.qk_rank is None:
-                self.qk_rank = self.n_embd // 4
-            if self.vo_rank is None:
-                self.vo_rank = self.n_embd
             self.hyperglu_config()  # validates the HyperGLU fields
 
     def hyperglu_config(self):
         return HyperGLUConfig(n_embd=self.n_embd, n_head=self.n_head, block_size=self.block_size, bias=self.bias,
                               n_layer=self.n_layer, use_rope=self.pos == "rope",
                               attn_kind="glu" if self.attn == "hyperglu" else "relu",
-                              **{k: getattr(self, k) for k in HYPERGLU_FIELDS})
+                              **dict({k: getattr(self, k) for k in HYPERGLU_FIELDS}, use_kv_conv=self.kv_conv()))
+
+    def kv_conv(self):
+        """use_kv_conv with None resolved: on for HyperGLU/HyperMLP, off for softmax (kept None in the config,
+        so replace(cfg, attn=...) re-resolves it)."""
+        return self.attn != "softmax" if self.use_kv_conv is None else self.use_kv_conv
 
 
 class Block(nn.Module):

@@ -299,6 +299,15 @@ def write_row(row):
         wandb.log({k: v for k, v in row.items() if v is not None}, step=row["step"])
 
 
+def stop_non_finite(what, value):
+    last = f"{ckpt_last} is the last good checkpoint" if os.path.isfile(ckpt_last) else "no checkpoint was written yet"
+    log(f"error: step {step}: the {what} loss is {value}; stopping. {last}. "
+        f"Try a lower learning_rate, grad_clip, or dtype=bfloat16/float32.")
+    if ddp:
+        dist.destroy_process_group()
+    sys.exit(1)
+
+
 def fmt_time(s):
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
 
@@ -343,12 +352,7 @@ while step < max_iters:
     step += 1
     dt = time.time() - t0
     if not math.isfinite(train_loss):
-        last = f"{ckpt_last} is the last good checkpoint" if os.path.isfile(ckpt_last) else "no checkpoint was written yet"
-        log(f"error: step {step}: the training loss is {train_loss}; stopping. {last}. "
-            f"Try a lower learning_rate, grad_clip, or dtype=bfloat16/float32.")
-        if ddp:
-            dist.destroy_process_group()
-        sys.exit(1)
+        stop_non_finite("training", train_loss)
     dt_avg = dt if dt_avg is None else 0.9 * dt_avg + 0.1 * dt
     row = {}
     if step % log_interval == 0 or step == max_iters:
@@ -361,6 +365,8 @@ while step < max_iters:
             f"eta {fmt_time(dt_avg * (max_iters - step))}")
     if step % eval_interval == 0 or step == max_iters:
         val = evaluate()
+        if not math.isfinite(val):  # the last update broke the weights: do not checkpoint them
+            stop_non_finite("validation", val)
         row["val_loss"] = val
         improved = val < best_val
         best_val = min(best_val, val)

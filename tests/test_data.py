@@ -1,0 +1,222 @@
+"""Shard formats, the loader, the configurator, and every prepare script on small local inputs."""
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from configurator import configure
+from data.shards import HEADER_BYTES, Loader, TokenStream, open_shard, val_batches, write_shard
+from data.tokenizer import encoder, load_meta
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+R50K = os.path.join(REPO, "..", "shared", "data", "tokenizers", "r50k_base.tiktoken")
+needs_r50k = pytest.mark.skipif(not os.path.isfile(R50K), reason="needs the r50k_base.tiktoken ranks file (offline BPE)")
+
+
+def run(*args, timeout=120):
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+# ---------------------------------------------------------------- configurator
+
+def settings():
+    return dict(batch_size=12, dropout=0.1, attn="softmax", compile=None, out_dir="out", n_embd=64, decay_lr=True)
+
+
+def test_config_overrides_in_order(tmp_path):
+    g = settings()
+    cfg = tmp_path / "c.py"
+    cfg.write_text("batch_size = 32\nattn = 'hyperglu'\nout_dir = out_dir + '-x'\n_private = 5\nimport math\n")
+    configure(g, list(g), [str(cfg), "--batch_size=8", "--dropout=0", "--compile=True", "--decay_lr=False"])
+    assert g == dict(batch_size=8, dropout=0.0, attn="hyperglu", compile=True, out_dir="out-x", n_embd=64, decay_lr=False)
+    assert isinstance(g["dropout"], float)
+    g = settings()  # None is accepted where the default is None ("auto")
+    configure(g, list(g), ["--compile=True", "--compile=None", "--attn=hypermlp"], {"compile": bool})
+    assert g["compile"] is None and g["attn"] == "hypermlp"
+
+
+def test_config_unknown_key_lists_closest():
+    g = settings()
+    with pytest.raises(ValueError, match="unknown config key 'batchsize'.*batch_size"):
+        configure(g, list(g), ["--batchsize=3"])
+
+
+def test_config_unknown_key_in_file(tmp_path):
+    g = settings()
+    cfg = tmp_path / "c.py"
+    cfg.write_text("n_emdb = 3\n")
+    with pytest.raises(ValueError, match="c.py.*n_emdb.*n_embd"):
+        configure(g, list(g), [str(cfg)])
+
+
+@pytest.mark.parametrize("arg,msg", [("--batch_size=1.5", "batch_size' expects int"),
+                                     ("--dropout=abc", "dropout' expects float"),
+                                     ("--decay_lr=1", "decay_lr' expects bool"),
+                                     ("--compile=yes", "compile' expects bool")])
+def test_config_type_errors(arg, msg):
+    g = settings()
+    with pytest.raises(ValueError, match=msg):
+        configure(g, list(g), [arg], {"compile": bool})
+
+
+def test_config_missing_file():
+    g = settings()
+    with pytest.raises(ValueError, match="nope.py"):
+        configure(g, list(g), ["nope.py"])
+
+
+# ---------------------------------------------------------------- shards
+
+def test_shard_round_trip_both_formats(tmp_path):
+    toks = np.random.default_rng(0).integers(0, 50257, 1000)
+    write_shard(tmp_path / "a_train_000.bin", toks)
+    write_shard(tmp_path / "train.bin", toks, header=False)
+    assert os.path.getsize(tmp_path / "a_train_000.bin") == HEADER_BYTES + 2000
+    assert np.array_equal(open_shard(str(tmp_path / "a_train_000.bin")), toks)
+    assert np.array_equal(open_shard(str(tmp_path / "train.bin"), header=False), toks)
+
+
+def corrupt(path, fn):
+    data = bytearray(open(path, "rb").read())
+    fn(data)
+    open(path, "wb").write(bytes(data))
+
+
+@pytest.mark.parametrize("damage,msg", [
+    (lambda d: d.__setitem__(slice(0, 4), (123).to_bytes(4, "little")), "wrong magic 123"),
+    (lambda d: d.__setitem__(slice(4, 8), (7).to_bytes(4, "little")), "wrong version 7"),
+    (lambda d: d.__delitem__(slice(len(d) - 10, len(d))), "header says 100 tokens"),
+    (lambda d: d.__delitem__(slice(500, len(d))), "shorter than the 1024-byte header"),
+])
+def test_bad_shards_name_the_file_and_problem(tmp_path, damage, msg):
+    path = str(tmp_path / "x_train_000000.bin")
+    write_shard(path, np.arange(100))
+    corrupt(path, damage)
+    with pytest.raises(ValueError, match=f"x_train_000000.bin.*{msg}"):
+        open_shard(path)
+    with pytest.raises(ValueError, match=msg):
+        TokenStream(str(tmp_path), "train")
+
+
+def test_missing_shard_and_split(tmp_path):
+    with pytest.raises(ValueError, match="nothere.bin: shard file not found"):
+        open_shard(str(tmp_path / "nothere.bin"))
+    with pytest.raises(ValueError, match="no val data"):
+        TokenStream(str(tmp_path), "val")
+
+
+# ---------------------------------------------------------------- loader
+
+@pytest.fixture
+def shard_dir(tmp_path):
+    for i in range(3):  # three shards, so windows cross shard boundaries
+        write_shard(str(tmp_path / f"d_train_{i:06d}.bin"), np.arange(i * 700, i * 700 + 700) % 60000)
+    write_shard(str(tmp_path / "d_val_000000.bin"), np.arange(500))
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("order", ["random", "sequential"])
+def test_ranks_are_disjoint_and_cover_the_single_process_batch(shard_dir, order):
+    one = Loader(shard_dir, 4, 16, accum=2, order=order)
+    ranks = [Loader(shard_dir, 4, 16, accum=1, rank=r, world=2, order=order) for r in range(2)]
+    for step in range(5):
+        rows_one = {n for m in range(2) for n in one.rows(step, m)}
+        rows_r = [set(ranks[r].rows(step, 0)) for r in range(2)]
+        assert not rows_r[0] & rows_r[1]
+        assert rows_r[0] | rows_r[1] == rows_one
+        x1 = np.concatenate([one.batch(step, m)[0].numpy() for m in range(2)])
+        x2 = np.concatenate([ranks[r].batch(step, 0)[0].numpy() for r in range(2)])
+        assert np.array_equal(x1, x2)
+    x, y = one.batch(0, 0)
+    assert x.shape == (4, 16) and np.array_equal(x[:, 1:].numpy(), y[:, :-1].numpy())
+
+
+def test_sequential_loader_reads_the_stream_in_order(shard_dir):
+    ld = Loader(shard_dir, 2, 10, accum=1, order="sequential")
+    stream = np.concatenate([np.arange(i * 700, i * 700 + 700) % 60000 for i in range(3)])
+    x, y = ld.batch(34, 0)  # rows 68, 69: tokens 680..700 cross into the second shard
+    assert np.array_equal(x.numpy().ravel(), stream[680:700])
+    assert np.array_equal(y[1].numpy(), stream[691:701])
+
+
+def test_loader_position_round_trips(shard_dir):
+    ld = Loader(shard_dir, 3, 8, accum=2, seed=5)
+    state = ld.state(next_step=7)
+    resumed = Loader(shard_dir, 3, 8, accum=2, seed=state["seed"], order=state["order"], row0=state["next_row"])
+    for step in range(3):
+        for m in range(2):
+            assert np.array_equal(ld.batch(7 + step, m)[0], resumed.batch(step, m)[0])
+    other = Loader(shard_dir, 3, 8, accum=2, seed=6)
+    assert not np.array_equal(ld.batch(0, 0)[0], other.batch(0, 0)[0])
+
+
+def test_val_set_is_fixed_and_split_over_ranks(shard_dir):
+    full = [x.numpy() for x, _ in val_batches(shard_dir, 4, 10, 3)]
+    parts = [[x.numpy() for x, _ in val_batches(shard_dir, 4, 10, 3, rank=r, world=2)] for r in range(2)]
+    assert np.array_equal(np.concatenate(full), np.concatenate(parts[0][:1] + parts[1][:1] + parts[0][1:]))
+    assert np.array_equal(full[0][0], np.arange(10))
+
+
+# ---------------------------------------------------------------- prepare scripts
+
+def test_prepare_pystdlib(tmp_path):
+    r = run("data/pystdlib/prepare.py", f"--out_dir={tmp_path}", "--max_bytes=50000")
+    assert r.returncode == 0, r.stderr
+    train = open_shard(str(tmp_path / "train.bin"), header=False)
+    assert len(train) == 45000 and load_meta(str(tmp_path))["kind"] == "bytes"
+    assert bytes(np.asarray(train[:8], dtype=np.uint8)).startswith(b"# file: ")
+
+
+def test_prepare_shakespeare_char(tmp_path):
+    (tmp_path / "in.txt").write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 20)
+    r = run("data/shakespeare_char/prepare.py", f"--input={tmp_path / 'in.txt'}", f"--out_dir={tmp_path}")
+    assert r.returncode == 0, r.stderr
+    meta = pickle.load(open(tmp_path / "meta.pkl", "rb"))
+    assert set(meta) >= {"vocab_size", "stoi", "itos"}  # nanoGPT's meta.pkl keys
+    encode, decode = encoder(meta)
+    train = open_shard(str(tmp_path / "train.bin"), header=False)
+    assert decode(train[:14].tolist()) == "First Citizen:"
+    assert len(train) + len(open_shard(str(tmp_path / "val.bin"), header=False)) == 1220
+
+
+@needs_r50k
+def test_prepare_shakespeare_bpe(tmp_path):
+    (tmp_path / "in.txt").write_text("Hello world. " * 100)
+    r = run("data/shakespeare/prepare.py", f"--input={tmp_path / 'in.txt'}", f"--tokenizer_file={R50K}",
+            f"--out_dir={tmp_path}")
+    assert r.returncode == 0, r.stderr
+    assert open_shard(str(tmp_path / "train.bin"), header=False)[:2].tolist() == [15496, 995]
+
+
+@pytest.mark.parametrize("tok", ["char", "bytes"] + (["gpt2"] if os.path.isfile(R50K) else []))
+def test_prepare_textfile_folder(tmp_path, tok):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_text("alpha beta gamma\n" * 50)
+    (src / "sub" / "b.txt").write_text("delta epsilon\n" * 50)
+    (src / "skip.md").write_text("not matched")
+    out = tmp_path / "out"
+    r = run("data/textfile/prepare.py", f"--input={src}", f"--out_dir={out}", f"--tokenizer={tok}",
+            f"--tokenizer_file={R50K}", "--shard_tokens=300")
+    assert r.returncode == 0, r.stderr
+    train, val = TokenStream(str(out), "train"), TokenStream(str(out), "val")
+    assert len(train.paths) > 1 and all(p.endswith(".bin") for p in train.paths)
+    encode, decode = encoder(load_meta(str(out)), R50K)
+    text = decode(train.read(0, train.total).tolist() + val.read(0, val.total).tolist())
+    assert "alpha beta gamma" in text and "delta epsilon" in text and "not matched" not in text
+
+
+@needs_r50k
+def test_prepare_fineweb_tokenizes_local_jsonl(tmp_path):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"Document {i}. " + "Some web text. " * 30}) + "\n" for i in range(60)))
+    r = run("data/fineweb/prepare.py", "--source=tokenize", f"--input={docs}", f"--tokenizer_file={R50K}",
+            "--shard_tokens=2000", "--workers=1", f"--out_dir={tmp_path / 'fw'}")
+    assert r.returncode == 0, r.stderr
+    val = open_shard(str(tmp_path / "fw" / "fineweb_val_000000.bin"))
+    assert len(val) == 2000 and val[0] == 50256  # every document starts with <|endoftext|>
+    assert len(TokenStream(str(tmp_path / "fw"), "train").paths) >= 2
