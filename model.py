@@ -744,7 +744,7 @@ class GPT(nn.Module):
         x = self.transformer.drop(x)
         streams = self.config.residual != "plain"
         if streams:  # n copies of the embedding [HC Alg. 1]
-            x = x.unsqueeze(2).expand(B, T, self.config.hc_streams, x.shape[-1])
+            x = x.unsqueeze(2).expand(B, T, self.config.hc_streams, x.shape[-1]).contiguous()
         for i, block in enumerate(self.transformer.h):
             if self.grad_ckpt and self.training and cache is None:
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)

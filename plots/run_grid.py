@@ -1,0 +1,97 @@
+"""
+Train a named experiment grid from config/grids.py into out/<grid>/<variant>-s<seed>/.
+
+$ python plots/run_grid.py --grid=cpu                            # sequentially on this machine
+$ python plots/run_grid.py --grid=cpu --only="S-pc,G-cg-q-12o"   # a subset
+$ python plots/run_grid.py --grid=fineweb --launcher="torchrun --standalone --nproc_per_node=8"   # each run on 8 GPUs
+$ python plots/run_grid.py --grid=cpu --gpus=0,1,2,3             # one run per GPU, four at a time
+$ python plots/run_grid.py --grid=cpu --dry_run                  # print the commands
+
+A run with a DONE marker is skipped; one with a ckpt_last.pt but no DONE resumes, so the grid can simply be
+re-run after an interruption. Each run's output goes to its folder's train.log. Extra --key=value arguments
+are passed to every run (e.g. --max_iters=200 for a quick look).
+"""
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from config.grids import GRIDS, variants  # noqa: E402
+
+
+def slug(name):
+    return name.replace(" + ", "_").replace("!", "nm")
+
+
+def commands(grid, out, only, launcher, extra):
+    base, runs = GRIDS[grid]
+    table = variants(base)
+    for name, seed in runs:
+        if only and name not in only:
+            continue
+        run_dir = os.path.join(out, grid, f"{slug(name)}-s{seed}")
+        settings = dict(base, **table[name], seed=seed, out_dir=run_dir)
+        if os.path.isfile(os.path.join(run_dir, "ckpt_last.pt")):
+            settings["init_from"] = "resume"
+        cmd = shlex.split(launcher) if launcher else [sys.executable]
+        cmd += [os.path.join(REPO, "train.py")] + [f"--{k}={v}" for k, v in settings.items()] + extra
+        yield name, run_dir, cmd
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--grid", required=True, choices=sorted(GRIDS))
+    parser.add_argument("--out", default="out")
+    parser.add_argument("--only", default="", help="comma-separated variant names")
+    parser.add_argument("--launcher", default="", help='e.g. "torchrun --standalone --nproc_per_node=8"')
+    parser.add_argument("--gpus", default="", help="comma-separated GPU ids: one run per GPU at a time")
+    parser.add_argument("--dry_run", action="store_true")
+    args, extra = parser.parse_known_args()
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = set(only) - set(variants(GRIDS[args.grid][0]))
+    if unknown:
+        sys.exit(f"error: unknown variants {sorted(unknown)}; known: {sorted(variants(GRIDS[args.grid][0]))}")
+    todo = []
+    for name, run_dir, cmd in commands(args.grid, args.out, only, args.launcher, extra):
+        if os.path.isfile(os.path.join(run_dir, "DONE")):
+            print(f"skip {name} ({run_dir}): DONE")
+            continue
+        todo.append((name, run_dir, cmd))
+    if args.dry_run:
+        for name, run_dir, cmd in todo:
+            print(shlex.join(cmd))
+        return
+    gpus = [g for g in args.gpus.split(",") if g] or [None]
+    running, failed = {}, []
+    while todo or running:
+        for gpu in [g for g in gpus if g not in running]:
+            if not todo:
+                break
+            name, run_dir, cmd = todo.pop(0)
+            os.makedirs(run_dir, exist_ok=True)
+            env = dict(os.environ)
+            if gpu is not None:
+                env["CUDA_VISIBLE_DEVICES"] = gpu
+                cmd = cmd + ["--device=cuda"]
+            print(f"start {name} -> {run_dir}" + (f" on GPU {gpu}" if gpu is not None else ""), flush=True)
+            log = open(os.path.join(run_dir, "train.log"), "a")
+            running[gpu] = (name, run_dir, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log)
+        for gpu, (name, run_dir, proc, log) in list(running.items()):
+            if proc.poll() is not None:
+                log.close()
+                del running[gpu]
+                status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see {run_dir}/train.log)"
+                print(f"{status}: {name}", flush=True)
+                if proc.returncode:
+                    failed.append(name)
+        time.sleep(1)
+    if failed:
+        sys.exit(f"failed runs: {failed}")
+
+
+if __name__ == "__main__":
+    main()
