@@ -511,6 +511,13 @@ class HyperConnection(nn.Module):
             alpha, beta = alpha + self.s_alpha * da, beta + self.s_beta * db
         return alpha, beta
 
+    def mean_coefficients(self, x):
+        """Token-averaged (pre (n,), post (n,), res (n,n)) in mHC's orientation: res = A_r^T, row i builds stream i."""
+        alpha, beta = self.coefficients(_up(x))
+        alpha = alpha.expand(*x.shape[:-2], *alpha.shape[-2:]).flatten(0, -3).mean(0)
+        beta = beta.expand(*x.shape[:-1]).flatten(0, -2).mean(0)
+        return alpha[:, 0], beta, alpha[:, 1:].T
+
     def forward(self, x, f):
         with torch.autocast(x.device.type, enabled=False):
             xf = _up(x)
@@ -561,6 +568,10 @@ class ManifoldHC(nn.Module):
         post = 2 * torch.sigmoid(self.alpha_post * h[..., n:2 * n] + self.b_post)
         res = sinkhorn(self.alpha_res * h[..., 2 * n:].unflatten(-1, (n, n)) + self.b_res, self.iters)
         return pre, post, res
+
+    def mean_coefficients(self, x):
+        """Token-averaged (pre (n,), post (n,), res (n,n))."""
+        return tuple(t.flatten(0, 1).mean(0) for t in self.coefficients(_up(x)))
 
     def forward(self, x, f):
         with torch.autocast(x.device.type, enabled=False):
@@ -824,6 +835,20 @@ class GPT(nn.Module):
         T = self.config.block_size
         return self.flops_per_token(T) * T * fwdbwd_per_iter / dt / peak
 
+    @torch.no_grad()
+    def connection_matrices(self, idx):
+        """HC/mHC coefficients at every residual site (attention, MLP, attention, ...) for a batch idx (B, T),
+        averaged over its tokens: a list of (pre (n,), post (n,), res (n,n)). Empty for the plain residual."""
+        sites = [m for b in self.transformer.h for m in (b.res_attn, b.res_mlp) if hasattr(m, "mean_coefficients")]
+        out = []
+        hooks = [m.register_forward_pre_hook(lambda m, args: out.append(m.mean_coefficients(args[0]))) for m in sites]
+        try:
+            self(idx)
+        finally:
+            for h in hooks:
+                h.remove()
+        return out
+
     def can_cache(self):
         """KV-cache decoding is exact for softmax and for causal lag-layout HyperGLU. The identity layout
         is not extension consistent (a token's output depends on the sequence length), so it recomputes."""
@@ -860,6 +885,17 @@ class GPT(nn.Module):
                 idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
+
+
+def amax_gain(res_list):
+    """Composite gain of the residual mixing across sites [mHC §3.1]: C_k = H_res_k ... H_res_1; returns, per
+    depth k, the forward gain (max absolute row sum of C_k) and the backward gain (max absolute column sum)."""
+    C, fwd, bwd = None, [], []
+    for H in res_list:
+        C = H.double() if C is None else H.double() @ C
+        fwd.append(C.abs().sum(-1).max().item())
+        bwd.append(C.abs().sum(-2).max().item())
+    return fwd, bwd
 
 
 # bf16 dense tensor-core peak FLOPs by GPU name (substring match, most specific first)

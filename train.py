@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from configurator import configure
 from data.shards import Loader, val_batches
 from data.tokenizer import load_meta
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, amax_gain
 
 # -----------------------------------------------------------------------------
 # settings: every global below can be overridden by a config file or --key=value
@@ -235,6 +235,19 @@ def evaluate():
     return (acc[0] / acc[1]).item()
 
 
+def amax():
+    """HC/mHC composite Amax gain over all sites on the first val batch (None, None for the plain residual)."""
+    if residual == "plain" or not master:
+        return None, None
+    x, _ = next(val_batches(data_dir, batch_size, block_size, 1, device=device))
+    raw_model.eval()
+    with ctx:
+        mats = raw_model.connection_matrices(x)
+    raw_model.train()
+    fwd, bwd = amax_gain([res for _, _, res in mats])
+    return fwd[-1], bwd[-1]
+
+
 def rng_state():
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state(device) if device_type == "cuda" else None}
@@ -273,7 +286,8 @@ def git_commit():
         return "unknown"
 
 
-COLUMNS = ["step", "tokens", "train_loss", "val_loss", "lr", "grad_norm", "ms_per_step", "tok_per_s", "mfu", "elapsed_s"]
+COLUMNS = ["step", "tokens", "train_loss", "val_loss", "lr", "grad_norm", "ms_per_step", "tok_per_s", "mfu", "elapsed_s",
+           "amax_fwd", "amax_bwd"]
 metrics_path = os.path.join(out_dir, "metrics.csv")
 if master:
     with open(os.path.join(out_dir, "config.json"), "w") as f:
@@ -368,6 +382,7 @@ while step < max_iters:
         if not math.isfinite(val):  # the last update broke the weights: do not checkpoint them
             stop_non_finite("validation", val)
         row["val_loss"] = val
+        row["amax_fwd"], row["amax_bwd"] = amax()
         improved = val < best_val
         best_val = min(best_val, val)
         save_checkpoint([ckpt_last, ckpt_best] if improved else [ckpt_last], step, time.time() - t_start)
