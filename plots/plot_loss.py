@@ -1,0 +1,280 @@
+"""
+Loss curves and a results table from run folders (metrics.csv + config.json), like the paper's Figure 5.
+
+$ python plots/plot_loss.py out/cpu/*                                   # -> plots/loss.{png,pdf,md,csv}
+$ python plots/plot_loss.py out/cpu/* --layout=families --threshold=1.7 --zoom=0.3 --out=plots/results/cpu/loss
+$ python plots/plot_loss.py out/fineweb/* --x=tokens --train --ema=0.9 --logy --ref="3.425=GPT-2 124M" --format=svg
+
+Labels come from each run's config in the paper's grammar (S-pc, R-12!, G-cg-q-12o + mHC, ...), not from the
+folder name. --layout=families draws one panel per attention family (softmax, ReLU attention, HyperMLP,
+HyperGLU) on shared axes. The table gives final and best val loss, steps and tokens to reach --threshold,
+parameters, median tok/s and wall time. For a step logged twice (a resumed run) the later entry wins.
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import statistics
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from model import GPTConfig, param_report  # noqa: E402
+
+FAMILIES = ["softmax", "ReLU attention", "HyperMLP", "HyperGLU"]
+
+
+def label(cfg):
+    """The paper's variant label for a GPTConfig dict: <family>-<options>-<compression>-<mixing>, then the
+    residual. '!' marks mixing without QK compression, i.e. not budget matched (the paper's ! variants)."""
+    attn, D = cfg["attn"], cfg["n_embd"]
+    fam = {"softmax": "S", "hypermlp": "R", "hyperglu": "G"}[attn]
+    conv = cfg.get("use_kv_conv")
+    conv = attn != "softmax" if conv is None else conv
+    opts = ("p" if cfg.get("pos") == "rope" else "") + ("c" if conv else "")
+    mix = ""
+    comp = ""
+    if attn != "softmax":
+        opts += "g" if cfg.get("use_qk_gate", True) and cfg.get("use_vo_gate", True) else ""
+        qk = cfg.get("qk_rank") or D // 4
+        vo = cfg.get("vo_rank") or D
+        comp = ("q" if qk < D else "") + ("v" if vo < D else "")
+        mix = ("1" if cfg.get("use_op1", True) else "") + ("2" if cfg.get("use_op2", True) else "")
+        if mix:
+            mix += "o" if cfg.get("aligner_kind", "offset") == "offset" else ""
+            if "q" not in comp:
+                mix += "!"
+    name = "-".join(p for p in (fam, opts, comp, mix) if p)
+    res = cfg.get("residual", "plain")
+    if res == "hc":
+        name += f" + {'' if cfg.get('hc_dynamic', True) else 'S'}HC×{cfg.get('hc_streams', 4)}"
+    elif res == "mhc":
+        name += f" + mHC×{cfg.get('hc_streams', 4)}"
+    return name
+
+
+def family(cfg):
+    if cfg["attn"] == "softmax":
+        return "softmax"
+    if cfg["attn"] == "hyperglu":
+        return "HyperGLU"
+    return "HyperMLP" if cfg.get("use_op1", True) or cfg.get("use_op2", True) else "ReLU attention"
+
+
+def read_run(path):
+    """(run dict, None) or (None, reason). The run dict has label, family, config and per-step rows."""
+    cfg_path, met_path = os.path.join(path, "config.json"), os.path.join(path, "metrics.csv")
+    if not os.path.isdir(path):
+        return None, "not a folder"
+    if not os.path.isfile(met_path):
+        return None, "no metrics.csv (not started?)"
+    if not os.path.isfile(cfg_path):
+        return None, "no config.json"
+    with open(cfg_path) as f:
+        config = json.load(f)
+    model_args = config.get("model_args")
+    if not model_args or "attn" not in model_args:
+        return None, "config.json has no model_args (not written by train.py?)"
+    rows = {}
+    with open(met_path) as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or "step" not in reader.fieldnames:
+            return None, "metrics.csv has no step column"
+        for row in reader:
+            try:
+                step = int(row["step"])
+            except (TypeError, ValueError):
+                continue
+            cells = {}
+            for k, v in row.items():
+                if k and k != "step" and v not in ("", None):
+                    try:
+                        cells[k] = float(v)
+                    except ValueError:
+                        pass
+            rows.setdefault(step, {}).update(cells)  # a later entry for the same step wins
+    if not rows:
+        return None, "metrics.csv has no rows yet"
+    return dict(path=path, name=os.path.basename(os.path.normpath(path)), label=label(model_args),
+                family=family(model_args), config=config, model_args=model_args, seed=config.get("seed"),
+                rows=dict(sorted(rows.items())), done=os.path.isfile(os.path.join(path, "DONE"))), None
+
+
+def series(run, col, x):
+    """(xs, ys) of the steps that have col; x is step, tokens or time (elapsed_s in minutes)."""
+    xs, ys = [], []
+    for step, r in run["rows"].items():
+        if col not in r:
+            continue
+        if x == "step":
+            xv = step
+        elif x == "tokens":
+            xv = r.get("tokens", step * run["config"].get("tokens_per_step", float("nan")))
+        else:
+            if "elapsed_s" not in r:
+                continue
+            xv = r["elapsed_s"] / 60
+        xs.append(xv)
+        ys.append(r[col])
+    return xs, ys
+
+
+def ema(ys, beta):
+    out, m = [], None
+    for y in ys:
+        m = y if m is None else beta * m + (1 - beta) * y
+        out.append(m)
+    return out
+
+
+def summarize(run, threshold):
+    """One table row for a run."""
+    rows = run["rows"]
+    val = [(s, r["val_loss"]) for s, r in rows.items() if "val_loss" in r]
+    tps = [r["tok_per_s"] for r in rows.values() if "tok_per_s" in r]
+    elapsed = [r["elapsed_s"] for r in rows.values() if "elapsed_s" in r]
+    hit = next(((s, rows[s].get("tokens")) for s, v in val if threshold is not None and v <= threshold), None)
+    try:
+        params = param_report(GPTConfig(**run["model_args"]))["total"]
+    except (TypeError, ValueError):
+        params = None
+    return dict(label=run["label"], seed=run["seed"], run=run["name"], steps=max(rows),
+                final_val=val[-1][1] if val else None, best_val=min(v for _, v in val) if val else None,
+                steps_to_threshold=hit[0] if hit else None,
+                tokens_to_threshold=int(hit[1]) if hit and hit[1] is not None else None,
+                params=params, tok_per_s=statistics.median(tps) if tps else None,
+                wall_min=max(elapsed) / 60 if elapsed else None, done=run["done"])
+
+
+def write_table(summaries, threshold, out):
+    cols = ["label", "seed", "final_val", "best_val", "steps_to_threshold", "tokens_to_threshold", "steps",
+            "params", "tok_per_s", "wall_min", "done", "run"]
+    with open(out + ".csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        for s in summaries:
+            w.writerow({k: ("" if s[k] is None else s[k]) for k in cols})
+
+    def fmt(k, v):
+        if v is None:
+            return "n/a"
+        if k in ("final_val", "best_val"):
+            return f"{v:.4f}"
+        if k in ("params", "tok_per_s", "tokens_to_threshold"):
+            return f"{v:,.0f}"
+        if k == "wall_min":
+            return f"{v:.1f}"
+        return str(v)
+    thr = f"steps to val ≤ {threshold}" if threshold is not None else "steps to threshold"
+    heads = ["variant", "seed", "final val", "best val", thr, "tokens to threshold", "steps", "params", "tok/s",
+             "wall (min)", "done", "run"]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for s in summaries:
+        lines.append("| " + " | ".join(fmt(k, s[k]) for k in cols) + " |")
+    with open(out + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", help="run folders")
+    p.add_argument("--out", default=os.path.join(REPO, "plots", "loss"), help="output path without extension")
+    p.add_argument("--x", default="step", choices=["step", "tokens", "time"])
+    p.add_argument("--train", action="store_true", help="also draw the train loss (thin lines)")
+    p.add_argument("--ema", type=float, default=0.0, help="EMA smoothing of the train loss, e.g. 0.9")
+    p.add_argument("--logy", action="store_true")
+    p.add_argument("--zoom", type=float, default=0.0, help="inset on the last fraction of the x range, e.g. 0.3")
+    p.add_argument("--ref", action="append", default=[], help='reference line "VALUE=LABEL", e.g. "3.425=GPT-2 124M"')
+    p.add_argument("--layout", default="single", choices=["single", "families"])
+    p.add_argument("--threshold", type=float, default=None, help="val loss for the steps/tokens-to-threshold columns")
+    p.add_argument("--format", default="pdf", choices=["pdf", "svg"], help="vector format written beside the PNG")
+    p.add_argument("--title", default="")
+    args = p.parse_args(argv)
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = []
+    for path in args.runs:
+        run, why = read_run(path)
+        if run is None:
+            print(f"skip {path}: {why}")
+            continue
+        if not any("val_loss" in r for r in run["rows"].values()):
+            print(f"note {path}: no val point yet; only its train loss is drawn" if args.train else
+                  f"note {path}: no val point yet (add --train to draw its train loss)")
+        if args.x == "time" and not any("elapsed_s" in r for r in run["rows"].values()):
+            print(f"note {path}: metrics.csv has no elapsed_s column; it is left out of the --x=time plot")
+        runs.append(run)
+    if not runs:
+        sys.exit("error: none of the given folders holds a run (metrics.csv + config.json)")
+    labels = [r["label"] for r in runs]
+    for r in runs:  # several seeds of one variant: tell them apart
+        if labels.count(r["label"]) > 1:
+            r["label"] = f"{r['label']} (seed {r['seed']})"
+    runs.sort(key=lambda r: (FAMILIES.index(r["family"]), r["label"]))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    color = {r["label"]: colors[i % len(colors)] for i, r in enumerate(runs)}
+
+    panels = FAMILIES if args.layout == "families" else [None]
+    ncols = 2 if len(panels) > 1 else 1
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(7 * ncols, 4.6 * nrows), sharex=True, sharey=True, squeeze=False)
+    xlabel = {"step": "step", "tokens": "tokens", "time": "wall-clock (min)"}[args.x]
+    for ax, fam in zip(axes.flat, panels):
+        members = [r for r in runs if fam is None or r["family"] == fam]
+        drawn = []
+        for r in members:
+            xs, ys = series(r, "val_loss", args.x)
+            if xs:
+                ax.plot(xs, ys, color=color[r["label"]], lw=1.8, marker="o" if len(xs) < 3 else None, ms=3,
+                        label=r["label"])
+                drawn.append((r, xs, ys))
+            if args.train:
+                tx, ty = series(r, "train_loss", args.x)
+                if tx:
+                    ax.plot(tx, ema(ty, args.ema) if args.ema else ty, color=color[r["label"]], lw=0.7, alpha=0.5,
+                            label=None if xs else f"{r['label']} (train)")
+        for ref in args.ref:
+            value, _, name = ref.partition("=")
+            ax.axhline(float(value), color="k", ls="--", lw=1, label=name or None)
+        if args.logy:
+            ax.set_yscale("log")
+        ax.set_title(fam or args.title or "validation loss")
+        ax.grid(alpha=0.3)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("val loss" + (" (thin: train)" if args.train else ""))
+        if members:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no runs", transform=ax.transAxes, ha="center", va="center", color="gray")
+        if args.zoom and drawn:
+            xmax = max(max(xs) for _, xs, _ in drawn)
+            x0 = xmax * (1 - args.zoom)
+            tail = [y for _, xs, ys in drawn for x, y in zip(xs, ys) if x >= x0]
+            if tail:
+                ins = ax.inset_axes([0.45, 0.45, 0.5, 0.35])
+                for r, xs, ys in drawn:
+                    ins.plot(xs, ys, color=color[r["label"]], lw=1.5)
+                pad = (max(tail) - min(tail)) * 0.1 or 0.01
+                ins.set_xlim(x0, xmax)
+                ins.set_ylim(min(tail) - pad, max(tail) + pad)
+                ins.tick_params(labelsize=7)
+                ins.grid(alpha=0.3)
+    if args.title and len(panels) > 1:
+        fig.suptitle(args.title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    fig.savefig(args.out + ".png", dpi=150)
+    fig.savefig(f"{args.out}.{args.format}")
+    plt.close(fig)
+    summaries = [summarize(r, args.threshold) for r in runs]
+    write_table(summaries, args.threshold, args.out)
+    print(f"wrote {args.out}.png, {args.out}.{args.format}, {args.out}.md, {args.out}.csv ({len(runs)} runs)")
+    return summaries
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""plots/: labels from configs, the loss figure and table from synthetic run folders, connection plots."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from config.grids import CPU_BASE, FINEWEB_BASE, variants
+from model import GPTConfig, param_report
+from plots.plot_loss import family, label, main as plot_main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPECTED = {"S": "S", "S-p": "S-p", "S-c": "S-c", "S-pc": "S-pc", "R": "R", "R-cg-q": "R-cg-q",
+            "R-cg-q-12o": "R-cg-q-12o", "G-cg-q": "G-cg-q", "G-cg-q-12o": "G-cg-q-12o", "R-12!": "R-12!",
+            "S-pc + HC": "S-pc + HC×4", "S-pc + mHC": "S-pc + mHC×4", "G-cg-q-12o + HC": "G-cg-q-12o + HC×4",
+            "G-cg-q-12o + mHC": "G-cg-q-12o + mHC×4"}
+
+
+@pytest.mark.parametrize("base", [CPU_BASE, FINEWEB_BASE], ids=["cpu", "fineweb"])
+def test_labels_come_from_the_config_for_every_grid_variant(base):
+    table = variants(base)
+    assert set(table) == set(EXPECTED)
+    s_params = None
+    for name, settings in table.items():
+        merged = dict(base, **settings)
+        cfg = GPTConfig(**{k: v for k, v in merged.items() if k in GPTConfig.__dataclass_fields__})
+        args = {k: getattr(cfg, k) for k in GPTConfig.__dataclass_fields__}
+        assert label(args) == EXPECTED[name], name
+        n = param_report(cfg)["non_embedding"]
+        if name == "S":
+            s_params = n
+    for name in ("R-cg-q", "R-cg-q-12o", "G-cg-q", "G-cg-q-12o"):  # matched to S within 2%
+        merged = dict(base, **table[name])
+        cfg = GPTConfig(**{k: v for k, v in merged.items() if k in GPTConfig.__dataclass_fields__})
+        assert abs(param_report(cfg)["non_embedding"] / s_params - 1) <= 0.02, name
+
+
+def test_label_details():
+    base = dict(attn="hyperglu", n_embd=64, qk_rank=None, vo_rank=None)
+    assert label(base) == "G-cg-q-12o"  # the defaults are the paper's HyperGLU
+    assert label(dict(base, use_op2=False)) == "G-cg-q-1o"
+    assert label(dict(base, vo_rank=32, pos="rope")) == "G-pcg-qv-12o"
+    assert label(dict(base, qk_rank=64, use_kv_conv=False, use_qk_gate=False)) == "G-12o!"
+    assert label(dict(base, residual="hc", hc_dynamic=False, hc_streams=2)) == "G-cg-q-12o + SHC×2"
+    assert family(dict(attn="hypermlp", use_op1=False, use_op2=False)) == "ReLU attention"
+    assert family(dict(attn="hypermlp")) == "HyperMLP"
+
+
+def make_run(root, name, attn, rows, header=None, resid="plain", done=True, **model):
+    d = root / name
+    d.mkdir()
+    model_args = {k: getattr(GPTConfig(), k) for k in GPTConfig.__dataclass_fields__}
+    model_args.update(attn=attn, residual=resid, n_layer=2, n_embd=64, n_head=2, vocab_size=65, block_size=64, **model)
+    json.dump({"model_args": model_args, "seed": 1, "tokens_per_step": 100}, open(d / "config.json", "w"))
+    header = header or ["step", "tokens", "train_loss", "val_loss", "lr", "grad_norm", "ms_per_step", "tok_per_s",
+                        "mfu", "elapsed_s"]
+    with open(d / "metrics.csv", "w") as f:
+        f.write(",".join(header) + "\n")
+        for r in rows:
+            f.write(",".join("" if r.get(c) is None else str(r[c]) for c in header) + "\n")
+    if done:
+        (d / "DONE").write_text("{}")
+    return str(d)
+
+
+def test_figure_and_table_from_synthetic_runs(tmp_path, capsys):
+    a = make_run(tmp_path, "a", "softmax", [
+        dict(step=0, tokens=0, val_loss=4.0, elapsed_s=0),
+        dict(step=10, tokens=1000, train_loss=3.0, tok_per_s=100, elapsed_s=60),
+        dict(step=20, tokens=2000, train_loss=2.6, val_loss=2.9, tok_per_s=300, elapsed_s=120),
+        dict(step=30, tokens=3000, train_loss=2.5, val_loss=2.5, tok_per_s=200, elapsed_s=180),
+        # the run was resumed from step 20: these later entries win
+        dict(step=30, tokens=3000, train_loss=2.4, val_loss=2.45, tok_per_s=200, elapsed_s=190),
+        dict(step=40, tokens=4000, train_loss=2.3, val_loss=2.6, tok_per_s=200, elapsed_s=240)])
+    b = make_run(tmp_path, "b", "hyperglu", [dict(step=0, tokens=0, val_loss=4.1), dict(step=10, tokens=1000, val_loss=2.0)],
+                 header=["step", "tokens", "val_loss"])  # a shorter run with missing columns
+    c = make_run(tmp_path, "c", "hypermlp", [dict(step=5, tokens=500, train_loss=3.3)], done=False)  # no val yet
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = str(tmp_path / "fig")
+    summ = plot_main([a, b, c, str(empty), "--layout=families", "--threshold=2.5", "--train", "--ema=0.5", "--logy",
+                      "--zoom=0.5", "--ref=2.2=target", f"--out={out}", "--x=tokens"])
+    msg = capsys.readouterr().out
+    assert "skip" in msg and "no metrics.csv" in msg and "no val point yet" in msg
+    for ext in ("png", "pdf", "md", "csv"):
+        assert os.path.getsize(f"{out}.{ext}") > 100
+    rows = {r["run"]: r for r in csv.DictReader(open(f"{out}.csv"))}
+    assert float(rows["a"]["final_val"]) == 2.6 and float(rows["a"]["best_val"]) == 2.45
+    assert rows["a"]["steps_to_threshold"] == "30" and rows["a"]["tokens_to_threshold"] == "3000"
+    assert float(rows["a"]["tok_per_s"]) == 200 and abs(float(rows["a"]["wall_min"]) - 4.0) < 1e-9
+    assert rows["b"]["steps_to_threshold"] == "10" and rows["b"]["tok_per_s"] == "" and rows["b"]["wall_min"] == ""
+    assert rows["c"]["final_val"] == "" and rows["c"]["done"] == "False"
+    cfg = GPTConfig(**json.load(open(os.path.join(a, "config.json")))["model_args"])
+    assert int(rows["a"]["params"]) == param_report(cfg)["total"]
+    md = open(f"{out}.md").read()
+    assert "| S | 1 | 2.6000 | 2.4500 | 30 | 3,000 |" in md and "steps to val ≤ 2.5" in md
+    assert [s["label"] for s in summ] == ["S", "R-cg-q-12o", "G-cg-q-12o"]  # family order, labels from config
+    t = plot_main([a, "--x=time", f"--out={out}-t"])  # minutes on the x axis
+    assert t[0]["steps"] == 40
+
+
+def test_no_runs_is_a_clear_error(tmp_path):
+    r = subprocess.run([sys.executable, "plots/plot_loss.py", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode != 0 and "none of the given folders holds a run" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_connection_plot_from_a_checkpoint(tmp_path):
+    from data.shards import write_shard
+    import numpy as np
+    write_shard(str(tmp_path / "val.bin"), np.arange(500) % 65, header=False)
+    from model import GPT
+    for res in ("hc", "mhc"):
+        cfg = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=65, residual=res)
+        ck = tmp_path / f"{res}.pt"
+        torch.save({"model": GPT(cfg).state_dict(), "model_args": cfg.__dict__, "config": {"dataset": str(tmp_path)},
+                    "step": 0}, ck)
+        r = subprocess.run([sys.executable, "plots/plot_connections.py", str(ck), f"--out={tmp_path / res}"],
+                           cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert "final composite Amax forward 1.0000, backward 1.0000" in r.stdout  # identity-like at init
+        assert os.path.getsize(tmp_path / f"{res}.png") > 1000
