@@ -70,25 +70,34 @@ def make_norm(config):
 
 
 class CausalConv1d(nn.Module):
-    """Depthwise causal conv over time, no bias: y_t = sum_j w_j * x_{t-k+1+j} (zero left padding).
+    """Depthwise causal conv over time, no bias: y_t = sum_j w_j * x_{t-k+1+j}.
 
-    With `state` (B, k-1, C), the last k-1 inputs of earlier calls, it continues a sequence; it returns
-    the new state so decoding one token at a time matches the full-sequence conv exactly."""
+    forward takes the input already left-padded with its k-1 previous rows (conv_pad), so the two KV convs
+    share one padded copy, and decoding continues a sequence exactly from the kept tail."""
 
     def __init__(self, channels, kernel_size):
         super().__init__()
         self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=False)
         nn.init.normal_(self.conv.weight, std=0.02)
 
-    def forward(self, x, state=None):
-        # x: (B, T, C) -> (B, T, C)
+    def forward(self, xp):
+        # xp: (B, T+k-1, C) -> (B, T, C), as k shifted multiply-adds (much faster than conv1d on CPU)
         k = self.conv.kernel_size[0]
-        if state is None:
-            xp = F.pad(x.transpose(1, 2), (k - 1, 0))  # (B, C, T+k-1)
-        else:
-            xp = torch.cat([state, x], dim=1).transpose(1, 2)
-        y = F.conv1d(xp, self.conv.weight, groups=self.conv.groups)  # conv weight follows autocast
-        return y.transpose(1, 2), xp[:, :, xp.shape[-1] - (k - 1):].transpose(1, 2)
+        T = xp.shape[1] - (k - 1)
+        w = self.conv.weight[:, 0, :]  # (C, k)
+        y = xp[:, :T] * w[:, 0]
+        for j in range(1, k):
+            y = y + xp[:, j:j + T] * w[:, j]
+        return y
+
+
+def conv_pad(x, state, k):
+    """x (B, T, C) with the previous k-1 rows in front (zeros at the start of a sequence, else the cached
+    `state`): returns the padded (B, T+k-1, C) input and its last k-1 rows, the next call's state."""
+    if state is None:
+        state = x.new_zeros(x.shape[0], k - 1, x.shape[2])
+    xp = torch.cat([state, x], dim=1)
+    return xp, xp[:, xp.shape[1] - (k - 1):]
 
 
 def apply_rope(x, pos, base):
@@ -151,9 +160,8 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         h = self.n_head
         if self.use_conv:
-            state = cache.get("conv") if cache is not None else None
-            xk, new_state = self.conv1(x, state)
-            xv, _ = self.conv2(x, state)
+            xp, new_state = conv_pad(x, cache.get("conv") if cache is not None else None, self.conv1.conv.kernel_size[0])
+            xk, xv = self.conv1(xp), self.conv2(xp)
             Wq, Wk, Wv = self.c_attn.weight.split(C)
             bq, bk, bv = self.c_attn.bias.split(C) if self.c_attn.bias is not None else (None,) * 3
             q, k, v = F.linear(x, Wq, bq), F.linear(xk, Wk, bk), F.linear(xv, Wv, bv)
@@ -215,7 +223,7 @@ class HyperGLUConfig:
     norm_eps: float = 1e-12
     use_qk_gate: bool = True           # dtqk: sigmoid gate on q
     use_vo_gate: bool = True           # dtvo: sigmoid gate on the readout
-    impl_default: str = "chunked"      # "dense" | "chunked"
+    impl_default: str = "chunked"      # "dense" | "chunked" | "recompute" (chunked, rows recomputed in backward)
     chunk_T: int = 1024                # query rows per chunk
     use_op1: bool = True
     op1_rank: int = 16
@@ -243,7 +251,7 @@ class HyperGLUConfig:
         _choice(o, "attn_kind", self.attn_kind, ("glu", "relu"))
         _choice(o, "attn_norm", self.attn_norm, ("out_scale", "l2", "none"))
         _choice(o, "gate_act", self.gate_act, ("sigmoid", "none"))
-        _choice(o, "impl_default", self.impl_default, ("dense", "chunked"))
+        _choice(o, "impl_default", self.impl_default, ("dense", "chunked", "recompute"))
         _choice(o, "aligner_kind", self.aligner_kind, ("offset", "identity"))
         _choice(o, "aligner_impl_train", self.aligner_impl_train, ("padview",))
         _choice(o, "aligner_impl_eval", self.aligner_impl_eval, ("padview",))
@@ -287,20 +295,45 @@ def from_lag(Y, row_start):
     return P.as_strided(Y.shape, (*st[:-2], st[-2] - 1, 1), P.storage_offset() + W - 1 - row_start)
 
 
-def causal_mask(M, W, row_start, lag, device):
-    """(M, W) bool, True where query row r = row_start + m may use column c.
-    Lag layout: the key r + c - (W-1) exists, i.e. c + r >= W-1. Key order: c <= r."""
+def invalid_mask(M, W, row_start, lag, device):
+    """(M, W) bool, True where query row r = row_start + m must NOT use column c.
+    Lag layout: the key r + c - (W-1) does not exist (c + r < W-1). Key order: a future key (c > r)."""
     r = torch.arange(row_start, row_start + M, device=device)[:, None]
     c = torch.arange(W, device=device)[None, :]
-    return (c + r >= W - 1) if lag else (c <= r)
+    return (c + r < W - 1) if lag else (c > r)
+
+
+class Skew(torch.autograd.Function):
+    """to_lag / from_lag, materialised. The two maps are each other's adjoint (to_lag reads S[r, i] into
+    column i + W-1-r, from_lag reads it back), so each one's backward is the other: no as_strided backward."""
+
+    @staticmethod
+    def forward(ctx, t, row_start, to):
+        ctx.row_start, ctx.to = row_start, to
+        return (to_lag if to else from_lag)(t, row_start).contiguous()
+
+    @staticmethod
+    def backward(ctx, g):
+        return (from_lag if ctx.to else to_lag)(g.contiguous(), ctx.row_start), None, None
+
+
+def lag_mix(X, ctrl, U, Vt, d, shortcut, invalid=None):
+    """R = I + diag(d) + U diag(ctrl) Vt on the right of each row of X (B, H, M, W), then masked (hypermlp.md §1.6).
+    U (H, L, r), Vt (H, r, L), d (H, L) or None: a row of width W uses their last W rows (lag L-1-p <-> row p)."""
+    s = U.shape[1] - X.shape[-1]
+    Y = ((X @ U[:, s:]) * ctrl) @ Vt[:, :, s:]  # (B,H,M,r) -> (B,H,M,W)
+    if d is not None:  # out of place: under autocast Y is bf16 and d fp32, and the sum promotes to fp32
+        Y = torch.addcmul(Y, X, d[:, None, s:] + 1.0 if shortcut else d[:, None, s:])
+    elif shortcut:
+        Y = Y + X
+    if invalid is not None:
+        Y = Y.masked_fill_(invalid, 0.0)  # low-rank mass must not leak into invalid lags
+    return Y
 
 
 class LagMix(nn.Module):
-    """Per-head diagonal-plus-low-rank sequence mixer R = I + diag(d) + U diag(c(x_t)) Vt (paper: D + A S B^T),
-    applied on the right of each score row along its lag axis, then masked.
-
-    U (H, L, r), Vt (H, r, L), d (H, L) are indexed by parameter row p <-> lag L-1-p, so a row of width W
-    uses the last W rows: the same lag always meets the same parameters, whatever W is (hypermlp.md §1.7)."""
+    """The parameters of one diagonal-plus-low-rank sequence mixer (paper: R = D + A S(x) B^T), for lag_mix.
+    U (H, L, r) and Vt (H, r, L) ~ N(0, init_std), d (H, L) = 0, so R = I at init up to O(init_std^2)."""
 
     no_decay = ("d",)
 
@@ -311,17 +344,33 @@ class LagMix(nn.Module):
         self.d = nn.Parameter(torch.zeros(heads, L)) if use_diag else None
         self.shortcut, self.init_std = shortcut, init_std
 
-    def forward(self, X, ctrl, mask=None):
-        # X: (B, H, M, W) rows in layout coordinates; ctrl: (B, H, M, r), one r-vector per query row
-        s = self.U.shape[1] - X.shape[-1]
-        Y = ((X @ self.U[:, s:]) * ctrl) @ self.Vt[:, :, s:]  # (B,H,M,r) -> (B,H,M,W)
-        if self.shortcut:
-            Y = Y + X
-        if self.d is not None:
-            Y = Y + X * self.d[:, None, s:]
-        if mask is not None:
-            Y = Y.masked_fill(~mask, 0.0)  # low-rank mass must not leak into invalid lags (hypermlp.md §1.6)
-        return Y
+    def params(self):
+        return self.U, self.Vt, self.d
+
+
+class RecomputeRows(torch.autograd.Function):
+    """Score rows of one chunk without keeping them: forward saves only its inputs (O(T d)); backward
+    recomputes the chunk with autograd and differentiates it. Same math as the plain path, so the same
+    outputs and gradients; the T x T intermediates live only while one chunk is being differentiated."""
+
+    @staticmethod
+    def forward(ctx, layer, row_start, q, k, v, c1, c2, *params):
+        dev = q.device.type
+        ctx.layer, ctx.row_start, ctx.dev = layer, row_start, dev
+        ctx.amp = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))  # backward replays it
+        ctx.save_for_backward(q, k, v, c1, c2, *params)
+        with torch.no_grad():
+            return layer._rows(q, k, v, c1, c2, row_start, params)
+
+    @staticmethod
+    def backward(ctx, g):
+        saved = ctx.saved_tensors
+        inputs = [t.detach().requires_grad_(t.requires_grad) if t is not None else None for t in saved]
+        with torch.enable_grad(), torch.autocast(ctx.dev, dtype=ctx.amp[1], enabled=ctx.amp[0]):
+            out = ctx.layer._rows(*inputs[:5], ctx.row_start, inputs[5:])
+        wrt = [t for t in inputs if t is not None and t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wrt, g, allow_unused=True))
+        return (None, None) + tuple(next(grads) if t is not None and t.requires_grad else None for t in inputs)
 
 
 class HyperGLU(nn.Module):
@@ -383,9 +432,8 @@ class HyperGLU(nn.Module):
         # keys from conv1(x), values from conv2(x); queries, gates and controls from x itself
         xk = xv = x
         if cfg.use_kv_conv:
-            state = cache.get("conv") if cache is not None else None
-            xk, new_state = self.conv1(x, state)
-            xv, _ = self.conv2(x, state)
+            xp, new_state = conv_pad(x, cache.get("conv") if cache is not None else None, cfg.conv_kernel_size)
+            xk, xv = self.conv1(xp), self.conv2(xp)
         q, k, v = heads(self.q(x), H1), heads(self.k(xk), H1), heads(self.v(xv), h)
         if cfg.use_rope:
             pos = torch.arange(n_past, n_past + T, device=x.device)
@@ -406,38 +454,50 @@ class HyperGLU(nn.Module):
 
         # score rows, chunk by chunk over the new query rows
         impl = impl or cfg.impl_default
-        _choice("HyperGLU.forward", "impl", impl, ("dense", "chunked"))
+        _choice("HyperGLU.forward", "impl", impl, ("dense", "chunked", "recompute"))
         step = T if impl == "dense" else (chunk_T or cfg.chunk_T)
+        recompute = impl == "recompute" and torch.is_grad_enabled()
         prune = cfg.aligner_kind == "offset" and cfg.do_masking  # a row only needs keys up to itself
+        params = self._mix_params()
         W_all = n_past + T
         outs = []
         for i0 in range(0, T, step):
             i1 = min(i0 + step, T)
             W = n_past + i1 if prune else W_all
             sl = slice(i0, i1)
-            outs.append(self._rows(q[:, :, sl], k[:, :, :W], v[:, :, :W],
-                                   c1[:, :, sl] if c1 is not None else None,
-                                   c2[:, :, sl] if c2 is not None else None, n_past + i0))
+            args = (q[:, :, sl], k[:, :, :W], v[:, :, :W], c1[:, :, sl] if c1 is not None else None,
+                    c2[:, :, sl] if c2 is not None else None)
+            if recompute:
+                outs.append(RecomputeRows.apply(self, n_past + i0, *args, *params))
+            else:
+                outs.append(self._rows(*args, n_past + i0, params))
         y = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]  # (B, h, T, dv)
         y = y.transpose(1, 2)  # (B, T, h, dv)
         if cfg.use_vo_gate:
             y = y * act(self.right_gate(x)).view(B, T, h, -1)
         return self.c_proj(y.reshape(B, T, self.vo_rank))
 
-    def _rows(self, q, k, v, c1, c2, row_start):
-        """Output rows row_start..row_start+M-1.
+    def _mix_params(self):
+        """(U1, Vt1, d1, U2, Vt2, d2), None where a mixer or its diagonal is off."""
+        p1 = self.op["mix"].params() if self.config.use_op1 else (None,) * 3
+        p2 = self.op2["mix"].params() if self.config.use_op2 else (None,) * 3
+        return (*p1, *p2)
+
+    def _rows(self, q, k, v, c1, c2, row_start, params):
+        """Output rows row_start..row_start+M-1, with the mixer parameters passed in (RecomputeRows swaps them).
         q (B,H1,M,dqk), k (B,H1,W,dqk), v (B,h,W,dv), c1 (B,H1,M,r1), c2 (B,h,M,r2) -> (B,h,M,dv)."""
         cfg = self.config
         M, W = q.shape[2], k.shape[2]
         lag = cfg.aligner_kind == "offset"
+        U1, Vt1, d1, U2, Vt2, d2 = params
         S = q @ k.transpose(-1, -2)  # (B,H1,M,W) raw scores in key order
-        mask = causal_mask(M, W, row_start, lag, q.device) if cfg.do_masking else None
+        invalid = invalid_mask(M, W, row_start, lag, q.device) if cfg.do_masking else None
         if lag:
-            Z = to_lag(S, row_start)
+            Z = Skew.apply(S, row_start, True)  # lag layout: column c holds lag W-1-c
         else:
-            Z = S.masked_fill(~mask, 0.0) if mask is not None else S
+            Z = S.masked_fill(invalid, 0.0) if invalid is not None else S
         if cfg.use_op1:
-            Z = self.op["mix"](Z, c1, mask if cfg.op1_do_masking else None)
+            Z = lag_mix(Z, c1, U1, Vt1, d1, cfg.op1_shortcut, invalid if cfg.op1_do_masking else None)
         h = cfg.n_head
         gate = Z[:, :h] if self.glu else Z  # GLU: qk-heads 0..h-1 gate, h..2h-1 scale (head j pairs j, h+j)
         inv = None
@@ -449,8 +509,8 @@ class HyperGLU(nn.Module):
         if self.glu:
             a = F.softplus(Z[:, h:]) * a
         if cfg.use_op2:
-            a = self.op2["mix"](a, c2, mask if cfg.op2_do_masking else None)
-        A = from_lag(a, row_start) if lag else a  # (B,h,M,W) in key order
+            a = lag_mix(a, c2, U2, Vt2, d2, cfg.op2_shortcut, invalid if cfg.op2_do_masking else None)
+        A = Skew.apply(a, row_start, False) if lag else a  # (B,h,M,W) back in key order
         out = A @ v
         if inv is not None:
             out = (_up(out) * inv).to(out.dtype)
@@ -528,13 +588,35 @@ class HyperConnection(nn.Module):
 
 
 def sinkhorn(logits, iters=20):
-    """Sinkhorn-Knopp [mHC Eq. 9] on (..., n, n) logits in fp32: exp(logits - max), then `iters` rounds of
-    column then row normalisation. Rows end exact (forward gain 1), columns approximate."""
-    M = torch.exp(logits - logits.amax(dim=(-2, -1), keepdim=True))
-    for _ in range(iters):
-        M = M / M.sum(dim=-2, keepdim=True)
-        M = M / M.sum(dim=-1, keepdim=True)
-    return M
+    """Sinkhorn-Knopp [mHC Eq. 9] on (..., n, n) logits: exp(logits - max), then `iters` rounds of column then
+    row normalisation. Rows end exact (forward gain 1), columns approximate. Run it in fp32."""
+    return Sinkhorn.apply(logits, iters)
+
+
+class Sinkhorn(torch.autograd.Function):
+    """Sinkhorn-Knopp with an exact hand-written backward through every iteration, like the paper's kernel:
+    it keeps each iterate (n x n per token) and walks back through the normalisations, about 40% fewer
+    small ops than autograd, which dominate on CPU. For Y = X / X.sum(dim): dX = (dY - sum(dY * Y, dim)) / X.sum(dim)."""
+
+    @staticmethod
+    def forward(ctx, logits, iters):
+        M = torch.exp(logits - logits.amax(dim=(-2, -1), keepdim=True))
+        steps = [M]
+        for _ in range(iters):
+            for dim in (-2, -1):  # columns, then rows
+                M = M / M.sum(dim=dim, keepdim=True)
+                steps.append(M)
+        ctx.save_for_backward(*steps)
+        return M
+
+    @staticmethod
+    def backward(ctx, g):
+        steps = ctx.saved_tensors
+        for i in range(len(steps) - 1, 0, -1):
+            dim = -2 if i % 2 else -1
+            Y, X = steps[i], steps[i - 1]
+            g = (g - (g * Y).sum(dim=dim, keepdim=True)) / X.sum(dim=dim, keepdim=True)
+        return g * steps[0], None  # exp; the max shift cancels in the normalisation
 
 
 class ManifoldHC(nn.Module):
@@ -630,8 +712,8 @@ class GPTConfig:
     norm_eps: float = 1e-12
     use_qk_gate: bool = True
     use_vo_gate: bool = True
-    impl_default: str = "chunked"
-    chunk_T: int = 1024
+    impl_default: str = "recompute"    # training keeps O(T d) activations; see HyperGLUConfig for the others
+    chunk_T: int = 256
     use_op1: bool = True
     op1_rank: int = 16
     op1_per_head: bool = True

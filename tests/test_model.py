@@ -78,11 +78,51 @@ def test_dense_equals_chunked(kind, norm, layout):
     layer = randomize(HyperGLU(layer_cfg(attn_kind=kind, attn_norm=norm, aligner_kind=layout, qk_rank=8))).double()
     x = torch.randn(2, 17, 24, dtype=torch.float64)
     y0, g0 = run_layer(layer, x, impl="dense")
-    for chunk in (1, 5, 16):
-        y1, g1 = run_layer(layer, x, impl="chunked", chunk_T=chunk)
+    for impl, chunk in (("chunked", 1), ("chunked", 5), ("chunked", 16), ("recompute", 4), ("recompute", 17)):
+        y1, g1 = run_layer(layer, x, impl=impl, chunk_T=chunk)
         assert (y0 - y1).abs().max() < 1e-12
         for n in g0:
-            assert (g0[n] - g1[n]).abs().max() < 1e-12, n
+            assert (g0[n] - g1[n]).abs().max() < 1e-12, (impl, chunk, n)
+
+
+@pytest.mark.parametrize("kind,norm,op1,op2,layout", [
+    ("glu", "out_scale", True, True, "offset"), ("relu", "l2", True, False, "offset"),
+    ("glu", "none", False, True, "identity"), ("relu", "out_scale", False, False, "identity")])
+def test_recompute_matches_dense_fp32(kind, norm, op1, op2, layout):
+    """The memory-lean training path (chunks recomputed in backward) against dense, fp32, 1e-5 relative."""
+    torch.manual_seed(0)
+    layer = randomize(HyperGLU(layer_cfg(attn_kind=kind, attn_norm=norm, use_op1=op1, use_op2=op2,
+                                         aligner_kind=layout)), 0.1)
+    x = torch.randn(2, 19, 24)
+    y0, g0 = run_layer(layer, x, impl="dense")
+    y1, g1 = run_layer(layer, x, impl="recompute", chunk_T=6)
+    rel = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()
+    assert rel(y1, y0) < 1e-5
+    for n in g0:
+        assert rel(g1[n], g0[n]) < 1e-5, n
+
+
+def saved_bytes(fn):
+    """Bytes of the unique storages autograd keeps for backward."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def test_recompute_memory_grows_linearly_in_T():
+    layer = HyperGLU(HyperGLUConfig(n_embd=32, n_head=2, block_size=512, chunk_T=32))
+    mem = {}
+    for T in (128, 256, 512):
+        x = torch.randn(1, T, 32, requires_grad=True)
+        mem[T] = {impl: saved_bytes(lambda: layer(x, impl=impl)) for impl in ("recompute", "dense")}
+    assert mem[512]["recompute"] / mem[256]["recompute"] < 2.1  # linear: twice the tokens, twice the bytes
+    assert mem[256]["recompute"] / mem[128]["recompute"] < 2.1
+    assert mem[512]["dense"] / mem[256]["dense"] > 3.0          # the dense path keeps T x T maps
 
 
 @pytest.mark.parametrize("kind", ["glu", "relu"])
@@ -280,9 +320,25 @@ def test_sinkhorn_sums():
     assert (composite.sum(-1) - 1).abs().max() < 1e-5 and composite.sum(-2).max() < 1.001
 
 
-def test_sinkhorn_gradcheck():
+def unrolled_sinkhorn(logits, iters):
+    M = torch.exp(logits - logits.amax(dim=(-2, -1), keepdim=True))
+    for _ in range(iters):
+        M = M / M.sum(dim=-2, keepdim=True)
+        M = M / M.sum(dim=-1, keepdim=True)
+    return M
+
+
+def test_sinkhorn_gradcheck_and_matches_unrolled_autograd():
     logits = torch.randn(3, 4, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: sinkhorn(t, 20), (logits,))
+    x = (2 * (2 * torch.eye(4) - 1) + torch.randn(64, 4, 4)).requires_grad_(True)
+    w = torch.randn(4, 4)
+    (sinkhorn(x, 20) * w).sum().backward()
+    g = x.grad.clone()
+    x.grad = None
+    (unrolled_sinkhorn(x, 20) * w).sum().backward()
+    assert torch.equal(sinkhorn(x, 20), unrolled_sinkhorn(x, 20))
+    assert (g - x.grad).abs().max() < 1e-6
 
 
 @pytest.mark.parametrize("residual", ["hc", "mhc"])
