@@ -423,3 +423,19 @@ def test_flops_and_mfu():
     assert soft.flops_per_token(24) == 6 * N + 12 * 2 * 32 * 24  # nanoGPT's 6N + 12 L C T
     hg = model.transformer.h[0].attn
     assert hg.flops_per_token(24) == 24 * (2 * 8 + 4 * 4 * 4 + 4 * 2 * 4 + 2 * 32)
+
+
+def test_bench_runs_end_to_end():
+    import subprocess
+    import sys
+    repo = __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "bench.py", "--T_list=16,32", "--n_embd=32", "--model_layers=1", "--model_embd=32",
+                        "--model_heads=2", "--model_T=16", "--n_layer=1", "--decode_T=32", "--decode_tokens=2",
+                        "--repeats=1", "--warmup=0", "--batch_size=1"], cwd=repo, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    for title in ("one attention layer", "training step of the whole model", "decoding at a 32-token context"):
+        assert title in out
+    assert out.count("| 32 | hyperglu |") == 1 and "| hypermlp | mhc |" in out and "| softmax | plain |" in out
+    assert "| softmax | plain |" in out and "1.00x" in out

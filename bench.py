@@ -1,0 +1,235 @@
+"""
+Speed and memory of every attention x residual, as ratios against the softmax / plain baseline of the same run.
+
+$ python bench.py                                           # small CPU defaults, under 3 minutes on 2 cores
+$ python bench.py --sections=layer --T_list=1024,2048       # one layer, the issue-6 shapes
+$ python bench.py --device=cuda --dtype=bfloat16 --n_layer=12 --n_embd=768 --T_list=1024,2048 --model_T=1024 \\
+      --batch_size=8 --decode_T=1024                        # 124M scale on a GPU
+
+Sections:
+  layer   one attention layer, forward + backward: ms, and memory. Memory is the bytes of the unique storages
+          autograd saves for backward on CPU (saved_tensors_hooks), torch.cuda.max_memory_allocated on GPU.
+          Softmax is causal SDPA with n_head heads; HyperGLU / HyperMLP use hyper_heads heads.
+  model   a whole training step (forward, backward, AdamW) of the GPT for every attn x residual: ms per step,
+          ms per layer, tokens/s, memory, MFU on GPU. HyperGLU / HyperMLP are budget matched to softmax.
+  decode  ms per generated token at a decode_T-token context, with the KV cache and with full recompute.
+Each number is the median of `repeats` runs after `warmup` runs. Absolute times on a shared machine are noise;
+read the ratio columns, which compare measurements taken in the same run.
+"""
+
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+from configurator import configure
+from model import GPT, CausalSelfAttention, GPTConfig, HyperGLU, KVCache, match_budget, peak_flops
+
+# -----------------------------------------------------------------------------
+sections = "layer,model,decode"
+device = None                # None = cuda, else mps, else cpu
+dtype = "float32"            # "float32" | "bfloat16" (autocast, fp32 parameters)
+threads = 2                  # torch threads on CPU (0 = leave as is)
+batch_size = 4
+n_embd = 256                 # layer and decode width
+n_head = 4                   # softmax heads
+hyper_heads = 2              # HyperGLU / HyperMLP heads, as the paper
+T_list = "256,1024"          # layer section sequence lengths
+attns = "softmax,hyperglu,hypermlp"
+residuals = "plain,hc,mhc"
+model_layers = 6             # model section: the issue-6 hyper-connection setting (6 x 384, T=256, B=4)
+model_embd = 384
+model_heads = 6
+model_T = 256
+n_layer = 6                  # decode section model depth
+decode_T = 1024              # context length for decode timing
+decode_tokens = 8            # tokens timed per decode measurement
+warmup = 1
+repeats = 3
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))]
+try:
+    configure(globals(), config_keys, sys.argv[1:], {"device": str})
+except ValueError as e:
+    sys.exit(f"error: {e}")
+if device is None:
+    device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+dev = torch.device(device).type
+if dev == "cpu" and threads:
+    torch.set_num_threads(threads)
+ctx = nullcontext() if dtype == "float32" else torch.autocast(dev, dtype=getattr(torch, dtype))
+wanted = set(sections.split(","))
+unknown = wanted - {"layer", "model", "decode"}
+if unknown:
+    sys.exit(f"error: sections={sections!r}: unknown {sorted(unknown)}; expected layer, model, decode")
+torch.manual_seed(0)
+
+
+def matched(base, attn):
+    """base with attn, budget matched when possible (tiny test shapes cannot be: then it says so)."""
+    if attn == "softmax":
+        return base
+    try:
+        return match_budget(base, attn=attn, n_head=hyper_heads)
+    except ValueError as e:
+        print(f"note: {attn} is not budget matched at this size: {str(e).split(';')[0]}")
+        return GPTConfig(**dict(base.__dict__, attn=attn, n_head=hyper_heads))
+
+
+def sync():
+    if dev == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn):
+    """Median seconds of fn over `repeats` runs after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def memory(fn):
+    """Bytes: saved-for-backward storages on CPU, peak allocated on GPU."""
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        sync()
+        return torch.cuda.max_memory_allocated() - base
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def table(title, cols, rows):
+    print(f"\n### {title}\n")
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+    sys.stdout.flush()
+
+
+mem_name = "peak MiB" if dev == "cuda" else "saved MiB"
+gpu = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
+print(f"bench on {gpu}, {dtype}, torch {torch.__version__}" + (f", {torch.get_num_threads()} threads" if dev == "cpu" else ""))
+
+# ----------------------------------------------------------------------------- one layer
+if "layer" in wanted:
+    rows = []
+    for T in [int(t) for t in T_list.split(",")]:
+        x = torch.randn(batch_size, T, n_embd, device=device, requires_grad=True)
+        base = None
+        for attn in attns.split(","):
+            if attn == "softmax":
+                layer = CausalSelfAttention(GPTConfig(n_embd=n_embd, n_head=n_head, block_size=T, bias=False))
+            else:
+                layer = HyperGLU(GPTConfig(attn=attn, n_embd=n_embd, n_head=hyper_heads, block_size=T,
+                                           bias=False).hyperglu_config())
+            layer.to(device)
+
+            def fwd(layer=layer):
+                with ctx:
+                    return layer(x)
+
+            def step(layer=layer):
+                fwd(layer).float().sum().backward()
+            ms = timed(step) * 1e3
+            mb = memory(lambda: fwd()) / 2 ** 20 if dev != "cuda" else memory(step) / 2 ** 20
+            base = base or (ms, mb)
+            rows.append([str(T), attn, f"{ms:.1f}", f"{ms / base[0]:.2f}x", f"{mb:.1f}", f"{mb / base[1]:.2f}x"])
+            del layer
+    table(f"one attention layer, forward + backward (B={batch_size}, n_embd={n_embd}; softmax {n_head} heads, "
+          f"hyper {hyper_heads} heads)", ["T", "attn", "ms", "time vs softmax", mem_name, "memory vs softmax"], rows)
+
+# ----------------------------------------------------------------------------- whole model
+if "model" in wanted:
+    rows = []
+    soft = GPTConfig(vocab_size=50304 if dev == "cuda" else 8192, block_size=model_T, n_layer=model_layers,
+                     n_head=model_heads, n_embd=model_embd, bias=False)
+    idx = torch.randint(0, soft.vocab_size, (batch_size, model_T), device=device)
+    base = None
+    for attn in attns.split(","):
+        for res in residuals.split(","):
+            cfg = matched(soft, attn)
+            cfg = GPTConfig(**dict(cfg.__dict__, residual=res))
+            model = GPT(cfg).to(device)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+            def step():
+                with ctx:
+                    _, loss = model(idx, idx)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            def fwd():
+                with ctx:
+                    model(idx, idx)
+            s = timed(step)
+            mb = memory(fwd if dev != "cuda" else step) / 2 ** 20
+            base = base or (s, mb)
+            peak = peak_flops(device)
+            mfu = f"{model.flops_per_token(model_T) * batch_size * model_T / s / peak * 100:.1f}%" if peak else "n/a"
+            rows.append([attn, res, f"{s * 1e3:.0f}", f"{s * 1e3 / model_layers:.1f}", f"{batch_size * model_T / s:,.0f}",
+                         f"{s / base[0]:.2f}x", f"{mb:.0f}", f"{mb / base[1]:.2f}x", mfu])
+            del model, opt
+    table(f"training step of the whole model ({model_layers} x {model_embd}, T={model_T}, B={batch_size}; "
+          f"HyperGLU/HyperMLP budget matched)",
+          ["attn", "residual", "ms/step", "ms/layer", "tok/s", "time vs softmax/plain", mem_name,
+           "memory vs softmax/plain", "MFU"], rows)
+
+# ----------------------------------------------------------------------------- decoding
+if "decode" in wanted:
+    rows = []
+    base_cfg = GPTConfig(vocab_size=8192, block_size=decode_T, n_layer=n_layer, n_head=n_head, n_embd=n_embd, bias=False)
+    for attn in attns.split(","):
+        cfg = matched(base_cfg, attn)
+        model = GPT(cfg).to(device).eval()
+        prompt = torch.randint(0, cfg.vocab_size, (1, decode_T - decode_tokens), device=device)
+
+        @torch.no_grad()
+        def cached():
+            cache = KVCache(cfg.n_layer)
+            with ctx:
+                model(prompt, cache=cache)  # prefill, not timed below
+                t0 = time.perf_counter()
+                tok = prompt[:, -1:]
+                for _ in range(decode_tokens):
+                    logits, _ = model(tok, cache=cache)
+                    tok = logits[:, -1].argmax(-1, keepdim=True)
+                sync()
+            return time.perf_counter() - t0
+
+        @torch.no_grad()
+        def full():
+            seq = prompt
+            with ctx:
+                t0 = time.perf_counter()
+                for _ in range(decode_tokens):
+                    logits, _ = model(seq)
+                    seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
+                sync()
+            return time.perf_counter() - t0
+        cached()
+        with_cache = statistics.median(cached() for _ in range(repeats)) / decode_tokens * 1e3
+        without = statistics.median(full() for _ in range(repeats)) / decode_tokens * 1e3
+        rows.append([attn, f"{with_cache:.2f}", f"{without:.1f}", f"{without / with_cache:.1f}x"])
+        del model
+    table(f"decoding at a {decode_T}-token context ({n_layer} x {n_embd}, batch 1)",
+          ["attn", "ms/token, KV cache", "ms/token, full recompute", "speed-up"], rows)
