@@ -337,12 +337,12 @@ class LagMix(nn.Module):
 
     no_decay = ("d",)
 
-    def __init__(self, heads, L, rank, init_std, use_diag, shortcut):
+    def __init__(self, heads, L, rank, init_std, use_diag):
         super().__init__()
         self.U = nn.Parameter(torch.randn(heads, L, rank) * init_std)
         self.Vt = nn.Parameter(torch.randn(heads, rank, L) * init_std)
         self.d = nn.Parameter(torch.zeros(heads, L)) if use_diag else None
-        self.shortcut, self.init_std = shortcut, init_std
+        self.init_std = init_std
 
     def params(self):
         return self.U, self.Vt, self.d
@@ -377,6 +377,9 @@ class HyperGLU(nn.Module):
     """HyperGLU / HyperMLP attention layer, a drop-in for the official module: same config, same
     state_dict keys and shapes, same forward(x, *, impl, chunk_T, attention_mask), (B, T, n_embd) in and out.
 
+    impl: "dense" (all rows at once), "chunked" (chunk_T query rows at a time, each with only the keys it
+    can see) or "recompute" (chunked, and with gradients on each chunk's T x T intermediates are recomputed
+    in backward instead of kept: O(T d) saved activations, the GPT default). All three agree exactly.
     `cache` (a dict, used by GPT.generate) makes forward continue a sequence: it keeps K (after conv1, W_k,
     RoPE; ungated), V and the conv tail, and computes only the new rows (hypermlp.md §6)."""
 
@@ -396,12 +399,10 @@ class HyperGLU(nn.Module):
             self.conv1 = CausalConv1d(D, cfg.conv_kernel_size)
             self.conv2 = CausalConv1d(D, cfg.conv_kernel_size)
         if cfg.use_op1:
-            self.op = nn.ModuleDict({"mix": LagMix(self.H1, L, cfg.op1_rank, cfg.op1_init_std,
-                                                   cfg.op1_use_diag, cfg.op1_shortcut)})
+            self.op = nn.ModuleDict({"mix": LagMix(self.H1, L, cfg.op1_rank, cfg.op1_init_std, cfg.op1_use_diag)})
             self.control1 = nn.Linear(D, self.H1 * cfg.op1_rank, bias=True)
         if cfg.use_op2:
-            self.op2 = nn.ModuleDict({"mix": LagMix(h, L, cfg.op2_rank, cfg.op2_init_std,
-                                                    cfg.op2_use_diag, cfg.op2_shortcut)})
+            self.op2 = nn.ModuleDict({"mix": LagMix(h, L, cfg.op2_rank, cfg.op2_init_std, cfg.op2_use_diag)})
             self.control2 = nn.Linear(D, h * cfg.op2_rank, bias=True)
         if cfg.use_qk_gate:
             self.left_gate = nn.Linear(D, self.qk_rank, bias=True)
