@@ -282,7 +282,9 @@ def to_lag(S, row_start):
     token itself) is the last column; entries whose key index would be < 0 are 0 (read from the pad).
     Future keys (index > r) are never read. Needs row_start + M <= W."""
     M, W = S.shape[-2:]
-    P = F.pad(S, (W - 1, 0)).contiguous()  # (..., M, 2W-1)
+    P = S.new_empty(*S.shape[:-1], 2 * W - 1)  # (..., M, 2W-1): W-1 zeros, then S
+    P[..., : W - 1].zero_()
+    P[..., W - 1:].copy_(S)
     st = P.stride()
     return P.as_strided(S.shape, (*st[:-2], st[-2] + 1, 1), P.storage_offset() + row_start)
 
@@ -290,7 +292,9 @@ def to_lag(S, row_start):
 def from_lag(Y, row_start):
     """Inverse of to_lag: A[m, i] = Y[m, i + W-1-r] for keys i <= r, 0 for i > r (read from the pad)."""
     M, W = Y.shape[-2:]
-    P = F.pad(Y, (0, W - 1)).contiguous()  # (..., M, 2W-1)
+    P = Y.new_empty(*Y.shape[:-1], 2 * W - 1)  # (..., M, 2W-1): Y, then W-1 zeros
+    P[..., :W].copy_(Y)
+    P[..., W:].zero_()
     st = P.stride()
     return P.as_strided(Y.shape, (*st[:-2], st[-2] - 1, 1), P.storage_offset() + W - 1 - row_start)
 
