@@ -1,6 +1,5 @@
 """model.py: every attention x residual combination, HyperGLU exactness, HC/mHC at init, decoding, budgets."""
 import itertools
-import math
 
 import pytest
 import torch
