@@ -14,7 +14,7 @@ import torch
 
 from configurator import configure
 from data.tokenizer import encoder
-from model import GPT, GPTConfig
+from model import GPT
 
 # -----------------------------------------------------------------------------
 out_dir = "out"           # a run folder: uses its ckpt_best.pt, else ckpt_last.pt
@@ -55,9 +55,7 @@ ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device
 torch.manual_seed(seed)
 
 state = torch.load(ckpt, map_location="cpu", weights_only=False)
-model = GPT(GPTConfig(**state["model_args"]))
-model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in state["model"].items()})
-model.eval().to(device)
+model = GPT.from_checkpoint(state).eval().to(device)
 tokenizer = state["tokenizer"]
 encode, decode = encoder(tokenizer, tokenizer_file)
 

@@ -174,7 +174,7 @@ except ValueError as e:
 model_args = asdict(gptconf)  # with the auto fields resolved
 model = GPT(gptconf)
 if ckpt is not None:
-    model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
+    model.load_weights(ckpt["model"])
 model.grad_ckpt = grad_ckpt
 model.to(device)
 log(f"model: {attn} attention, {residual} residual, {model.get_num_params() / 1e6:.2f}M parameters")

@@ -18,7 +18,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from data.shards import val_batches  # noqa: E402
-from model import GPT, GPTConfig, amax_gain  # noqa: E402
+from model import GPT, amax_gain  # noqa: E402
 
 
 def main(argv=None):
@@ -36,12 +36,10 @@ def main(argv=None):
     if not os.path.isfile(args.ckpt):
         sys.exit(f"error: checkpoint '{args.ckpt}' not found")
     state = torch.load(args.ckpt, map_location="cpu", weights_only=False)
-    cfg = GPTConfig(**state["model_args"])
-    if cfg.residual == "plain":
+    if state["model_args"]["residual"] == "plain":
         sys.exit(f"error: {args.ckpt} uses the plain residual: there are no connection matrices to plot")
-    model = GPT(cfg)
-    model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in state["model"].items()})
-    model.eval()
+    model = GPT.from_checkpoint(state).eval()
+    cfg = model.config
     data = args.dataset or state["config"]["dataset"]
     if not os.path.isdir(data):
         data = os.path.join(REPO, "data", data)
