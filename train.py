@@ -313,12 +313,19 @@ def write_row(row):
         wandb.log({k: v for k, v in row.items() if v is not None}, step=row["step"])
 
 
+def end_ddp():
+    """Wait for every rank before tearing down: a rank that destroys its gloo group while rank 0 is still
+    writing a checkpoint aborts the process ("terminate called without an active exception")."""
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def stop_non_finite(what, value):
     last = f"{ckpt_last} is the last good checkpoint" if os.path.isfile(ckpt_last) else "no checkpoint was written yet"
     log(f"error: step {step}: the {what} loss is {value}; stopping. {last}. "
         f"Try a lower learning_rate, grad_clip, or dtype=bfloat16/float32.")
-    if ddp:
-        dist.destroy_process_group()
+    end_ddp()
     sys.exit(1)
 
 
@@ -334,8 +341,7 @@ if eval_only or start_step == 0:
     log(f"step {start_step}: val loss {val:.4f}")
     write_row(dict(step=start_step, tokens=start_step * tokens_per_step, val_loss=val, elapsed_s=elapsed0))
     if eval_only:
-        if ddp:
-            dist.destroy_process_group()
+        end_ddp()
         sys.exit(0)
 step, t_start, dt_avg = start_step, time.time() - elapsed0, None
 while step < max_iters:
@@ -394,5 +400,4 @@ if master:
     with open(os.path.join(out_dir, "DONE"), "w") as f:
         json.dump({"step": step, "best_val_loss": best_val, "elapsed_s": time.time() - t_start}, f)
     log(f"done: {step} steps, best val loss {best_val:.4f}, {fmt_time(time.time() - t_start)}")
-if ddp:
-    dist.destroy_process_group()
+end_ddp()
