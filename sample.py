@@ -57,7 +57,10 @@ torch.manual_seed(seed)
 state = torch.load(ckpt, map_location="cpu", weights_only=False)
 model = GPT.from_checkpoint(state).eval().to(device)
 tokenizer = state["tokenizer"]
-encode, decode = encoder(tokenizer, tokenizer_file)
+try:
+    encode, decode = encoder(tokenizer, tokenizer_file)
+except ValueError as e:
+    sys.exit(f"error: {ckpt}: {e}")
 
 if start.startswith("FILE:"):
     with open(start[5:], encoding="utf-8") as f:

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure
+from data import mad
 from data.shards import Loader, val_batches
 from data.tokenizer import load_meta
 from model import GPT, GPTConfig, amax_gain
@@ -50,7 +51,9 @@ wandb_log = False                # needs `pip install wandb`
 wandb_project = "hypergpt"
 wandb_run_name = "run"
 # data
-dataset = "pystdlib"             # a folder under data/ (run its prepare.py first) or a path to one
+dataset = "pystdlib"             # a folder under data/ (run its prepare.py first), a path to one, or mad:<task>
+mad_size = "lite"                # mad:<task> datasets: "lite" or "original" task settings (data/mad.py)
+mad_args = ""                    # mad:<task> overrides, e.g. "seq_len=256,frac_noise=0.4"
 data_order = "random"            # "random" (nanoGPT's sampling) or "sequential" (one pass, llm.c style)
 gradient_accumulation_steps = 1  # global micro-steps per optimizer step, divided over the processes
 batch_size = 12                  # sequences per micro-step per process
@@ -147,11 +150,23 @@ if compile is None:
 # -----------------------------------------------------------------------------
 # data, model, optimizer, or all of them from the last checkpoint
 
-data_dir = dataset if os.path.isdir(dataset) else os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
-if not os.path.isdir(data_dir):
-    sys.exit(f"error: dataset '{dataset}' not found: expected a folder data/{dataset}/ with train and val shards "
-             f"(python data/{dataset}/prepare.py) or a path to one")
-tokenizer = load_meta(data_dir)
+task = None  # a MAD task (data/mad.py) instead of token shards
+if dataset.startswith("mad:"):
+    try:
+        task = mad.make_task(dataset[4:], mad_size, mad_args)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    if block_size < task.length:
+        sys.exit(f"error: block_size={block_size} is shorter than the {dataset} examples (length {task.length}); "
+                 f"pass --block_size={task.length}")
+    tokenizer = {"kind": "mad", "vocab_size": task.vocab_size, "task": asdict(task)}
+    tokens_per_step = gradient_accumulation_steps * batch_size * task.length
+else:
+    data_dir = dataset if os.path.isdir(dataset) else os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
+    if not os.path.isdir(data_dir):
+        sys.exit(f"error: dataset '{dataset}' not found: expected a folder data/{dataset}/ with train and val shards "
+                 f"(python data/{dataset}/prepare.py), a path to one, or mad:<task> ({', '.join(mad.TASKS)})")
+    tokenizer = load_meta(data_dir)
 os.makedirs(out_dir, exist_ok=True)
 ckpt_last, ckpt_best = os.path.join(out_dir, "ckpt_last.pt"), os.path.join(out_dir, "ckpt_best.pt")
 
@@ -196,7 +211,10 @@ else:
     torch.manual_seed(seed + rank)  # dropout differs per rank
 row0 = ckpt["loader"]["next_row"] if ckpt is not None else 0
 order = ckpt["loader"]["order"] if ckpt is not None else data_order
-loader = Loader(data_dir, batch_size, block_size, accum, rank, world, order, seed, device, row0)
+if task:
+    loader = mad.Loader(task, batch_size, accum, rank, world, seed, device, row0)
+else:
+    loader = Loader(data_dir, batch_size, block_size, accum, rank, world, order, seed, device, row0)
 ckpt = None  # free the memory
 
 raw_model = model  # checkpoints and MFU use the plain module: no _orig_mod. prefix
@@ -220,26 +238,36 @@ def get_lr(it):
     return min_lr + coeff * (learning_rate - min_lr)
 
 
+def val_set(n_batches=None, rank=0, world=1):
+    """The fixed validation batches: the first eval_iters batches of val, or a MAD task's whole test split."""
+    if task:
+        return mad.val_batches(task, batch_size, seed, rank, world, device, n_batches)
+    return val_batches(data_dir, batch_size, block_size, n_batches or eval_iters, rank, world, device)
+
+
 @torch.no_grad()
 def evaluate():
-    """Mean loss over the fixed val set, split over the ranks and all-reduced."""
+    """(loss, accuracy) over the fixed val set, split over the ranks and all-reduced. Both count the
+    targets that are not -1 only (all of them for text, the answer positions for MAD); accuracy is
+    the share of those the argmax predicts, reported for MAD tasks only (None otherwise)."""
     model.eval()
-    acc = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, token count
-    for x, y in val_batches(data_dir, batch_size, block_size, eval_iters, rank, world, device):
+    acc = torch.zeros(3, dtype=torch.float64, device=device)  # summed loss, correct, counted targets
+    for x, y in val_set(rank=rank, world=world):
         with ctx:
-            _, loss = model(x, y)
-        acc += torch.stack([loss.double() * y.numel(), torch.tensor(y.numel(), dtype=torch.float64, device=device)])
+            logits, loss = model(x, y)
+        correct, n = mad.answer_hits(logits, y)
+        acc += torch.stack([loss.double() * n, correct.double(), n.double()])
     if ddp:
         dist.all_reduce(acc)
     model.train()
-    return (acc[0] / acc[1]).item()
+    return (acc[0] / acc[2]).item(), ((acc[1] / acc[2]).item() if task else None)
 
 
 def amax():
     """HC/mHC composite Amax gain over all sites on the first val batch (None, None for the plain residual)."""
     if residual == "plain" or not master:
         return None, None
-    x, _ = next(val_batches(data_dir, batch_size, block_size, 1, device=device))
+    x, _ = next(iter(val_set(1)))
     raw_model.eval()
     with ctx:
         mats = raw_model.connection_matrices(x)
@@ -287,7 +315,7 @@ def git_commit():
 
 
 COLUMNS = ["step", "tokens", "train_loss", "val_loss", "lr", "grad_norm", "ms_per_step", "tok_per_s", "mfu", "elapsed_s",
-           "amax_fwd", "amax_bwd"]
+           "amax_fwd", "amax_bwd", "val_acc"]
 metrics_path = os.path.join(out_dir, "metrics.csv")
 if master:
     with open(os.path.join(out_dir, "config.json"), "w") as f:
@@ -298,6 +326,9 @@ if master:
     if not os.path.isfile(metrics_path) or os.path.getsize(metrics_path) == 0:
         with open(metrics_path, "w") as f:
             f.write(",".join(COLUMNS) + "\n")
+    else:  # resuming: keep the file's own columns, so the rows stay aligned with its header
+        with open(metrics_path) as f:
+            COLUMNS = f.readline().strip().split(",")
     if wandb_log:
         import wandb  # optional: pip install wandb
         wandb.init(project=wandb_project, name=wandb_run_name, config=config)
@@ -336,10 +367,16 @@ def fmt_time(s):
 # -----------------------------------------------------------------------------
 # the loop. "step s" is the state after s optimizer updates.
 
+def fmt_acc(acc):
+    return "" if acc is None else f", accuracy {acc:.4f}"
+
+
+val_acc = None
 if eval_only or start_step == 0:
-    val = evaluate()
-    log(f"step {start_step}: val loss {val:.4f}")
-    write_row(dict(step=start_step, tokens=start_step * tokens_per_step, val_loss=val, elapsed_s=elapsed0))
+    val, val_acc = evaluate()
+    log(f"step {start_step}: val loss {val:.4f}{fmt_acc(val_acc)}")
+    write_row(dict(step=start_step, tokens=start_step * tokens_per_step, val_loss=val, val_acc=val_acc,
+                   elapsed_s=elapsed0))
     if eval_only:
         end_ddp()
         sys.exit(0)
@@ -384,20 +421,20 @@ while step < max_iters:
             f"{tokens_per_step / dt:,.0f} tok/s | mfu {f'{mfu * 100:.1f}%' if mfu is not None else 'n/a'} | "
             f"eta {fmt_time(dt_avg * (max_iters - step))}")
     if step % eval_interval == 0 or step == max_iters:
-        val = evaluate()
+        val, val_acc = evaluate()
         if not math.isfinite(val):  # the last update broke the weights: do not checkpoint them
             stop_non_finite("validation", val)
-        row["val_loss"] = val
+        row["val_loss"], row["val_acc"] = val, val_acc
         row["amax_fwd"], row["amax_bwd"] = amax()
         improved = val < best_val
         best_val = min(best_val, val)
         save_checkpoint([ckpt_last, ckpt_best] if improved else [ckpt_last], step, time.time() - t_start)
-        log(f"step {step}: val loss {val:.4f} (best {best_val:.4f}); saved {'ckpt_last, ckpt_best' if improved else 'ckpt_last'}")
+        log(f"step {step}: val loss {val:.4f} (best {best_val:.4f}){fmt_acc(val_acc)}; saved {'ckpt_last, ckpt_best' if improved else 'ckpt_last'}")
     if row:
         write_row(dict(row, step=step, tokens=step * tokens_per_step, elapsed_s=time.time() - t_start))
 
 if master:
     with open(os.path.join(out_dir, "DONE"), "w") as f:
-        json.dump({"step": step, "best_val_loss": best_val, "elapsed_s": time.time() - t_start}, f)
+        json.dump({"step": step, "best_val_loss": best_val, "val_acc": val_acc, "elapsed_s": time.time() - t_start}, f)
     log(f"done: {step} steps, best val loss {best_val:.4f}, {fmt_time(time.time() - t_start)}")
 end_ddp()

@@ -67,3 +67,17 @@ FINEWEB_RUNS = [(name, 1337) for name in ("S", "S-p", "S-c", "S-pc", "R", "R-cg-
                                           "G-cg-q-12o + mHC")]
 
 GRIDS = {"cpu": (CPU_BASE, CPU_RUNS), "fineweb": (FINEWEB_BASE, FINEWEB_RUNS)}
+
+# ---------------------------------------------------------------------------------------------------------
+# mad: the MAD memory tasks (data/mad.py) as in mad-lab: 2 blocks of (mixer + SwiGLU MLP) at width 128, softmax
+# with 16 heads (mad-lab's mh-attention), AdamW with cosine decay to 1e-6, scored by the best final test
+# accuracy over a small sweep. Per task, block_size is the task's length and the variants are re-matched to
+# S at that block_size (HyperGLU's lag parameters grow with it). plots/run_mad.py runs it.
+MAD_BASE = dict(n_layer=2, n_head=16, n_embd=128, mlp="swiglu", bias=False, dropout=0.0,
+                gradient_accumulation_steps=1, min_lr=1e-6, warmup_iters=20, beta2=0.99, grad_clip=1.0,
+                seed=1337, log_interval=25)
+# mad-lab's sweep is lr {1e-4, 5e-4, 1e-3} x weight decay {0, 0.1} at batch 128 for 200 epochs; the lite suite
+# trains 4 epochs (64 for memorization), where the higher rates are the useful ones.
+MAD_SWEEP = {"original": dict(batch_size=128, lrs=(1e-4, 5e-4, 1e-3), wds=(0.0, 0.1)),
+             "lite": dict(batch_size=64, lrs=(1e-3, 3e-3), wds=(0.0,))}
+MAD_VARIANTS = ("S", "S-pc", "R-cg-q-12o", "G-cg-q-12o", "R-12!")

@@ -85,4 +85,7 @@ def encoder(spec, tokenizer_file=""):
     if kind == "gpt2":
         enc = gpt2_encoding(tokenizer_file)
         return (lambda s: enc.encode(s, allowed_special={"<|endoftext|>"})), enc.decode
-    raise ValueError(f"unknown tokenizer kind {kind!r}; expected bytes, char or gpt2")
+    if kind == "mad":
+        raise ValueError(f"this checkpoint was trained on the MAD task {spec['task']['name']}, whose tokens are task "
+                         f"symbols, not text; score it with train.py --init_from=resume --eval_only=True")
+    raise ValueError(f"unknown tokenizer kind {kind!r}; expected bytes, char, gpt2 or mad")

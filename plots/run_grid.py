@@ -49,6 +49,7 @@ def main():
     parser.add_argument("--only", default="", help="comma-separated variant names")
     parser.add_argument("--launcher", default="", help='e.g. "torchrun --standalone --nproc_per_node=8"')
     parser.add_argument("--gpus", default="", help="comma-separated GPU ids: one run per GPU at a time")
+    parser.add_argument("--jobs", type=int, default=1, help="CPU runs at a time (they share the cores)")
     parser.add_argument("--dry_run", action="store_true")
     args, extra = parser.parse_known_args()
     only = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -65,32 +66,42 @@ def main():
         for name, run_dir, cmd in todo:
             print(shlex.join(cmd))
         return
-    gpus = [g for g in args.gpus.split(",") if g] or [None]
-    running, failed = {}, []
+    failed = launch(todo, [g for g in args.gpus.split(",") if g], args.jobs)
+    if failed:
+        sys.exit(f"failed runs: {failed}")
+
+
+def launch(todo, gpus=(), jobs=1):
+    """Run the (name, run_dir, cmd) list: one run per GPU in gpus at a time, or `jobs` CPU runs at a time
+    (sharing the cores). Each run's output goes to run_dir/train.log. Returns the names that failed."""
+    slots = list(gpus) or [None] * jobs
+    threads = str(max(1, (os.cpu_count() or 1) // len(slots)))
+    todo, running, failed = list(todo), {}, []
     while todo or running:
-        for gpu in [g for g in gpus if g not in running]:
+        for slot in [s for s in range(len(slots)) if s not in running]:
             if not todo:
                 break
             name, run_dir, cmd = todo.pop(0)
             os.makedirs(run_dir, exist_ok=True)
-            env = dict(os.environ)
+            env, gpu = dict(os.environ), slots[slot]
             if gpu is not None:
                 env["CUDA_VISIBLE_DEVICES"] = gpu
                 cmd = cmd + ["--device=cuda"]
+            elif len(slots) > 1:
+                env["OMP_NUM_THREADS"] = threads
             print(f"start {name} -> {run_dir}" + (f" on GPU {gpu}" if gpu is not None else ""), flush=True)
             log = open(os.path.join(run_dir, "train.log"), "a")
-            running[gpu] = (name, run_dir, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log)
-        for gpu, (name, run_dir, proc, log) in list(running.items()):
+            running[slot] = (name, run_dir, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log)
+        for slot, (name, run_dir, proc, log) in list(running.items()):
             if proc.poll() is not None:
                 log.close()
-                del running[gpu]
+                del running[slot]
                 status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see {run_dir}/train.log)"
                 print(f"{status}: {name}", flush=True)
                 if proc.returncode:
                     failed.append(name)
-        time.sleep(1)
-    if failed:
-        sys.exit(f"failed runs: {failed}")
+        time.sleep(0.5)
+    return failed
 
 
 if __name__ == "__main__":

@@ -1,0 +1,94 @@
+"""
+Score model variants on the MAD memory tasks (data/mad.py): train every variant on every task over a small
+learning-rate (x weight-decay) sweep, then write the table and figure with plots/plot_mad.py.
+
+$ python plots/run_mad.py                                        # the lite suite for config.grids.MAD_VARIANTS
+$ python plots/run_mad.py --variants="S-pc,G-cg-q-12o" --tasks=in_context_recall,memorization --jobs=2
+$ python plots/run_mad.py --size=original --gpus=0,1,2,3         # mad-lab's settings and sweep, one run per GPU
+$ python plots/run_mad.py --dry_run                              # print the commands
+
+Runs go to <out>/mad-<size>/<variant>/<task>/lr<lr>-wd<wd>/ (train.py run folders); the table and figure to
+<out>/mad-<size>/mad.{md,csv,png,pdf}. Variant names are those of the plots grid (config/grids.py), matched
+to S per task. A run with a DONE marker is skipped, so an interrupted suite can simply be re-run. Extra
+--key=value arguments go to every run (e.g. --device=cpu).
+"""
+import argparse
+import math
+import os
+import shlex
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "plots"))
+from config.grids import MAD_BASE, MAD_SWEEP, MAD_VARIANTS, variants  # noqa: E402
+from data.mad import TASKS, make_task  # noqa: E402
+from plot_mad import write_results  # noqa: E402
+from run_grid import launch, slug  # noqa: E402
+
+
+def commands(size, out, names, tasks, lrs, wds, extra):
+    batch = MAD_SWEEP[size]["batch_size"]
+    for task_name in tasks:
+        task = make_task(task_name, size)
+        base = dict(MAD_BASE, dataset=f"mad:{task_name}", mad_size=size, block_size=task.length,
+                    vocab_size=task.vocab_size, batch_size=batch)
+        iters = math.ceil(task.epochs * task.train_examples / batch)
+        base.update(max_iters=iters, eval_interval=max(1, iters // 4))
+        table = variants(base)
+        for name in names:
+            for lr in lrs:
+                for wd in wds:
+                    run_dir = os.path.join(out, slug(name), task_name, f"lr{lr:g}-wd{wd:g}")
+                    settings = dict(base, **table[name], learning_rate=lr, weight_decay=wd, out_dir=run_dir)
+                    if os.path.isfile(os.path.join(run_dir, "ckpt_last.pt")):
+                        settings["init_from"] = "resume"
+                    cmd = [sys.executable, os.path.join(REPO, "train.py")]
+                    cmd += [f"--{k}={v}" for k, v in settings.items()] + extra
+                    yield f"{name} {task_name} lr={lr:g} wd={wd:g}", run_dir, cmd
+
+
+def floats(s):
+    return tuple(float(v) for v in s.split(",") if v.strip())
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="lite", choices=sorted(MAD_SWEEP))
+    parser.add_argument("--variants", default=",".join(MAD_VARIANTS), help="comma-separated grid variant names")
+    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--lrs", default="", help="comma-separated; default: the size's sweep (config/grids.py)")
+    parser.add_argument("--wds", default="", help="comma-separated weight decays; default: the size's sweep")
+    parser.add_argument("--out", default="out")
+    parser.add_argument("--jobs", type=int, default=1, help="CPU runs at a time (they share the cores)")
+    parser.add_argument("--gpus", default="", help="comma-separated GPU ids: one run per GPU at a time")
+    parser.add_argument("--dry_run", action="store_true")
+    args, extra = parser.parse_known_args()
+    names = [s.strip() for s in args.variants.split(",") if s.strip()]
+    tasks = [s.strip() for s in args.tasks.split(",") if s.strip()]
+    known = variants(dict(MAD_BASE, block_size=64, vocab_size=16))
+    if set(names) - set(known):
+        sys.exit(f"error: unknown variants {sorted(set(names) - set(known))}; known: {sorted(known)}")
+    if set(tasks) - set(TASKS):
+        sys.exit(f"error: unknown tasks {sorted(set(tasks) - set(TASKS))}; known: {list(TASKS)}")
+    lrs = floats(args.lrs) or MAD_SWEEP[args.size]["lrs"]
+    wds = floats(args.wds) or MAD_SWEEP[args.size]["wds"]
+    out = os.path.join(args.out, f"mad-{args.size}")
+    todo = []
+    for name, run_dir, cmd in commands(args.size, out, names, tasks, lrs, wds, extra):
+        if os.path.isfile(os.path.join(run_dir, "DONE")):
+            print(f"skip {name} ({run_dir}): DONE")
+        else:
+            todo.append((name, run_dir, cmd))
+    if args.dry_run:
+        for _, _, cmd in todo:
+            print(shlex.join(cmd))
+        return
+    failed = launch(todo, [g for g in args.gpus.split(",") if g], args.jobs)
+    write_results(out, out)
+    if failed:
+        sys.exit(f"failed runs: {failed}")
+
+
+if __name__ == "__main__":
+    main()
