@@ -192,6 +192,26 @@ def test_trivial_task_reaches_full_accuracy_and_is_logged(tmp_path):
     assert s.returncode != 0 and "MAD task memorization" in s.stderr
 
 
+def test_ddp_two_processes_match_one_on_a_mad_task(tmp_path):
+    common = ["--dataset=mad:compression", "--mad_args=seq_len=9,train_examples=64,test_examples=24", "--block_size=16",
+              "--n_layer=1", "--n_embd=32", "--n_head=2", "--batch_size=4", "--gradient_accumulation_steps=2",
+              "--max_iters=6", "--eval_interval=3", "--attn=hyperglu", "--op1_rank=2", "--op2_rank=2"]
+    one = train(*common, f"--out_dir={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "train.py", "--device=cpu", *common, f"--out_dir={tmp_path / 'two'}"],
+                         cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert two.returncode == 0, two.stderr[-3000:]
+    rows = []
+    for run in ("one", "two"):
+        with open(tmp_path / run / "metrics.csv") as f:
+            rows.append([r for r in csv.DictReader(f) if r["val_acc"]])
+    assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]] == ["0", "3", "6"]
+    for a, b in zip(*rows):
+        assert abs(float(a["val_loss"]) - float(b["val_loss"])) < 1e-5
+        assert abs(float(a["val_acc"]) - float(b["val_acc"])) < 1e-9
+
+
 def fake_run(root, variant, task, lr, acc, done=True, **model):
     d = os.path.join(root, variant, task, f"lr{lr}")
     os.makedirs(d)
