@@ -286,6 +286,48 @@ def test_hyper_connections_equal_prenorm_at_init(attn, residual, dynamic, n, tol
     assert (a - b).abs().max() < 1e-5 * a.abs().max()
 
 
+def reference_hc(m, H, f):
+    """HC [Eqs. 2, 8-13] token by token in einsum form: alpha = A + s_a tanh(norm(H) W_a), beta likewise."""
+    alpha, beta = m.static_alpha, m.static_beta
+    if m.dynamic:
+        xn = m.norm(H)
+        alpha = alpha + m.s_alpha * torch.tanh(torch.einsum("btjc,ck->btjk", xn, m.W_alpha))
+        beta = beta + m.s_beta * torch.tanh(torch.einsum("btjc,c->btj", xn, m.W_beta[:, 0]))
+    alpha = alpha.expand(*H.shape[:2], *alpha.shape[-2:])
+    y = f(torch.einsum("btj,btjc->btc", alpha[..., 0], H))
+    return torch.einsum("bti,btc->btic", beta.expand(H.shape[:3]), y) + torch.einsum("btji,btjc->btic", alpha[..., 1:], H)
+
+
+def reference_mhc(m, H, f):
+    """mHC [Eqs. 3, 7-9]: coefficients from the RMS-normalised flattened streams, Sinkhorn unrolled."""
+    n = m.n
+    flat = H.flatten(-2)
+    h = (flat / flat.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()) @ m.phi
+    pre = torch.sigmoid(m.alpha_pre * h[..., :n] + m.b_pre)
+    post = 2 * torch.sigmoid(m.alpha_post * h[..., n:2 * n] + m.b_post)
+    res = unrolled_sinkhorn(m.alpha_res * h[..., 2 * n:].unflatten(-1, (n, n)) + m.b_res, m.iters)
+    y = f(torch.einsum("btj,btjc->btc", pre, H))
+    return torch.einsum("btij,btjc->btic", res, H) + torch.einsum("bti,btc->btic", post, y)
+
+
+@pytest.mark.parametrize("residual,dynamic,norm", [("hc", True, "layernorm"), ("hc", True, "rmsnorm"),
+                                                    ("hc", False, "layernorm"), ("mhc", True, "layernorm")])
+def test_hyper_connections_match_the_paper_equations(residual, dynamic, norm):
+    """Away from init (random coefficients), forward and every gradient equal a direct einsum transcription."""
+    torch.manual_seed(0)
+    model = randomize(GPT(tiny(residual=residual, hc_dynamic=dynamic, norm=norm, bias=True)), 0.3).double()
+    m = model.transformer.h[0].res_attn
+    lin = torch.nn.Linear(32, 32).double()
+    H = torch.randn(2, 5, 4, 32, dtype=torch.float64, requires_grad=True)
+    ref = reference_hc if residual == "hc" else reference_mhc
+    params = [H, *m.parameters(), *lin.parameters()]
+    out, want = m(H, lin), ref(m, H, lin)
+    assert (out - want).abs().max() < 1e-10
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(want, params, g)):
+        assert (a - b).abs().max() < 1e-9 * max(1.0, b.abs().max().item())
+
+
 def test_streams_diverge_after_training():
     torch.manual_seed(0)
     model = GPT(tiny(residual="mhc"))
