@@ -5,6 +5,7 @@ learning-rate (x weight-decay) sweep, then write the table and figure with plots
 $ python plots/run_mad.py                                        # the lite suite for config.grids.MAD_VARIANTS
 $ python plots/run_mad.py --variants="S-pc,G-cg-q-12o" --tasks=in_context_recall,memorization --jobs=2
 $ python plots/run_mad.py --size=original --gpus=0,1,2,3         # mad-lab's settings and sweep, one run per GPU
+$ python plots/run_mad.py --tasks=fuzzy_recall --mad_args=epochs=16 --out=out/long   # longer training
 $ python plots/run_mad.py --dry_run                              # print the commands
 
 Runs go to <out>/mad-<size>/<variant>/<task>/lr<lr>-wd<wd>/ (train.py run folders); the table and figure to
@@ -27,11 +28,11 @@ from plot_mad import write_results  # noqa: E402
 from run_grid import launch, slug  # noqa: E402
 
 
-def commands(size, out, names, tasks, lrs, wds, extra):
+def commands(size, out, names, tasks, lrs, wds, extra, mad_args=""):
     batch = MAD_SWEEP[size]["batch_size"]
     for task_name in tasks:
-        task = make_task(task_name, size)
-        base = dict(MAD_BASE, dataset=f"mad:{task_name}", mad_size=size, block_size=task.length,
+        task = make_task(task_name, size, mad_args)
+        base = dict(MAD_BASE, dataset=f"mad:{task_name}", mad_size=size, mad_args=mad_args, block_size=task.length,
                     vocab_size=task.vocab_size, batch_size=batch)
         iters = math.ceil(task.epochs * task.train_examples / batch)
         base.update(max_iters=iters, eval_interval=max(1, iters // 4))
@@ -59,6 +60,7 @@ def main():
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--lrs", default="", help="comma-separated; default: the size's sweep (config/grids.py)")
     parser.add_argument("--wds", default="", help="comma-separated weight decays; default: the size's sweep")
+    parser.add_argument("--mad_args", default="", help='task overrides for every task, e.g. "epochs=16"')
     parser.add_argument("--out", default="out")
     parser.add_argument("--jobs", type=int, default=1, help="CPU runs at a time (they share the cores)")
     parser.add_argument("--gpus", default="", help="comma-separated GPU ids: one run per GPU at a time")
@@ -75,7 +77,11 @@ def main():
     wds = floats(args.wds) or MAD_SWEEP[args.size]["wds"]
     out = os.path.join(args.out, f"mad-{args.size}")
     todo = []
-    for name, run_dir, cmd in commands(args.size, out, names, tasks, lrs, wds, extra):
+    try:
+        runs = list(commands(args.size, out, names, tasks, lrs, wds, extra, args.mad_args))
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    for name, run_dir, cmd in runs:
         if os.path.isfile(os.path.join(run_dir, "DONE")):
             print(f"skip {name} ({run_dir}): DONE")
         else:
