@@ -569,11 +569,10 @@ class HyperConnection(nn.Module):
         """x: (B,T,n,C) fp32 -> alpha (B,T,n,n+1) or (n,n+1), beta (B,T,n) or (n,)."""
         alpha, beta = self.static_alpha, self.static_beta
         if self.dynamic:
-            xn = self.norm(x)
-            da, db = xn @ self.W_alpha, (xn @ self.W_beta).squeeze(-1)  # (B,T,n,n+1), (B,T,n)
+            d = self.norm(x) @ torch.cat([self.W_alpha, self.W_beta], 1)  # (B,T,n,n+2): one matmul for both
             if self.tanh:
-                da, db = torch.tanh(da), torch.tanh(db)
-            alpha, beta = alpha + self.s_alpha * da, beta + self.s_beta * db
+                d = torch.tanh(d)
+            alpha, beta = alpha + self.s_alpha * d[..., :-1], beta + self.s_beta * d[..., -1]
         return alpha, beta
 
     def mean_coefficients(self, x):
@@ -587,9 +586,12 @@ class HyperConnection(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             xf = _up(x)
             alpha, beta = self.coefficients(xf)
-            mix = alpha.transpose(-1, -2) @ xf  # (B,T,n+1,C): row 0 is the sublayer input, rows 1.. are A_r^T H
-        y = f(mix[..., 0, :].to(x.dtype))
-        return (beta.unsqueeze(-1) * y.unsqueeze(-2) + mix[..., 1:, :]).to(x.dtype)
+            u = (alpha[..., 0].unsqueeze(-2) @ xf).squeeze(-2)  # (B,T,C): A_m^T H, the sublayer input
+            res = alpha[..., 1:].transpose(-1, -2) @ xf        # (B,T,n,C): A_r^T H
+        y = f(u.to(x.dtype))
+        with torch.autocast(x.device.type, enabled=False):
+            # B^T f(.) as a K=1 matmul: its backward is two batched matmuls, not two broadcast temporaries
+            return (res + beta.unsqueeze(-1) @ _up(y).unsqueeze(-2)).to(x.dtype)
 
 
 def sinkhorn(logits, iters=20):
@@ -670,7 +672,8 @@ class ManifoldHC(nn.Module):
             u = (pre.unsqueeze(-2) @ xf).squeeze(-2)  # (B,T,C)
             mixed = res @ xf                          # (B,T,n,C)
         y = f(u.to(x.dtype))
-        return (mixed + post.unsqueeze(-1) * y.unsqueeze(-2)).to(x.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return (mixed + post.unsqueeze(-1) @ _up(y).unsqueeze(-2)).to(x.dtype)  # H_post^T f(.), K=1 matmul
 
 
 def make_residual(config, site):
