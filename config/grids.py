@@ -77,7 +77,7 @@ MAD_BASE = dict(n_layer=2, n_head=16, n_embd=128, mlp="swiglu", bias=False, drop
                 gradient_accumulation_steps=1, min_lr=1e-6, warmup_iters=20, beta2=0.99, grad_clip=1.0,
                 seed=1337, log_interval=25)
 # mad-lab's sweep is lr {1e-4, 5e-4, 1e-3} x weight decay {0, 0.1} at batch 128 for 200 epochs; the lite suite
-# trains 4 epochs (64 for memorization), where the higher rates are the useful ones.
+# trains 8 epochs (64 for memorization), where the higher rates are the useful ones.
 MAD_SWEEP = {"original": dict(batch_size=128, lrs=(1e-4, 5e-4, 1e-3), wds=(0.0, 0.1)),
              "lite": dict(batch_size=64, lrs=(1e-3, 3e-3), wds=(0.0,))}
 MAD_VARIANTS = ("S", "S-pc", "R-cg-q-12o", "G-cg-q-12o", "R-12!")
