@@ -87,5 +87,6 @@ def encoder(spec, tokenizer_file=""):
         return (lambda s: enc.encode(s, allowed_special={"<|endoftext|>"})), enc.decode
     if kind == "mad":
         raise ValueError(f"this checkpoint was trained on the MAD task {spec['task']['name']}, whose tokens are task "
-                         f"symbols, not text; score it with train.py --init_from=resume --eval_only=True")
+                         f"symbols, not text; score it with: python train.py --dataset=mad:{spec['task']['name']} "
+                         f"--out_dir=<its run folder> --init_from=resume --eval_only=True (plus the run's mad_size/mad_args)")
     raise ValueError(f"unknown tokenizer kind {kind!r}; expected bytes, char, gpt2 or mad")
