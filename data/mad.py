@@ -3,7 +3,7 @@ MAD, the memory-centric synthetic tasks of "Mechanistic Design and Scaling of Hy
 (Poli et al. 2024, github athms/mad-lab), as datasets for train.py. HyperMLP's "MAD Avg" is the mean
 accuracy over these six tasks.
 
-    python train.py --dataset=mad:in_context_recall --block_size=127 --n_layer=2 --n_embd=128 --mlp=swiglu
+    python train.py --dataset=mad:in_context_recall --block_size=63 --n_layer=2 --n_embd=128 --mlp=swiglu
     python train.py --dataset=mad:noisy_recall --mad_size=original --mad_args="frac_noise=0.4,seq_len=256"
 
 Each example is a pair x, y of int64 arrays of length task.length. y holds the answer token at each answer
@@ -15,8 +15,8 @@ The tasks (V = vocab_size; "aligned" = y[i] is what the model must output after 
   in_context_recall  key-value pairs k v k v ... over keys [0, V/2) and values [V/2, V); a key's value is fixed
                      within a sequence. Multi-query: every repeat of a key is a question, and the last pair
                      repeats an earlier key. x = tokens[:-1], answers at the repeated keys.
-  fuzzy_recall       as recall, but keys and values are motifs of 1..motif distinct tokens (keys always
-                     `motif` long at test time); left-padded with V-1. Answers: every value token of a repeated key.
+  fuzzy_recall       as recall, but keys (from [0, (V-1)/2)) and values (from [(V-1)/2, V-1)) are motifs of
+                     1..motif distinct tokens (keys always `motif` long at test time); left-padded with V-1. Answers: every value token of a repeated key.
   noisy_recall       recall where a frac_noise share of the pairs is replaced by two tokens from a separate noise
                      vocabulary (the last noise_vocab ids); noise is never asked about.
   selective_copying  copy_tokens tokens from [0, V-2) scattered among blanks (V-2), then a copy marker (V-1),
@@ -164,18 +164,18 @@ def recall(t, rng, test=False):
 
 
 def fuzzy_recall(t, rng, test=False):
-    pad, K, m = t.vocab_size - 1, (t.vocab_size - 1) // 2, t.motif    # keys [0, K), values [K, 2K)
+    pad, K, m = t.vocab_size - 1, (t.vocab_size - 1) // 2, t.motif    # keys [0, K), values [K, pad)
     key_size = (lambda: m) if test else (lambda: int(rng.integers(1, m + 1)))
 
-    def motif(lo, size):                          # `size` distinct tokens from [lo, lo + K)
-        return tuple(int(v) + lo for v in rng.choice(K, size, replace=False))
+    def motif(lo, hi, size):                      # `size` distinct tokens from [lo, hi)
+        return tuple(int(v) + lo for v in rng.choice(hi - lo, size, replace=False))
 
-    probe = (motif(0, key_size()), motif(K, int(rng.integers(1, m + 1))))
+    probe = (motif(0, K, key_size()), motif(K, pad, int(rng.integers(1, m + 1))))
     table, n = {probe[0]: probe[1]}, t.seq_len + 1  # n tokens, shifted into x, y of length seq_len
     used, room, pairs = 2 * sum(map(len, probe)), n, []  # the probe appears twice: in the body and last
     while True:
-        k = motif(0, key_size())
-        v = table.setdefault(k, motif(K, int(rng.integers(1, m + 1))))
+        k = motif(0, K, key_size())
+        v = table.setdefault(k, motif(K, pad, int(rng.integers(1, m + 1))))
         if used + len(k) + len(v) > room:
             break
         pairs.append((k, v))
