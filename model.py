@@ -724,7 +724,7 @@ class GPTConfig:
     use_qk_gate: bool = True
     use_vo_gate: bool = True
     impl_default: str = "recompute"    # training keeps O(T d) activations; see HyperGLUConfig for the others
-    chunk_T: int = 256
+    chunk_T: int = 128                 # query rows per chunk: 128 beat 256 and 512 on CPU at T=1024 and 2048 (bench.py)
     use_op1: bool = True
     op1_rank: int = 16
     op1_per_head: bool = True
