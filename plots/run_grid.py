@@ -56,19 +56,26 @@ def main():
     unknown = set(only) - set(variants(GRIDS[args.grid][0]))
     if unknown:
         sys.exit(f"error: unknown variants {sorted(unknown)}; known: {sorted(variants(GRIDS[args.grid][0]))}")
-    todo = []
-    for name, run_dir, cmd in commands(args.grid, args.out, only, args.launcher, extra):
-        if os.path.isfile(os.path.join(run_dir, "DONE")):
-            print(f"skip {name} ({run_dir}): DONE")
-            continue
-        todo.append((name, run_dir, cmd))
-    if args.dry_run:
-        for name, run_dir, cmd in todo:
-            print(shlex.join(cmd))
-        return
-    failed = launch(todo, [g for g in args.gpus.split(",") if g], args.jobs)
+    failed = run_all(commands(args.grid, args.out, only, args.launcher, extra), [g for g in args.gpus.split(",") if g],
+                     args.jobs, args.dry_run)
     if failed:
         sys.exit(f"failed runs: {failed}")
+
+
+def run_all(runs, gpus=(), jobs=1, dry_run=False):
+    """Skip the (name, run_dir, cmd) runs that have a DONE marker; print the others (dry_run) or launch them.
+    Returns the names that failed."""
+    todo = []
+    for name, run_dir, cmd in runs:
+        if os.path.isfile(os.path.join(run_dir, "DONE")):
+            print(f"skip {name} ({run_dir}): DONE")
+        else:
+            todo.append((name, run_dir, cmd))
+    if dry_run:
+        for _, _, cmd in todo:
+            print(shlex.join(cmd))
+        return []
+    return launch(todo, gpus, jobs)
 
 
 def launch(todo, gpus=(), jobs=1):

@@ -16,7 +16,6 @@ to S per task. A run with a DONE marker is skipped, so an interrupted suite can 
 import argparse
 import math
 import os
-import shlex
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,7 +24,7 @@ sys.path.insert(0, os.path.join(REPO, "plots"))
 from config.grids import MAD_BASE, MAD_SWEEP, MAD_VARIANTS, variants  # noqa: E402
 from data.mad import TASKS, make_task  # noqa: E402
 from plot_mad import write_results  # noqa: E402
-from run_grid import launch, slug  # noqa: E402
+from run_grid import run_all, slug  # noqa: E402
 
 
 def commands(size, out, names, tasks, lrs, wds, extra, mad_args=""):
@@ -76,22 +75,13 @@ def main():
     lrs = floats(args.lrs) or MAD_SWEEP[args.size]["lrs"]
     wds = floats(args.wds) or MAD_SWEEP[args.size]["wds"]
     out = os.path.join(args.out, f"mad-{args.size}")
-    todo = []
     try:
         runs = list(commands(args.size, out, names, tasks, lrs, wds, extra, args.mad_args))
     except ValueError as e:
         sys.exit(f"error: {e}")
-    for name, run_dir, cmd in runs:
-        if os.path.isfile(os.path.join(run_dir, "DONE")):
-            print(f"skip {name} ({run_dir}): DONE")
-        else:
-            todo.append((name, run_dir, cmd))
-    if args.dry_run:
-        for _, _, cmd in todo:
-            print(shlex.join(cmd))
-        return
-    failed = launch(todo, [g for g in args.gpus.split(",") if g], args.jobs)
-    write_results(out, out)
+    failed = run_all(runs, [g for g in args.gpus.split(",") if g], args.jobs, args.dry_run)
+    if not args.dry_run:
+        write_results(out, out)
     if failed:
         sys.exit(f"failed runs: {failed}")
 
