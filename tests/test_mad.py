@@ -243,3 +243,22 @@ def test_table_takes_the_best_lr_and_averages_complete_variants(tmp_path, capsys
     assert rows["G-cg-q-12o"]["avg"] == "" and rows["G-cg-q-12o"]["in_context_recall"] == ""
     assert os.path.getsize(os.path.join(root, "mad.png")) > 0
     assert "| G-cg-q-12o | – |" in open(os.path.join(root, "mad.md")).read()
+
+
+def test_runner_builds_the_sweep(tmp_path):
+    r = subprocess.run([sys.executable, "plots/run_mad.py", "--dry_run", "--tasks=compression,memorization",
+                        "--variants=S,G-cg-q-12o", f"--out={tmp_path}"], cwd=REPO, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 2 * 2 * 2  # tasks x variants x lite learning rates
+    comp = [ln for ln in lines if "--dataset=mad:compression" in ln]
+    assert len(comp) == 4 and all("--block_size=30" in ln and "--max_iters=512" in ln for ln in comp)
+    mem = [ln for ln in lines if "--dataset=mad:memorization" in ln]
+    assert all("--max_iters=256" in ln and "--mlp=swiglu" in ln and "--n_embd=128" in ln for ln in mem)
+    hyper = [ln for ln in lines if "--attn=hyperglu" in ln]
+    assert len(hyper) == 4 and all("--qk_rank=" in ln and "--n_head=2" in ln for ln in hyper)
+    assert {ln.split("--learning_rate=")[1].split()[0] for ln in lines} == {"0.001", "0.003"}
+    bad = subprocess.run([sys.executable, "plots/run_mad.py", "--dry_run", "--variants=Q"], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "unknown variants ['Q']" in bad.stderr
