@@ -212,6 +212,23 @@ def test_ddp_two_processes_match_one_on_a_mad_task(tmp_path):
         assert abs(float(a["val_acc"]) - float(b["val_acc"])) < 1e-9
 
 
+def test_resumed_mad_run_matches_an_uninterrupted_one(tmp_path):
+    common = ["--dataset=mad:in_context_recall", "--mad_args=seq_len=16,train_examples=24,test_examples=16",
+              "--block_size=15", "--n_layer=1", "--n_embd=32", "--n_head=2", "--batch_size=8", "--eval_interval=5",
+              "--lr_decay_iters=20", "--attn=hyperglu", "--op1_rank=2", "--op2_rank=2", "--dropout=0.1"]
+    full = train(*common, "--max_iters=20", f"--out_dir={tmp_path / 'full'}")
+    first = train(*common, "--max_iters=10", f"--out_dir={tmp_path / 'part'}")
+    rest = train(*common, "--max_iters=20", "--init_from=resume", f"--out_dir={tmp_path / 'part'}")
+    assert full.returncode == first.returncode == rest.returncode == 0, rest.stderr
+    rows = []
+    for run in ("full", "part"):
+        with open(tmp_path / run / "metrics.csv") as f:
+            rows.append({r["step"]: r for r in csv.DictReader(f)})
+    for step in ("15", "20"):  # past an epoch boundary (24 examples = 3 steps)
+        assert rows[0][step]["val_loss"] == rows[1][step]["val_loss"]
+        assert rows[0][step]["val_acc"] == rows[1][step]["val_acc"]
+
+
 def fake_run(root, variant, task, lr, acc, done=True, **model):
     d = os.path.join(root, variant, task, f"lr{lr}")
     os.makedirs(d)
