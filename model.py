@@ -586,8 +586,9 @@ class HyperConnection(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             xf = _up(x)
             alpha, beta = self.coefficients(xf)
-            u = (alpha[..., 0].unsqueeze(-2) @ xf).squeeze(-2)  # (B,T,C): A_m^T H, the sublayer input
-            res = alpha[..., 1:].transpose(-1, -2) @ xf        # (B,T,n,C): A_r^T H
+            # contiguous coefficients: CPU bmm falls back to a per-token loop on strided small operands
+            u = (alpha[..., 0].unsqueeze(-2).contiguous() @ xf).squeeze(-2)  # (B,T,C): A_m^T H, the sublayer input
+            res = alpha[..., 1:].transpose(-1, -2).contiguous() @ xf        # (B,T,n,C): A_r^T H
         y = f(u.to(x.dtype))
         with torch.autocast(x.device.type, enabled=False):
             # B^T f(.) as a K=1 matmul: its backward is two batched matmuls, not two broadcast temporaries
@@ -866,6 +867,8 @@ class GPT(nn.Module):
             else:
                 x = block(x, cache.layers[i] if cache is not None else None)
         if streams:
+            if x.requires_grad:  # the sum's gradient is one tensor broadcast over the streams (stride 0); densify
+                x.register_hook(torch.Tensor.contiguous)  # it, or CPU bmm falls back to a per-token loop
             x = x.sum(2)  # summed before the final norm
         x = self.transformer.ln_f(x)
         if cache is not None:
