@@ -47,7 +47,7 @@ n_layer = 6                  # decode section model depth
 decode_T = 1024              # context length for decode timing
 decode_tokens = 8            # tokens timed per decode measurement
 warmup = 1
-repeats = 3
+repeats = 5
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))]
 try:
