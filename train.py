@@ -127,9 +127,6 @@ if gradient_accumulation_steps % world:
     sys.exit(f"error: gradient_accumulation_steps={gradient_accumulation_steps} is global and must divide by the "
              f"world size {world}")
 accum = gradient_accumulation_steps // world
-tokens_per_step = gradient_accumulation_steps * batch_size * block_size
-log(f"world size {world} | grad accum {accum} per process ({gradient_accumulation_steps} global) | "
-    f"batch {batch_size} x {block_size} | tokens per step {tokens_per_step:,}")
 
 if dtype is None:
     dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device_type == "cuda" else "float32"
@@ -160,13 +157,16 @@ if dataset.startswith("mad:"):
         sys.exit(f"error: block_size={block_size} is shorter than the {dataset} examples (length {task.length}); "
                  f"pass --block_size={task.length}")
     tokenizer = {"kind": "mad", "vocab_size": task.vocab_size, "task": asdict(task)}
-    tokens_per_step = gradient_accumulation_steps * batch_size * task.length
 else:
     data_dir = dataset if os.path.isdir(dataset) else os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
     if not os.path.isdir(data_dir):
         sys.exit(f"error: dataset '{dataset}' not found: expected a folder data/{dataset}/ with train and val shards "
                  f"(python data/{dataset}/prepare.py), a path to one, or mad:<task> ({', '.join(mad.TASKS)})")
     tokenizer = load_meta(data_dir)
+seq_len = task.length if task else block_size  # tokens per training row
+tokens_per_step = gradient_accumulation_steps * batch_size * seq_len
+log(f"world size {world} | grad accum {accum} per process ({gradient_accumulation_steps} global) | "
+    f"batch {batch_size} x {seq_len} | tokens per step {tokens_per_step:,}")
 os.makedirs(out_dir, exist_ok=True)
 ckpt_last, ckpt_best = os.path.join(out_dir, "ckpt_last.pt"), os.path.join(out_dir, "ckpt_best.pt")
 
@@ -255,7 +255,8 @@ def evaluate():
     for x, y in val_set(rank=rank, world=world):
         with ctx:
             logits, loss = model(x, y)
-        correct, n = mad.answer_hits(logits, y)
+        n = (y != -1).sum()
+        correct = mad.answer_hits(logits, y)[0] if task else torch.zeros((), device=device)  # no argmax for text
         acc += torch.stack([loss.double() * n, correct.double(), n.double()])
     if ddp:
         dist.all_reduce(acc)

@@ -41,6 +41,9 @@ from dataclasses import asdict, dataclass, fields, replace
 import numpy as np
 import torch
 
+from data import shards
+from data.shards import to_device
+
 TASKS = ("in_context_recall", "fuzzy_recall", "noisy_recall", "selective_copying", "compression", "memorization")
 IGNORE = -1
 
@@ -108,7 +111,7 @@ def make_task(name, size="lite", args=""):
             raise ValueError(f"mad_args: '{item}' is not field=value with a field among "
                              f"{', '.join(k for k in types if k != 'name')}")
         try:
-            task = replace(task, **{key: (float if types[key] in (float, "float") else int)(raw)})
+            task = replace(task, **{key: (float if types[key] is float else int)(raw)})
         except ValueError:
             raise ValueError(f"mad_args: {key}={raw!r} is not a number") from None
     check(task)
@@ -260,9 +263,10 @@ class Loader:
             self.perms = {epoch: np.random.default_rng([self.seed, 7, epoch]).permutation(len(self.x))}
         return self.perms[epoch][i]
 
+    rows = shards.Loader.rows  # the same disjoint slice of every global batch per rank
+
     def batch(self, step, micro):
-        first = self.row0 + step * self.rows_per_step + (micro * self.world + self.rank) * self.B
-        idx = [self.index(r) for r in range(first, first + self.B)]
+        idx = [self.index(r) for r in self.rows(step, micro)]
         return to_device(torch.from_numpy(self.x[idx]), torch.from_numpy(self.y[idx]), self.device)
 
     def state(self, next_step):
@@ -282,9 +286,3 @@ def val_batches(task, batch_size, seed, rank=0, world=1, device="cpu", n_batches
     for b in range(rank, total, world):
         s = slice(b * batch_size, (b + 1) * batch_size)
         yield to_device(torch.from_numpy(x[s]), torch.from_numpy(y[s]), device)
-
-
-def to_device(x, y, device):
-    if torch.device(device).type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)

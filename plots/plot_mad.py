@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.join(REPO, "plots"))
 from data.mad import TASKS  # noqa: E402
 from plot_loss import read_run  # noqa: E402
 
-# MAD Avg from the HyperMLP paper's design-study table (../shared/research/hypermlp.md section 5.1): mad-lab's
+# MAD Avg from the HyperMLP paper's design-study table (Lu & Yang, arXiv 2602.12601, slide p.30): mad-lab's
 # full protocol with its 4-layer model, so a reference for the ordering, not for the lite numbers.
 PAPER = {"S-pc": 80.15, "R-pc": 80.50, "R-cg-q": 66.78, "R-cg-q-12o": 81.01, "R-12!": 46.27, "R-12o!": 81.82,
          "G-cg-q-12o": 81.12}

@@ -232,7 +232,7 @@ def test_resumed_mad_run_matches_an_uninterrupted_one(tmp_path):
 def fake_run(root, variant, task, lr, acc, done=True, **model):
     d = os.path.join(root, variant, task, f"lr{lr}")
     os.makedirs(d)
-    args = dict(dict(attn="softmax", n_embd=128, residual="plain"), **model)
+    args = {"attn": "softmax", "n_embd": 128, "residual": "plain", **model}
     with open(os.path.join(d, "config.json"), "w") as f:
         json.dump({"dataset": f"mad:{task}", "learning_rate": lr, "weight_decay": 0.0, "model_args": args}, f)
     with open(os.path.join(d, "metrics.csv"), "w") as f:
