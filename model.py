@@ -352,29 +352,240 @@ class LagMix(nn.Module):
         return self.U, self.Vt, self.d
 
 
+# -----------------------------------------------------------------------------
+# HyperGLU's training path: the same rows as HyperGLU._rows, with the backward written out by hand.
+# Per chunk of M query rows it keeps nothing T x T: forward saves q, k, v, c1, c2 (O(T d)); backward recomputes
+# the chunk's maps and differentiates them directly. Three things make it cheaper than autograd over _rows:
+#  - no skew copies: QK^T is written by its GEMM straight into lag order (the output is a skewed view of a
+#    buffer W + base wide, base = W-1-row_start), and A V reads the final map through the inverse view;
+#  - the mixers are one elementwise pass (the diagonal) and one accumulating GEMM (the low rank) each;
+#  - backward reuses the forward's small tensors and needs no T x T autograd graph.
+# Maps are (B, H, M, W): H heads (H1 = 2h qk-heads for GLU), M rows, W keys/lags.
+
+def key_view(buf, W, base):
+    """buf (..., M, W + base) holds lag-layout rows; return its key-order view (..., M, W):
+    K[m, i] = buf[m, i + base - m]. Row m of a chunk is query r = row_start + m, and base = W-1-row_start,
+    so key i sits at lag column i + W-1-r (to_lag's map), and keys i > r land in the columns >= W."""
+    st = buf.stride()
+    return buf.as_strided((*buf.shape[:-1], W), (*st[:-2], st[-2] - 1, st[-1]), buf.storage_offset() + base)
+
+
+def invalid_cols(M, W, row_start, lag, device):
+    """(c0, c1, mask (M, c1-c0)): the only columns of a chunk that can hold invalid entries, True where invalid.
+    Lag layout: keys < 0 (column c < W-1-r, so c < W-1-row_start). Key order: future keys (c > r)."""
+    m = torch.arange(M, device=device)[:, None]
+    if lag:
+        base = W - 1 - row_start
+        return 0, base, torch.arange(base, device=device)[None, :] < base - m
+    c0 = row_start + 1
+    return c0, W, torch.arange(c0, W, device=device)[None, :] > row_start + m
+
+
+def scaled(X, scale, tail=0):
+    """X * scale (a per-lag (H, 1, W) scale or a number) in a buffer (..., W + tail) whose last `tail`
+    columns are 0, so key_view can read it. Returns the buffer; [..., :W] is the product."""
+    if torch.compiler.is_compiling():  # functional form for torch.compile
+        return F.pad(X * scale, (0, tail))
+    buf = X.new_empty(*X.shape[:-1], X.shape[-1] + tail)
+    buf[..., X.shape[-1]:].zero_()
+    torch.mul(X, scale, out=buf[..., :X.shape[-1]])
+    return buf
+
+
+def lag_scale(d, shortcut, s):
+    """The full-rank part of a mixer R, I + diag(d), as a per-lag (H, 1, W) scale (a number without d)."""
+    if d is None:
+        return 1.0 if shortcut else 0.0
+    return d[:, None, s:] + 1.0 if shortcut else d[:, None, s:]
+
+
+def low_rank_add_(Y, Pc, Vt):
+    """Y (B,H,M,W) += Pc (B,H,M,r) @ Vt (H,r,W) in place, one batched GEMM: R's low-rank part U diag(c) Vt."""
+    B, H, M, W = Y.shape
+    Y.view(B * H, M, W).baddbmm_(Pc.reshape(B * H, M, -1), Vt.expand(B, -1, -1, -1).reshape(B * H, -1, W))
+    return Y
+
+
+def act_forward(Z1, h, glu, use_norm, eps, scale2, tail):
+    """The activation on op1's output Z1 (B,H1,M,W) (hypermlp.md §1.2 step 7) and the full-rank start of op2.
+    Returns n and inv = 1/max(n, eps) (B,h,M,1, fp32; None for attn_norm="none"), a (B,h,M,W), and
+    a * scale2 in a buffer with `tail` zero columns (op2's low-rank GEMM then accumulates into it)."""
+    G = Z1[:, :h] if glu else Z1  # GLU: gate heads 0..h-1, scale heads h..2h-1
+    n = inv = None
+    if use_norm:  # l2 and out_scale are the same function (ReLU is positively homogeneous): scale the output
+        n = torch.linalg.vector_norm(G, dim=-1, keepdim=True, dtype=torch.promote_types(G.dtype, torch.float32))
+        inv = 1.0 / n.clamp_min(eps)
+    if glu:  # softplus(Sc) > 0, so softplus(Sc) relu(G) = relu(softplus(Sc) G)
+        a = (torch.logaddexp(Z1[:, h:], Z1.new_zeros(())) * G).clamp_min_(0.0)
+    else:
+        a = G.clamp_min(0.0)
+    return n, inv, a, scaled(a, scale2, tail)
+
+
+def no_autocast(fn):
+    """Run fn with autocast off: rows_forward/rows_backward cast everything to q's dtype themselves."""
+    def run(cfg, glu, q, *args, **kw):
+        with torch.autocast(q.device.type, enabled=False):
+            return fn(cfg, glu, q, *args, **kw)
+    return run
+
+
+@no_autocast
+def rows_forward(cfg, glu, q, k, v, c1, c2, row_start, params, keep=False):
+    """HyperGLU._rows without autograd: output rows row_start..row_start+M-1 (B,h,M,dv).
+    keep=True returns the chunk's maps and small tensors for rows_backward instead of the output."""
+    B, H1, M, _ = q.shape
+    W, h, L = k.shape[2], cfg.n_head, cfg.block_size
+    s = L - W  # lag-indexed parameters: a width-W row uses their last W rows
+    lag = cfg.aligner_kind == "offset"
+    dt = q.dtype
+    k, v = k.to(dt), v.to(dt)
+    U1, Vt1, d1, U2, Vt2, d2 = (p.to(dt) if p is not None else None for p in params)
+    region = invalid_cols(M, W, row_start, lag, q.device) if cfg.do_masking else None
+    base = W - 1 - row_start if lag else 0
+
+    def masked(Y, on):
+        if on and region is not None:
+            Y[..., region[0]:region[1]].masked_fill_(region[2], 0.0)
+        return Y
+
+    # z_j = <q_t, k_{t-j}>, in lag order
+    if lag:
+        Sb = q.new_empty(B, H1, M, W + base)
+        Sb[..., :base].zero_()  # lags of keys < 0 read the pad
+        torch.matmul(q, k.transpose(-1, -2), out=key_view(Sb, W, base))
+        Z = Sb[..., :W]
+    else:
+        Z = masked(q @ k.transpose(-1, -2), True)
+    # op1: Z1 = Z (I + diag(d1) + U1 diag(c1) Vt1), then masked
+    P = Pc = None
+    if cfg.use_op1:
+        P = Z @ U1[:, s:]  # (B,H1,M,r1)
+        Pc = P * c1.to(dt)
+        Z1 = masked(low_rank_add_(Z * lag_scale(d1, cfg.op1_shortcut, s), Pc, Vt1[:, :, s:]), cfg.op1_do_masking)
+    else:
+        Z1 = Z
+    # a = softplus(Sc) relu(G) / ||G||  (the 1/||G|| is applied to the output), then op2 on a
+    scale2 = lag_scale(d2, cfg.op2_shortcut, s) if cfg.use_op2 else 1.0
+    n, inv, a, Ab = act_forward(Z1, h, glu, cfg.attn_norm != "none", cfg.norm_eps, scale2, base)
+    Q = Qc = None
+    if cfg.use_op2:
+        Q = a @ U2[:, s:]  # (B,h,M,r2)
+        Qc = Q * c2.to(dt)
+        masked(low_rank_add_(Ab[..., :W], Qc, Vt2[:, :, s:]), cfg.op2_do_masking)
+    A2 = Ab[..., :W]                                # op2's output, lag order
+    A = key_view(Ab, W, base) if lag else A2        # the same map in key order, no copy
+    if keep:
+        return dict(Z=Z, P=P, Pc=Pc, Z1=Z1, n=n, inv=inv, a=a, Q=Q, Qc=Qc, A2=A2, A=A, region=region, base=base,
+                    params=(U1, Vt1, d1, U2, Vt2, d2))
+    out = A @ v  # (B,h,M,dv)
+    return (out * inv).to(dt) if inv is not None else out
+
+
+@no_autocast
+def rows_backward(cfg, glu, q, k, v, c1, c2, row_start, params, gout):
+    """Gradients of rows_forward's output for q, k, v, c1, c2 and (U1, Vt1, d1, U2, Vt2, d2) (full L rows),
+    from gout (B,h,M,dv): the chunk's maps are recomputed, then each step of rows_forward is undone in reverse."""
+    f = rows_forward(cfg, glu, q, k, v, c1, c2, row_start, params, keep=True)
+    B, H1, M, _ = q.shape
+    W, h, L = k.shape[2], cfg.n_head, cfg.block_size
+    s = L - W
+    lag = cfg.aligner_kind == "offset"
+    dt = q.dtype
+    k, v, gout = k.to(dt), v.to(dt), gout.to(dt)
+    base, region = f["base"], f["region"]
+    U1, Vt1, d1, U2, Vt2, d2 = f["params"]
+    Z, Z1, a, inv = f["Z"], f["Z1"], f["a"], f["inv"]
+
+    def masked(Y, on):  # the gradient of masked_fill is the same mask
+        if on and region is not None:
+            Y[..., region[0]:region[1]].masked_fill_(region[2], 0.0)
+        return Y
+
+    # out = (A v) inv: dv = A^T dy, dA = dy v^T with dy = gout inv
+    gy = (gout * inv).to(dt) if inv is not None else gout
+    if lag:  # dA is written straight into lag order; lags of keys < 0 were never read, so they get 0
+        gAb = q.new_empty(B, h, M, W + base)
+        gAb[..., :base].zero_()
+        torch.matmul(gy, v.transpose(-1, -2), out=key_view(gAb, W, base))
+        gA2 = gAb[..., :W]
+    else:
+        gA2 = masked(gy @ v.transpose(-1, -2), cfg.use_op2 and cfg.op2_do_masking)
+    gv = f["A"].transpose(-1, -2) @ gy
+    # the norm: d inv/dn = -1/n^2 (n > eps) and sum(gout * A v) = rowdot(A, dA) / inv, so dn = -rowdot(A, dA) inv;
+    # with dn/dG = G/n, dG gets coef * G, coef = -rowdot(A, dA) inv^2
+    coef = None
+    if inv is not None:
+        dot = (f["A2"] * gA2).sum(-1, keepdim=True, dtype=inv.dtype)
+        coef = torch.where(f["n"] > cfg.norm_eps, -dot * inv * inv, torch.zeros_like(dot)).to(dt)
+    # op2: A2 = a (I + diag(d2)) + (a U2 * c2) Vt2
+    gU2 = gVt2 = gd2 = gc2 = None
+    if cfg.use_op2:
+        Q, Qc = f["Q"], f["Qc"]
+        gQc = gA2 @ Vt2[:, :, s:].transpose(-1, -2)  # (B,h,M,r2)
+        gVt2 = _full(Vt2, (Qc.transpose(-1, -2) @ gA2).sum(0), 2, s)
+        gc2 = gQc * Q
+        gQ = gQc * c2.to(dt)
+        gU2 = _full(U2, (a.transpose(-1, -2) @ gQ).sum(0), 1, s)
+        if d2 is not None:
+            gd2 = _full(d2, (gA2 * a).sum(2).sum(0), 1, s)
+        ga = low_rank_add_(gA2 * lag_scale(d2, cfg.op2_shortcut, s), gQ, U2[:, s:].transpose(-1, -2))
+    else:
+        ga = gA2
+    # the activation: a = softplus(Sc) relu(G), or relu(G)
+    G = Z1[:, :h] if glu else Z1
+    gG = torch.ops.aten.threshold_backward(ga, G, 0)  # ga [G > 0]
+    if glu:
+        Sc = Z1[:, h:]
+        gZ1 = Z1.new_empty(Z1.shape)
+        gG = torch.mul(gG, torch.logaddexp(Sc, Sc.new_zeros(())), out=gZ1[:, :h])  # ga [G > 0] softplus(Sc)
+        torch.mul(ga * G.clamp_min(0.0), torch.sigmoid(Sc), out=gZ1[:, h:])         # ga relu(G) sigmoid(Sc)
+    else:
+        gZ1 = gG
+    if coef is not None:
+        gG.addcmul_(coef, G)
+    # (op1's mask needs no backward step here: where it zeroed Z1, G = 0, so relu' and G itself zero dZ1)
+    # op1: Z1 = Z (I + diag(d1)) + (Z U1 * c1) Vt1; dZ goes into a buffer whose key view is dS
+    gU1 = gVt1 = gd1 = gc1 = None
+    scale1 = lag_scale(d1, cfg.op1_shortcut, s) if cfg.use_op1 else 1.0
+    gZb = scaled(gZ1, scale1, base)  # future keys (columns >= W) get 0
+    if cfg.use_op1:
+        P, Pc = f["P"], f["Pc"]
+        gPc = gZ1 @ Vt1[:, :, s:].transpose(-1, -2)  # (B,H1,M,r1)
+        gVt1 = _full(Vt1, (Pc.transpose(-1, -2) @ gZ1).sum(0), 2, s)
+        gc1 = gPc * P
+        gP = gPc * c1.to(dt)
+        gU1 = _full(U1, (Z.transpose(-1, -2) @ gP).sum(0), 1, s)
+        if d1 is not None:
+            gd1 = _full(d1, (gZ1 * Z).sum(2).sum(0), 1, s)
+        low_rank_add_(gZb[..., :W], gP, U1[:, s:].transpose(-1, -2))
+    # z = q k^T: dq = dS k, dk = dS^T q
+    gS = key_view(gZb, W, base) if lag else masked(gZb, True)
+    return gS @ k, gS.transpose(-1, -2) @ q, gv, gc1, gc2, gU1, gVt1, gd1, gU2, gVt2, gd2
+
+
+def _full(p, g, dim, s):
+    """The gradient of a lag-indexed parameter (L rows along dim) from that of its last L-s rows."""
+    out = torch.zeros(p.shape, dtype=g.dtype, device=g.device)
+    out.narrow(dim, s, g.shape[dim]).copy_(g)
+    return out
+
+
 class RecomputeRows(torch.autograd.Function):
     """Score rows of one chunk without keeping them: forward saves only its inputs (O(T d)); backward
-    recomputes the chunk with autograd and differentiates it. Same math as the plain path, so the same
-    outputs and gradients; the T x T intermediates live only while one chunk is being differentiated."""
+    recomputes the chunk's maps (rows_forward, keep=True) and differentiates them by hand (rows_backward).
+    The T x T intermediates live only while one chunk is being differentiated."""
 
     @staticmethod
-    def forward(ctx, layer, row_start, q, k, v, c1, c2, *params):
-        dev = q.device.type
-        ctx.layer, ctx.row_start, ctx.dev = layer, row_start, dev
-        ctx.amp = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))  # backward replays it
+    def forward(ctx, cfg, glu, row_start, q, k, v, c1, c2, *params):
+        ctx.cfg, ctx.glu, ctx.row_start = cfg, glu, row_start
         ctx.save_for_backward(q, k, v, c1, c2, *params)
-        with torch.no_grad():
-            return layer._rows(q, k, v, c1, c2, row_start, params)
+        return rows_forward(cfg, glu, q, k, v, c1, c2, row_start, params)
 
     @staticmethod
     def backward(ctx, g):
-        saved = ctx.saved_tensors
-        inputs = [t.detach().requires_grad_(t.requires_grad) if t is not None else None for t in saved]
-        with torch.enable_grad(), torch.autocast(ctx.dev, dtype=ctx.amp[1], enabled=ctx.amp[0]):
-            out = ctx.layer._rows(*inputs[:5], ctx.row_start, inputs[5:])
-        wrt = [t for t in inputs if t is not None and t.requires_grad]
-        grads = iter(torch.autograd.grad(out, wrt, g, allow_unused=True))
-        return (None, None) + tuple(next(grads) if t is not None and t.requires_grad else None for t in inputs)
+        q, k, v, c1, c2, *params = ctx.saved_tensors
+        return (None, None, None) + rows_backward(ctx.cfg, ctx.glu, q, k, v, c1, c2, ctx.row_start, params, g)
 
 
 class HyperGLU(nn.Module):
@@ -461,7 +672,6 @@ class HyperGLU(nn.Module):
         impl = impl or cfg.impl_default
         _choice("HyperGLU.forward", "impl", impl, ("dense", "chunked", "recompute"))
         step = T if impl == "dense" else (chunk_T or cfg.chunk_T)
-        recompute = impl == "recompute" and torch.is_grad_enabled()
         prune = cfg.aligner_kind == "offset" and cfg.do_masking  # a row only needs keys up to itself
         params = self._mix_params()
         W_all = n_past + T
@@ -472,10 +682,12 @@ class HyperGLU(nn.Module):
             sl = slice(i0, i1)
             args = (q[:, :, sl], k[:, :, :W], v[:, :, :W], c1[:, :, sl] if c1 is not None else None,
                     c2[:, :, sl] if c2 is not None else None)
-            if recompute:
-                outs.append(RecomputeRows.apply(self, n_past + i0, *args, *params))
-            else:
+            if impl != "recompute":
                 outs.append(self._rows(*args, n_past + i0, params))
+            elif torch.is_grad_enabled():
+                outs.append(RecomputeRows.apply(cfg, self.glu, n_past + i0, *args, *params))
+            else:
+                outs.append(rows_forward(cfg, self.glu, *args, n_past + i0, params))
         y = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]  # (B, h, T, dv)
         y = y.transpose(1, 2)  # (B, T, h, dv)
         if cfg.use_vo_gate:
@@ -512,7 +724,7 @@ class HyperGLU(nn.Module):
             inv = 1.0 / _up(gate).norm(dim=-1, keepdim=True).clamp_min(cfg.norm_eps)  # (B,h,M,1)
         a = F.relu(gate)
         if self.glu:
-            a = F.softplus(Z[:, h:]) * a
+            a = torch.logaddexp(Z[:, h:], Z.new_zeros(())) * a  # softplus, without F.softplus's x > 20 cut-off
         if cfg.use_op2:
             a = lag_mix(a, c2, U2, Vt2, d2, cfg.op2_shortcut, invalid if cfg.op2_do_masking else None)
         A = Skew.apply(a, row_start, False) if lag else a  # (B,h,M,W) back in key order
