@@ -13,6 +13,7 @@ residual connections, the Block and the GPT, then parameter accounting and budge
 Shapes: B batch, T sequence, C (= D) width, h heads, L block_size.
 """
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass, fields, replace
@@ -370,9 +371,11 @@ def key_view(buf, W, base):
     return buf.as_strided((*buf.shape[:-1], W), (*st[:-2], st[-2] - 1, st[-1]), buf.storage_offset() + base)
 
 
+@functools.lru_cache(maxsize=256)
 def invalid_cols(M, W, row_start, lag, device):
     """(c0, c1, mask (M, c1-c0)): the only columns of a chunk that can hold invalid entries, True where invalid.
-    Lag layout: keys < 0 (column c < W-1-r, so c < W-1-row_start). Key order: future keys (c > r)."""
+    Lag layout: keys < 0 (column c < W-1-r, so c < W-1-row_start). Key order: future keys (c > r).
+    Cached: every full chunk of a causal lag-layout pass has the same region."""
     m = torch.arange(M, device=device)[:, None]
     if lag:
         base = W - 1 - row_start
@@ -406,24 +409,28 @@ def low_rank_add_(Y, Pc, Vt):
     return Y
 
 
-def act_forward(Z1, h, glu, use_norm, eps, scale2, tail):
+def act_forward(Z1, h, glu, use_norm, eps, scale2, tail, keep):
     """The activation on op1's output Z1 (B,H1,M,W) (hypermlp.md §1.2 step 7) and the full-rank start of op2.
-    Returns n and inv = 1/max(n, eps) (B,h,M,1, fp32; None for attn_norm="none"), a (B,h,M,W), and
-    a * scale2 in a buffer with `tail` zero columns (op2's low-rank GEMM then accumulates into it)."""
+    Returns n and inv = 1/max(n, eps) (B,h,M,1, fp32; None for attn_norm="none"), softplus(Sc) and relu(G)
+    (GLU; backward reuses them), a (B,h,M,W), and a * scale2 in a buffer with `tail` zero columns (op2's
+    low-rank GEMM then accumulates into it)."""
     G = Z1[:, :h] if glu else Z1  # GLU: gate heads 0..h-1, scale heads h..2h-1
-    n = inv = None
+    n = inv = sp = rG = None
     if use_norm:  # l2 and out_scale are the same function (ReLU is positively homogeneous): scale the output
         n = torch.linalg.vector_norm(G, dim=-1, keepdim=True, dtype=torch.promote_types(G.dtype, torch.float32))
         inv = 1.0 / n.clamp_min(eps)
-    if glu:  # softplus(Sc) > 0, so softplus(Sc) relu(G) = relu(softplus(Sc) G)
-        a = (torch.logaddexp(Z1[:, h:], Z1.new_zeros(())) * G).clamp_min_(0.0)
+    rG = G.clamp_min(0.0)
+    if glu:
+        sp = torch.logaddexp(Z1[:, h:], Z1.new_zeros(()))  # softplus
+        a = sp * rG if keep else sp.mul_(rG)
     else:
-        a = G.clamp_min(0.0)
-    return n, inv, a, scaled(a, scale2, tail)
+        a = rG
+    return n, inv, sp, rG, a, scaled(a, scale2, tail)
 
 
 def no_autocast(fn):
     """Run fn with autocast off: rows_forward/rows_backward cast everything to q's dtype themselves."""
+    @functools.wraps(fn)
     def run(cfg, glu, q, *args, **kw):
         with torch.autocast(q.device.type, enabled=False):
             return fn(cfg, glu, q, *args, **kw)
@@ -467,7 +474,7 @@ def rows_forward(cfg, glu, q, k, v, c1, c2, row_start, params, keep=False):
         Z1 = Z
     # a = softplus(Sc) relu(G) / ||G||  (the 1/||G|| is applied to the output), then op2 on a
     scale2 = lag_scale(d2, cfg.op2_shortcut, s) if cfg.use_op2 else 1.0
-    n, inv, a, Ab = act_forward(Z1, h, glu, cfg.attn_norm != "none", cfg.norm_eps, scale2, base)
+    n, inv, sp, rG, a, Ab = act_forward(Z1, h, glu, cfg.attn_norm != "none", cfg.norm_eps, scale2, base, keep)
     Q = Qc = None
     if cfg.use_op2:
         Q = a @ U2[:, s:]  # (B,h,M,r2)
@@ -476,7 +483,7 @@ def rows_forward(cfg, glu, q, k, v, c1, c2, row_start, params, keep=False):
     A2 = Ab[..., :W]                                # op2's output, lag order
     A = key_view(Ab, W, base) if lag else A2        # the same map in key order, no copy
     if keep:
-        return dict(Z=Z, P=P, Pc=Pc, Z1=Z1, n=n, inv=inv, a=a, Q=Q, Qc=Qc, A2=A2, A=A, region=region, base=base,
+        return dict(Z=Z, P=P, Pc=Pc, Z1=Z1, n=n, inv=inv, sp=sp, rG=rG, a=a, Q=Q, Qc=Qc, A2=A2, A=A, region=region, base=base,
                     params=(U1, Vt1, d1, U2, Vt2, d2))
     out = A @ v  # (B,h,M,dv)
     return (out * inv).to(dt) if inv is not None else out
@@ -538,8 +545,8 @@ def rows_backward(cfg, glu, q, k, v, c1, c2, row_start, params, gout):
     if glu:
         Sc = Z1[:, h:]
         gZ1 = Z1.new_empty(Z1.shape)
-        gG = torch.mul(gG, torch.logaddexp(Sc, Sc.new_zeros(())), out=gZ1[:, :h])  # ga [G > 0] softplus(Sc)
-        torch.mul(ga * G.clamp_min(0.0), torch.sigmoid(Sc), out=gZ1[:, h:])         # ga relu(G) sigmoid(Sc)
+        gG = torch.mul(gG, f["sp"], out=gZ1[:, :h])                          # ga [G > 0] softplus(Sc)
+        torch.mul(ga * f["rG"], torch.sigmoid(Sc), out=gZ1[:, h:])          # ga relu(G) sigmoid(Sc)
     else:
         gZ1 = gG
     if coef is not None:
@@ -747,6 +754,14 @@ class HyperGLU(nn.Module):
 # plain works on (B,T,C); hc and mhc on n streams (B,T,n,C), expanded once after the embedding and
 # summed once before ln_f. Site k = 2*layer + (0 attention, 1 MLP).
 
+def add_outer(res, w, y):
+    """res (B,T,n,C) + w (B,T,n) outer y (B,T,C): one batched GEMM with K=1 that accumulates into res, so no
+    (B,T,n,C) temporary is written and read again; its backward is two batched matmuls."""
+    B, T, n, C = res.shape
+    w = w.expand(B, T, n).reshape(B * T, n, 1)  # static HC: one B for every token
+    return torch.baddbmm(res.reshape(B * T, n, C), w, y.reshape(B * T, 1, C)).view(B, T, n, C)
+
+
 class Plain(nn.Module):
     """Pre-norm residual: x + f(x), bit-identical to nanoGPT's x = x + attn(ln_1(x))."""
 
@@ -803,8 +818,7 @@ class HyperConnection(nn.Module):
             res = alpha[..., 1:].transpose(-1, -2).contiguous() @ xf        # (B,T,n,C): A_r^T H
         y = f(u.to(x.dtype))
         with torch.autocast(x.device.type, enabled=False):
-            # B^T f(.) as a K=1 matmul: its backward is two batched matmuls, not two broadcast temporaries
-            return (res + beta.unsqueeze(-1) @ _up(y).unsqueeze(-2)).to(x.dtype)
+            return add_outer(res, beta, _up(y)).to(x.dtype)  # A_r^T H + B^T f(.)
 
 
 def sinkhorn(logits, iters=20):
@@ -886,7 +900,7 @@ class ManifoldHC(nn.Module):
             mixed = res @ xf                          # (B,T,n,C)
         y = f(u.to(x.dtype))
         with torch.autocast(x.device.type, enabled=False):
-            return (mixed + post.unsqueeze(-1) @ _up(y).unsqueeze(-2)).to(x.dtype)  # H_post^T f(.), K=1 matmul
+            return add_outer(mixed, post, _up(y)).to(x.dtype)  # H_res x + H_post^T f(.)
 
 
 def make_residual(config, site):
