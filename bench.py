@@ -13,8 +13,9 @@ Sections:
   model   a whole training step (forward, backward, AdamW) of the GPT for every attn x residual: ms per step,
           ms per layer, tokens/s, memory, MFU on GPU. HyperGLU / HyperMLP are budget matched to softmax.
   decode  ms per generated token at a decode_T-token context, with the KV cache and with full recompute.
-Each number is the median of `repeats` runs after `warmup` runs. Absolute times on a shared machine are noise;
-read the ratio columns, which compare measurements taken in the same run.
+Each time is the median of `repeats` rounds after `warmup` rounds; in each round every variant of a table runs
+once in turn, and a ratio is the median of the per-round ratios. Absolute times on a shared machine are noise;
+read the ratio columns, which compare measurements taken side by side.
 """
 
 import statistics
@@ -47,7 +48,7 @@ n_layer = 6                  # decode section model depth
 decode_T = 1024              # context length for decode timing
 decode_tokens = 8            # tokens timed per decode measurement
 warmup = 1
-repeats = 5
+repeats = 7
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))]
 try:
@@ -83,18 +84,22 @@ def sync():
         torch.cuda.synchronize()
 
 
-def timed(fn):
-    """Median seconds of fn over `repeats` runs after `warmup` runs."""
+def timed(fns):
+    """Median seconds of each fn, and the median of its per-round ratio to fns[0]. The fns take turns
+    (`warmup` rounds, then `repeats` timed rounds), so a slow spell on a shared machine hits all of them."""
     for _ in range(warmup):
-        fn()
-    ts = []
+        for fn in fns:
+            fn()
+    ts = [[] for _ in fns]
     for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+        for fn, t in zip(fns, ts):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            t.append(time.perf_counter() - t0)
+    ratios = [statistics.median(a / b for a, b in zip(t, ts[0])) for t in ts]
+    return [statistics.median(t) for t in ts], ratios
 
 
 def memory(fn):
@@ -134,26 +139,27 @@ if "layer" in wanted:
     rows = []
     for T in [int(t) for t in T_list.split(",")]:
         x = torch.randn(batch_size, T, n_embd, device=device, requires_grad=True)
-        base = None
+        layers = []
         for attn in attns.split(","):
             if attn == "softmax":
                 layer = CausalSelfAttention(GPTConfig(n_embd=n_embd, n_head=n_head, block_size=T, bias=False))
             else:
                 layer = HyperGLU(GPTConfig(attn=attn, n_embd=n_embd, n_head=hyper_heads, block_size=T,
                                            bias=False).hyperglu_config())
-            layer.to(device)
+            layers.append(layer.to(device))
 
-            def fwd(layer=layer):
-                with ctx:
-                    return layer(x)
+        def fwd(layer):
+            with ctx:
+                return layer(x)
 
-            def step(layer=layer):
-                fwd(layer).float().sum().backward()
-            ms = timed(step) * 1e3
-            mb = memory(lambda: fwd()) / 2 ** 20 if dev != "cuda" else memory(step) / 2 ** 20
-            base = base or (ms, mb)
-            rows.append([str(T), attn, f"{ms:.1f}", f"{ms / base[0]:.2f}x", f"{mb:.1f}", f"{mb / base[1]:.2f}x"])
-            del layer
+        def step(layer):
+            fwd(layer).float().sum().backward()
+        secs, ratios = timed([lambda layer=layer: step(layer) for layer in layers])
+        mbs = [(memory(lambda: fwd(layer)) if dev != "cuda" else memory(lambda: step(layer))) / 2 ** 20
+               for layer in layers]
+        for attn, t, r, mb in zip(attns.split(","), secs, ratios, mbs):
+            rows.append([str(T), attn, f"{t * 1e3:.1f}", f"{r:.2f}x", f"{mb:.1f}", f"{mb / mbs[0]:.2f}x"])
+        del layers
     table(f"one attention layer, forward + backward (B={batch_size}, n_embd={n_embd}; softmax {n_head} heads, "
           f"hyper {hyper_heads} heads)", ["T", "attn", "ms", "time vs softmax", mem_name, "memory vs softmax"], rows)
 
@@ -163,32 +169,31 @@ if "model" in wanted:
     soft = GPTConfig(vocab_size=50304 if dev == "cuda" else 8192, block_size=model_T, n_layer=model_layers,
                      n_head=model_heads, n_embd=model_embd, bias=False)
     idx = torch.randint(0, soft.vocab_size, (batch_size, model_T), device=device)
-    base = None
+    runs = []
     for attn in attns.split(","):
         for res in residuals.split(","):
             cfg = matched(soft, attn)
-            cfg = GPTConfig(**dict(cfg.__dict__, residual=res))
-            model = GPT(cfg).to(device)
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            model = GPT(GPTConfig(**dict(cfg.__dict__, residual=res))).to(device)
+            runs.append((attn, res, model, torch.optim.AdamW(model.parameters(), lr=1e-4)))
 
-            def step():
-                with ctx:
-                    _, loss = model(idx, idx)
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+    def step(model, opt):
+        with ctx:
+            _, loss = model(idx, idx)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
-            def fwd():
-                with ctx:
-                    model(idx, idx)
-            s = timed(step)
-            mb = memory(fwd if dev != "cuda" else step) / 2 ** 20
-            base = base or (s, mb)
-            peak = peak_flops(device)
-            mfu = f"{model.flops_per_token(model_T) * batch_size * model_T / s / peak * 100:.1f}%" if peak else "n/a"
-            rows.append([attn, res, f"{s * 1e3:.0f}", f"{s * 1e3 / model_layers:.1f}", f"{batch_size * model_T / s:,.0f}",
-                         f"{s / base[0]:.2f}x", f"{mb:.0f}", f"{mb / base[1]:.2f}x", mfu])
-            del model, opt
+    def fwd(model):
+        with ctx:
+            model(idx, idx)
+    secs, ratios = timed([lambda m=model, o=opt: step(m, o) for _, _, model, opt in runs])
+    mbs = [memory(lambda: fwd(model) if dev != "cuda" else step(model, opt)) / 2 ** 20 for _, _, model, opt in runs]
+    peak = peak_flops(device)
+    for (attn, res, model, _), s, r, mb in zip(runs, secs, ratios, mbs):
+        mfu = f"{model.flops_per_token(model_T) * batch_size * model_T / s / peak * 100:.1f}%" if peak else "n/a"
+        rows.append([attn, res, f"{s * 1e3:.0f}", f"{s * 1e3 / model_layers:.1f}", f"{batch_size * model_T / s:,.0f}",
+                     f"{r:.2f}x", f"{mb:.0f}", f"{mb / mbs[0]:.2f}x", mfu])
+    del runs
     table(f"training step of the whole model ({model_layers} x {model_embd}, T={model_T}, B={batch_size}; "
           f"HyperGLU/HyperMLP budget matched)",
           ["attn", "residual", "ms/step", "ms/layer", "tok/s", "time vs softmax/plain", mem_name,
