@@ -371,11 +371,9 @@ def key_view(buf, W, base):
     return buf.as_strided((*buf.shape[:-1], W), (*st[:-2], st[-2] - 1, st[-1]), buf.storage_offset() + base)
 
 
-@functools.lru_cache(maxsize=256)
 def invalid_cols(M, W, row_start, lag, device):
     """(c0, c1, mask (M, c1-c0)): the only columns of a chunk that can hold invalid entries, True where invalid.
-    Lag layout: keys < 0 (column c < W-1-r, so c < W-1-row_start). Key order: future keys (c > r).
-    Cached: every full chunk of a causal lag-layout pass has the same region."""
+    Lag layout: keys < 0 (column c < W-1-r, so c < W-1-row_start). Key order: future keys (c > r)."""
     m = torch.arange(M, device=device)[:, None]
     if lag:
         base = W - 1 - row_start

@@ -1,5 +1,6 @@
 """model.py: every attention x residual combination, HyperGLU exactness, HC/mHC at init, decoding, budgets."""
 import itertools
+import shutil
 
 import pytest
 import torch
@@ -230,6 +231,23 @@ def test_recompute_under_bf16_autocast_tracks_fp32(kind):
         assert g1[n].dtype == torch.float32
         cos = F.cosine_similarity(g1[n].flatten(), g0[n].flatten(), dim=0)
         assert cos > 0.995, (n, cos.item())  # autograd over the reference rows under bf16 gets 0.998-0.999 here too
+
+
+@pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="torch.compile on CPU needs a C compiler")
+def test_torch_compile_matches_eager():
+    """The training path (hand-written backward, strided GEMM outputs) under torch.compile, HyperGLU + mHC."""
+    torch.manual_seed(0)
+    model = GPT(tiny(attn="hyperglu", residual="mhc", n_layer=1, block_size=16, chunk_T=5))
+    idx = torch.randint(0, 61, (2, 16))
+    _, loss0 = model(idx, idx)
+    loss0.backward()
+    g0 = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    _, loss1 = torch.compile(model)(idx, idx)
+    loss1.backward()
+    assert abs(loss0.item() - loss1.item()) < 1e-5
+    for n, p in model.named_parameters():
+        assert (p.grad - g0[n]).abs().max() < 1e-5 * max(1.0, g0[n].abs().max().item()), n
 
 
 def test_out_scale_has_no_nan_in_half_precision():
