@@ -524,17 +524,10 @@ def rows_backward(cfg, glu, q, k, v, c1, c2, row_start, params, gout):
         dot = (f["A2"] * gA2).sum(-1, keepdim=True, dtype=inv.dtype)
         coef = torch.where(f["n"] > cfg.norm_eps, -dot * inv * inv, torch.zeros_like(dot)).to(dt)
     # op2: A2 = a (I + diag(d2)) + (a U2 * c2) Vt2
-    gU2 = gVt2 = gd2 = gc2 = None
+    gc2 = gU2 = gVt2 = gd2 = None
     if cfg.use_op2:
-        Q, Qc = f["Q"], f["Qc"]
-        gQc = gA2 @ Vt2[:, :, s:].transpose(-1, -2)  # (B,h,M,r2)
-        gVt2 = _full(Vt2, (Qc.transpose(-1, -2) @ gA2).sum(0), 2, s)
-        gc2 = gQc * Q
-        gQ = gQc * c2.to(dt)
-        gU2 = _full(U2, (a.transpose(-1, -2) @ gQ).sum(0), 1, s)
-        if d2 is not None:
-            gd2 = _full(d2, (gA2 * a).sum(2).sum(0), 1, s)
-        ga = low_rank_add_(gA2 * lag_scale(d2, cfg.op2_shortcut, s), gQ, U2[:, s:].transpose(-1, -2))
+        ga = gA2 * lag_scale(d2, cfg.op2_shortcut, s)
+        gc2, gU2, gVt2, gd2 = mix_backward(gA2, a, f["Q"], f["Qc"], c2.to(dt), U2, Vt2, d2, s, ga)
     else:
         ga = gA2
     # the activation: a = softplus(Sc) relu(G), or relu(G)
@@ -551,22 +544,25 @@ def rows_backward(cfg, glu, q, k, v, c1, c2, row_start, params, gout):
         gG.addcmul_(coef, G)
     # (op1's mask needs no backward step here: where it zeroed Z1, G = 0, so relu' and G itself zero dZ1)
     # op1: Z1 = Z (I + diag(d1)) + (Z U1 * c1) Vt1; dZ goes into a buffer whose key view is dS
-    gU1 = gVt1 = gd1 = gc1 = None
-    scale1 = lag_scale(d1, cfg.op1_shortcut, s) if cfg.use_op1 else 1.0
-    gZb = scaled(gZ1, scale1, base)  # future keys (columns >= W) get 0
+    gc1 = gU1 = gVt1 = gd1 = None
+    gZb = scaled(gZ1, lag_scale(d1, cfg.op1_shortcut, s) if cfg.use_op1 else 1.0, base)  # future keys get 0
     if cfg.use_op1:
-        P, Pc = f["P"], f["Pc"]
-        gPc = gZ1 @ Vt1[:, :, s:].transpose(-1, -2)  # (B,H1,M,r1)
-        gVt1 = _full(Vt1, (Pc.transpose(-1, -2) @ gZ1).sum(0), 2, s)
-        gc1 = gPc * P
-        gP = gPc * c1.to(dt)
-        gU1 = _full(U1, (Z.transpose(-1, -2) @ gP).sum(0), 1, s)
-        if d1 is not None:
-            gd1 = _full(d1, (gZ1 * Z).sum(2).sum(0), 1, s)
-        low_rank_add_(gZb[..., :W], gP, U1[:, s:].transpose(-1, -2))
+        gc1, gU1, gVt1, gd1 = mix_backward(gZ1, Z, f["P"], f["Pc"], c1.to(dt), U1, Vt1, d1, s, gZb[..., :W])
     # z = q k^T: dq = dS k, dk = dS^T q
     gS = key_view(gZb, W, base) if lag else masked(gZb, True)
     return gS @ k, gS.transpose(-1, -2) @ q, gv, gc1, gc2, gU1, gVt1, gd1, gU2, gVt2, gd2
+
+
+def mix_backward(gY, X, P, Pc, ctrl, U, Vt, d, s, gX):
+    """Gradients through a mixer, Y = X (I + diag(d)) + (P * ctrl) Vt with P = X U (lag rows s.. of U, Vt, d),
+    given gY (B,H,M,W): adds dP U^T to gX, which the caller filled with gY (I + diag(d)), and returns
+    (dctrl (B,H,M,r), dU, dVt, dd) with the parameters' full L rows."""
+    gPc = gY @ Vt[:, :, s:].transpose(-1, -2)  # (B,H,M,r)
+    gP = gPc * ctrl
+    gd = _full(d, (gY * X).sum(2).sum(0), 1, s) if d is not None else None
+    low_rank_add_(gX, gP, U[:, s:].transpose(-1, -2))
+    return (gPc * P, _full(U, (X.transpose(-1, -2) @ gP).sum(0), 1, s),
+            _full(Vt, (Pc.transpose(-1, -2) @ gY).sum(0), 2, s), gd)
 
 
 def _full(p, g, dim, s):
