@@ -593,9 +593,10 @@ class HyperGLU(nn.Module):
     """HyperGLU / HyperMLP attention layer, a drop-in for the official module: same config, same
     state_dict keys and shapes, same forward(x, *, impl, chunk_T, attention_mask), (B, T, n_embd) in and out.
 
-    impl: "dense" (all rows at once), "chunked" (chunk_T query rows at a time, each with only the keys it
-    can see) or "recompute" (chunked, and with gradients on each chunk's T x T intermediates are recomputed
-    in backward instead of kept: O(T d) saved activations, the GPT default). All three agree exactly.
+    impl: "dense" (all rows at once) and "chunked" (chunk_T query rows at a time, each with only the keys it
+    can see) run the reference rows, _rows, under autograd; "recompute" (the GPT default) runs the training
+    path above: chunked, O(T d) saved activations, maps recomputed in backward and differentiated by hand.
+    All three agree exactly (float64 tests).
     `cache` (a dict, used by GPT.generate) makes forward continue a sequence: it keeps K (after conv1, W_k,
     RoPE; ungated), V and the conv tail, and computes only the new rows (hypermlp.md §6)."""
 
@@ -702,7 +703,8 @@ class HyperGLU(nn.Module):
         return (*p1, *p2)
 
     def _rows(self, q, k, v, c1, c2, row_start, params):
-        """Output rows row_start..row_start+M-1, with the mixer parameters passed in (RecomputeRows swaps them).
+        """The reference: output rows row_start..row_start+M-1 under plain autograd (hypermlp.md §1.2, steps 4-9).
+        rows_forward computes the same rows for the training path; params = (U1, Vt1, d1, U2, Vt2, d2).
         q (B,H1,M,dqk), k (B,H1,W,dqk), v (B,h,W,dv), c1 (B,H1,M,r1), c2 (B,h,M,r2) -> (B,h,M,dv)."""
         cfg = self.config
         M, W = q.shape[2], k.shape[2]
