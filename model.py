@@ -193,7 +193,7 @@ class CausalSelfAttention(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# HyperGLU / HyperMLP  (hypermlp.md §1)
+# HyperGLU / HyperMLP  (Lu & Yang, arXiv 2602.12601; official code LJC-FVNR/HyperMLP)
 #
 # One head, query row t, lags j = 0..t (most recent first), paper notation:
 #   z_j   = < q_t * g_qk(x_t), k_{t-j} >                              score row, k from conv1(x)
@@ -276,7 +276,7 @@ class HyperGLUConfig:
 
 
 def to_lag(S, row_start):
-    """Key order -> lag layout (the reverse-offset "padview", hypermlp.md §1.5).
+    """Key order -> lag layout (the official code's reverse-offset "padview").
 
     S: (..., M, W) scores of query rows r = row_start..row_start+M-1 against keys 0..W-1.
     Returns Y (..., M, W) with Y[m, c] = S[m, r + c - (W-1)]: column c holds lag W-1-c, so lag 0 (the
@@ -323,7 +323,7 @@ class Skew(torch.autograd.Function):
 
 
 def lag_mix(X, ctrl, U, Vt, d, shortcut, invalid=None):
-    """R = I + diag(d) + U diag(ctrl) Vt on the right of each row of X (B, H, M, W), then masked (hypermlp.md §1.6).
+    """R = I + diag(d) + U diag(ctrl) Vt on the right of each row of X (B, H, M, W), then masked: the paper's DPLR mixer R = D + A S(x) B^T.
     U (H, L, r), Vt (H, r, L), d (H, L) or None: a row of width W uses their last W rows (lag L-1-p <-> row p)."""
     s = U.shape[1] - X.shape[-1]
     Y = ((X @ U[:, s:]) * ctrl) @ Vt[:, :, s:]  # (B,H,M,r) -> (B,H,M,W)
@@ -408,7 +408,7 @@ def low_rank_add_(Y, Pc, Vt):
 
 
 def act_forward(Z1, h, glu, use_norm, eps, scale2, tail, keep):
-    """The activation on op1's output Z1 (B,H1,M,W) (hypermlp.md §1.2 step 7) and the full-rank start of op2.
+    """The activation on op1's output Z1 (B,H1,M,W) (the paper's GLU: softplus(scale) relu(gate)/||gate||) and the full-rank start of op2.
     Returns n and inv = 1/max(n, eps) (B,h,M,1, fp32; None for attn_norm="none"), softplus(Sc) and relu(G)
     (GLU; backward reuses them), a (B,h,M,W), and a * scale2 in a buffer with `tail` zero columns (op2's
     low-rank GEMM then accumulates into it)."""
@@ -598,7 +598,7 @@ class HyperGLU(nn.Module):
     path above: chunked, O(T d) saved activations, maps recomputed in backward and differentiated by hand.
     All three agree exactly (float64 tests).
     `cache` (a dict, used by GPT.generate) makes forward continue a sequence: it keeps K (after conv1, W_k,
-    RoPE; ungated), V and the conv tail, and computes only the new rows (hypermlp.md §6)."""
+    RoPE; ungated), V and the conv tail, and computes only the new rows (exact thanks to the lag layout's extension consistency)."""
 
     def __init__(self, config):
         super().__init__()
@@ -703,7 +703,7 @@ class HyperGLU(nn.Module):
         return (*p1, *p2)
 
     def _rows(self, q, k, v, c1, c2, row_start, params):
-        """The reference: output rows row_start..row_start+M-1 under plain autograd (hypermlp.md §1.2, steps 4-9).
+        """The reference: output rows row_start..row_start+M-1 under plain autograd, step by step as the official module.
         rows_forward computes the same rows for the training path; params = (U1, Vt1, d1, U2, Vt2, d2).
         q (B,H1,M,dqk), k (B,H1,W,dqk), v (B,h,W,dv), c1 (B,H1,M,r1), c2 (B,h,M,r2) -> (B,h,M,dv)."""
         cfg = self.config
@@ -738,7 +738,7 @@ class HyperGLU(nn.Module):
 
     def flops_per_token(self, T):
         """Forward FLOPs of the score-map work per token at context T (1 MAC = 2 FLOPs; elementwise ignored):
-        QK^T, op1 (X U and (.)Vt per qk-head), op2 (per head) and A V, over a full row of T (hypermlp.md §2)."""
+        QK^T, op1 (X U and (.)Vt per qk-head), op2 (per head) and A V, over a full row of T."""
         cfg = self.config
         r1 = cfg.op1_rank if cfg.use_op1 else 0
         r2 = cfg.op2_rank if cfg.use_op2 else 0
@@ -856,7 +856,7 @@ class ManifoldHC(nn.Module):
     """mHC [mHC Eq. 3]: x' = H_res x + H_post^T f(H_pre x), coefficients from the RMS-normalised flattened
     streams [Eqs. 7-9], the norm applied after the matmul [Eqs. 14-16]: H_pre = sigmoid, H_post = 2 sigmoid,
     H_res = Sinkhorn. Gates alpha = 0.01, phi = 0, b_post = 0, b_pre favouring stream k mod n and
-    b_res = c_r (2I - 1) (hyperconnections.md §5.4) make it equal the pre-norm network at init."""
+    b_res = c_r (2I - 1) make it equal the pre-norm network at init."""
 
     no_decay = ("alpha_pre", "alpha_post", "alpha_res", "b_pre", "b_post", "b_res")
 
