@@ -323,7 +323,8 @@ class Skew(torch.autograd.Function):
 
 
 def lag_mix(X, ctrl, U, Vt, d, shortcut, invalid=None):
-    """R = I + diag(d) + U diag(ctrl) Vt on the right of each row of X (B, H, M, W), then masked: the paper's DPLR mixer R = D + A S(x) B^T.
+    """R = I + diag(d) + U diag(ctrl) Vt on the right of each row of X (B, H, M, W), then masked: the paper's
+    DPLR mixer R = D + A S(x) B^T.
     U (H, L, r), Vt (H, r, L), d (H, L) or None: a row of width W uses their last W rows (lag L-1-p <-> row p)."""
     s = U.shape[1] - X.shape[-1]
     Y = ((X @ U[:, s:]) * ctrl) @ Vt[:, :, s:]  # (B,H,M,r) -> (B,H,M,W)
@@ -372,14 +373,17 @@ def key_view(buf, W, base):
 
 
 def invalid_cols(M, W, row_start, lag, device):
-    """(c0, c1, mask (M, c1-c0)): the only columns of a chunk that can hold invalid entries, True where invalid.
-    Lag layout: keys < 0 (column c < W-1-r, so c < W-1-row_start). Key order: future keys (c > r)."""
-    m = torch.arange(M, device=device)[:, None]
-    if lag:
-        base = W - 1 - row_start
-        return 0, base, torch.arange(base, device=device)[None, :] < base - m
-    c0 = row_start + 1
-    return c0, W, torch.arange(c0, W, device=device)[None, :] > row_start + m
+    """(c0, c1, mask (M, c1-c0)): invalid_mask cut to the only columns of a chunk that can be invalid.
+    Lag layout: keys < 0, all left of column W-1-row_start. Key order: future keys, all right of row_start."""
+    c0, c1 = (0, W - 1 - row_start) if lag else (row_start + 1, W)
+    return c0, c1, invalid_mask(M, W, row_start, lag, device)[:, c0:c1]
+
+
+def mask_(Y, region, on=True):
+    """Zero Y's invalid entries in place (an invalid_cols region, None for none); also masked_fill's backward."""
+    if on and region is not None:
+        Y[..., region[0]:region[1]].masked_fill_(region[2], 0.0)
+    return Y
 
 
 def scaled(X, scale, tail=0):
@@ -408,7 +412,8 @@ def low_rank_add_(Y, Pc, Vt):
 
 
 def act_forward(Z1, h, glu, use_norm, eps, scale2, tail, keep):
-    """The activation on op1's output Z1 (B,H1,M,W) (the paper's GLU: softplus(scale) relu(gate)/||gate||) and the full-rank start of op2.
+    """The activation on op1's output Z1 (B,H1,M,W), the paper's GLU softplus(scale) relu(gate) / ||gate||,
+    and the full-rank start of op2.
     Returns n and inv = 1/max(n, eps) (B,h,M,1, fp32; None for attn_norm="none"), softplus(Sc) and relu(G)
     (GLU; backward reuses them), a (B,h,M,W), and a * scale2 in a buffer with `tail` zero columns (op2's
     low-rank GEMM then accumulates into it)."""
@@ -449,11 +454,6 @@ def rows_forward(cfg, glu, q, k, v, c1, c2, row_start, params, keep=False):
     region = invalid_cols(M, W, row_start, lag, q.device) if cfg.do_masking else None
     base = W - 1 - row_start if lag else 0
 
-    def masked(Y, on):
-        if on and region is not None:
-            Y[..., region[0]:region[1]].masked_fill_(region[2], 0.0)
-        return Y
-
     # z_j = <q_t, k_{t-j}>, in lag order
     if lag:
         Sb = q.new_empty(B, H1, M, W + base)
@@ -461,13 +461,14 @@ def rows_forward(cfg, glu, q, k, v, c1, c2, row_start, params, keep=False):
         torch.matmul(q, k.transpose(-1, -2), out=key_view(Sb, W, base))
         Z = Sb[..., :W]
     else:
-        Z = masked(q @ k.transpose(-1, -2), True)
+        Z = mask_(q @ k.transpose(-1, -2), region)
     # op1: Z1 = Z (I + diag(d1) + U1 diag(c1) Vt1), then masked
     P = Pc = None
     if cfg.use_op1:
         P = Z @ U1[:, s:]  # (B,H1,M,r1)
         Pc = P * c1.to(dt)
-        Z1 = masked(low_rank_add_(Z * lag_scale(d1, cfg.op1_shortcut, s), Pc, Vt1[:, :, s:]), cfg.op1_do_masking)
+        Z1 = low_rank_add_(Z * lag_scale(d1, cfg.op1_shortcut, s), Pc, Vt1[:, :, s:])
+        mask_(Z1, region, cfg.op1_do_masking)
     else:
         Z1 = Z
     # a = softplus(Sc) relu(G) / ||G||  (the 1/||G|| is applied to the output), then op2 on a
@@ -477,12 +478,12 @@ def rows_forward(cfg, glu, q, k, v, c1, c2, row_start, params, keep=False):
     if cfg.use_op2:
         Q = a @ U2[:, s:]  # (B,h,M,r2)
         Qc = Q * c2.to(dt)
-        masked(low_rank_add_(Ab[..., :W], Qc, Vt2[:, :, s:]), cfg.op2_do_masking)
+        mask_(low_rank_add_(Ab[..., :W], Qc, Vt2[:, :, s:]), region, cfg.op2_do_masking)
     A2 = Ab[..., :W]                                # op2's output, lag order
     A = key_view(Ab, W, base) if lag else A2        # the same map in key order, no copy
     if keep:
-        return dict(Z=Z, P=P, Pc=Pc, Z1=Z1, n=n, inv=inv, sp=sp, rG=rG, a=a, Q=Q, Qc=Qc, A2=A2, A=A, region=region, base=base,
-                    params=(U1, Vt1, d1, U2, Vt2, d2))
+        return dict(Z=Z, P=P, Pc=Pc, Z1=Z1, n=n, inv=inv, sp=sp, rG=rG, a=a, Q=Q, Qc=Qc, A2=A2, A=A,
+                    region=region, base=base, params=(U1, Vt1, d1, U2, Vt2, d2))
     out = A @ v  # (B,h,M,dv)
     return (out * inv).to(dt) if inv is not None else out
 
@@ -502,11 +503,6 @@ def rows_backward(cfg, glu, q, k, v, c1, c2, row_start, params, gout):
     U1, Vt1, d1, U2, Vt2, d2 = f["params"]
     Z, Z1, a, inv = f["Z"], f["Z1"], f["a"], f["inv"]
 
-    def masked(Y, on):  # the gradient of masked_fill is the same mask
-        if on and region is not None:
-            Y[..., region[0]:region[1]].masked_fill_(region[2], 0.0)
-        return Y
-
     # out = (A v) inv: dv = A^T dy, dA = dy v^T with dy = gout inv
     gy = (gout * inv).to(dt) if inv is not None else gout
     if lag:  # dA is written straight into lag order; lags of keys < 0 were never read, so they get 0
@@ -515,7 +511,7 @@ def rows_backward(cfg, glu, q, k, v, c1, c2, row_start, params, gout):
         torch.matmul(gy, v.transpose(-1, -2), out=key_view(gAb, W, base))
         gA2 = gAb[..., :W]
     else:
-        gA2 = masked(gy @ v.transpose(-1, -2), cfg.use_op2 and cfg.op2_do_masking)
+        gA2 = mask_(gy @ v.transpose(-1, -2), region, cfg.use_op2 and cfg.op2_do_masking)
     gv = f["A"].transpose(-1, -2) @ gy
     # the norm: d inv/dn = -1/n^2 (n > eps) and sum(gout * A v) = rowdot(A, dA) / inv, so dn = -rowdot(A, dA) inv;
     # with dn/dG = G/n, dG gets coef * G, coef = -rowdot(A, dA) inv^2
@@ -549,7 +545,7 @@ def rows_backward(cfg, glu, q, k, v, c1, c2, row_start, params, gout):
     if cfg.use_op1:
         gc1, gU1, gVt1, gd1 = mix_backward(gZ1, Z, f["P"], f["Pc"], c1.to(dt), U1, Vt1, d1, s, gZb[..., :W])
     # z = q k^T: dq = dS k, dk = dS^T q
-    gS = key_view(gZb, W, base) if lag else masked(gZb, True)
+    gS = key_view(gZb, W, base) if lag else mask_(gZb, region)
     return gS @ k, gS.transpose(-1, -2) @ q, gv, gc1, gc2, gU1, gVt1, gd1, gU2, gVt2, gd2
 
 
@@ -598,7 +594,8 @@ class HyperGLU(nn.Module):
     path above: chunked, O(T d) saved activations, maps recomputed in backward and differentiated by hand.
     All three agree exactly (float64 tests).
     `cache` (a dict, used by GPT.generate) makes forward continue a sequence: it keeps K (after conv1, W_k,
-    RoPE; ungated), V and the conv tail, and computes only the new rows (exact thanks to the lag layout's extension consistency)."""
+    RoPE; ungated), V and the conv tail, and computes only the new rows (exact: the lag layout is extension
+    consistent)."""
 
     def __init__(self, config):
         super().__init__()
@@ -703,7 +700,8 @@ class HyperGLU(nn.Module):
         return (*p1, *p2)
 
     def _rows(self, q, k, v, c1, c2, row_start, params):
-        """The reference: output rows row_start..row_start+M-1 under plain autograd, step by step as the official module.
+        """The reference: output rows row_start..row_start+M-1 under plain autograd, step by step as the official
+        module.
         rows_forward computes the same rows for the training path; params = (U1, Vt1, d1, U2, Vt2, d2).
         q (B,H1,M,dqk), k (B,H1,W,dqk), v (B,h,W,dv), c1 (B,H1,M,r1), c2 (B,h,M,r2) -> (B,h,M,dv)."""
         cfg = self.config
