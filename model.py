@@ -756,6 +756,77 @@ def add_outer(res, w, y):
     return torch.baddbmm(res.reshape(B * T, n, C), w, y.reshape(B * T, 1, C)).view(B, T, n, C)
 
 
+def norm_proj(x, W, norm=None, eps=1e-6):
+    """norm(x) @ W for x (..., D), W (D, K), with the norm applied after the matmul [mHC Eqs. 14-16]:
+    LayerNorm(x) @ W = r (x @ gW - mu colsum(gW)) + b @ W with gW = diag(g) W, the row mean mu and
+    r = 1/sqrt(var + eps); RMSNorm drops mu and b; norm=None is a weightless RMS norm (mHC's phi holds it).
+    Neither the normalised (..., D) tensor nor its gradient is ever written: one GEMM against x, one row-norm,
+    and the (..., K) result, instead of a norm pass, a GEMM and their backward passes."""
+    g = b = None
+    rms, eps_ = True, eps
+    if norm is not None:
+        g, rms = norm.weight, isinstance(norm, RMSNorm)
+        b, eps_ = (None, 1e-6) if rms else (norm.bias, 1e-5)
+    return NormProj.apply(x, W, g, b, rms, eps_)
+
+
+class NormProj(torch.autograd.Function):
+    """norm_proj's forward and its exact backward, both as GEMMs against x (N rows of D):
+    with y = r (z - mu colsum(gW)), z = x @ gW, and go the gradient of the output (N, K):
+      dx  = (r go) @ gW^T - r mu_1 + r^2 m_2 (mu - x), m_1 = mean(go @ gW^T) = go . colsum(gW) / D,
+            m_2 = mean(xhat * (go @ gW^T)) = (go . y) / D      (the LayerNorm backward, never forming xhat)
+      dgW = x^T (r go) - 1 (r mu go).sum(0),   dW = diag(g) dgW + b (go.sum(0))^T,
+      dg = (dgW * W).sum(1),   db = W @ go.sum(0)."""
+
+    @staticmethod
+    def forward(ctx, x, W, g, b, rms, eps):
+        D, K = W.shape
+        xf = x.reshape(-1, D)
+        gW = W if g is None else g[:, None] * W                    # (D, K)
+        if rms:
+            z, mu = xf @ gW, None
+        else:  # the row mean rides along as one more GEMM column
+            zm = xf @ torch.cat([gW, gW.new_full((D, 1), 1.0 / D)], 1)
+            z, mu = zm[:, :K], zm[:, K:]
+        ms = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(D)  # (N,1) mean of squares
+        var = ms if rms else (ms - mu * mu).clamp_min_(0)
+        r = torch.rsqrt(var + eps)
+        y = r * (z if rms else z - mu * gW.sum(0))                  # (N,K) = norm(x) @ W without the bias
+        ctx.save_for_backward(x, W, g, b, gW, y, mu, r)
+        ctx.rms = rms
+        out = y if b is None else y + b @ W
+        return out.view(*x.shape[:-1], K)
+
+    @staticmethod
+    def backward(ctx, go):
+        x, W, g, b, gW, y, mu, r = ctx.saved_tensors
+        D, K = W.shape
+        xf, go = x.reshape(-1, D), go.reshape(-1, K)
+        rgo = r * go                                               # (N,K)
+        m2 = (go * y).sum(-1, keepdim=True) / D                    # (N,1)
+        if ctx.rms:
+            dx = torch.mm(rgo, gW.T)
+        else:  # fold the row constant -r m1 + r^2 m2 mu into the GEMM as one more column
+            m1 = go @ gW.sum(0, keepdim=True).T / D
+            dx = torch.mm(torch.cat([rgo, r * (r * m2 * mu - m1)], 1), torch.cat([gW, gW.new_ones(D, 1)], 1).T)
+        dx.addcmul_(r * r * m2, xf, value=-1.0)                    # - r^2 m2 x
+        # (go^T x)^T: MKL runs this orientation 5x faster than x^T go for N >> D, K
+        dgW = (rgo.T @ xf).T if ctx.needs_input_grad[1] or ctx.needs_input_grad[2] else None
+        if dgW is not None and not ctx.rms:
+            dgW -= (r * mu * go).sum(0)
+        dW = dg = db = None
+        gsum = go.sum(0)                                           # (K,)
+        if ctx.needs_input_grad[1]:
+            dW = dgW if g is None else g[:, None] * dgW
+            if b is not None:
+                dW = dW + torch.outer(b, gsum)
+        if g is not None and ctx.needs_input_grad[2]:
+            dg = (dgW * W).sum(1)
+        if b is not None and ctx.needs_input_grad[3]:
+            db = W @ gsum
+        return dx.view(x.shape), dW, dg, db, None, None
+
+
 class Plain(nn.Module):
     """Pre-norm residual: x + f(x), bit-identical to nanoGPT's x = x + attn(ln_1(x))."""
 
@@ -790,7 +861,7 @@ class HyperConnection(nn.Module):
         """x: (B,T,n,C) fp32 -> alpha (B,T,n,n+1) or (n,n+1), beta (B,T,n) or (n,)."""
         alpha, beta = self.static_alpha, self.static_beta
         if self.dynamic:
-            d = self.norm(x) @ torch.cat([self.W_alpha, self.W_beta], 1)  # (B,T,n,n+2): one matmul for both
+            d = norm_proj(x, torch.cat([self.W_alpha, self.W_beta], 1), self.norm)  # (B,T,n,n+2): one matmul for both
             if self.tanh:
                 d = torch.tanh(d)
             alpha, beta = alpha + self.s_alpha * d[..., :-1], beta + self.s_beta * d[..., -1]
@@ -823,31 +894,37 @@ def sinkhorn(logits, iters=20):
 
 class Sinkhorn(torch.autograd.Function):
     """Sinkhorn-Knopp with an exact hand-written backward through every iteration, like the paper's kernel:
-    it keeps each iterate and its normaliser (n x n and n per token) and walks back through the normalisations,
-    about 40% fewer small ops than autograd, which dominate on CPU. For Y = X / s, s = X.sum(dim):
-    dX = (dY - sum(dY * Y, dim)) / s."""
+    it keeps each iterate and its normaliser and walks back through the normalisations. For Y = X / s,
+    s = X.sum(dim): dX = (dY - sum(dY * Y, dim)) / s. It works on (n, n, N) with the N tokens last, so every
+    sum over n is a vectorised add of token rows: 3.5x faster on CPU than reducing (N, n, n) over its tiny
+    inner dims, where the ~240 small ops per call cost more than their arithmetic."""
 
     @staticmethod
     def forward(ctx, logits, iters):
-        M = torch.exp(logits - logits.amax(dim=(-2, -1), keepdim=True))
+        n = logits.shape[-1]
+        L = logits.reshape(-1, n, n).permute(1, 2, 0).contiguous()  # (n, n, N)
+        M = torch.exp(L - L.amax(dim=(0, 1), keepdim=True))
         steps, sums = [M], []
         for _ in range(iters):
-            for dim in (-2, -1):  # columns, then rows
+            for dim in (0, 1):  # columns, then rows
                 sums.append(M.sum(dim=dim, keepdim=True))
                 M = M / sums[-1]
                 steps.append(M)
         ctx.save_for_backward(*steps, *sums)
-        return M
+        ctx.shape = logits.shape
+        return M.permute(2, 0, 1).contiguous().view(logits.shape)  # contiguous: see HyperConnection.forward
 
     @staticmethod
     def backward(ctx, g):
         saved = ctx.saved_tensors
-        n = (len(saved) - 1) // 2
-        steps, sums = saved[:n + 1], saved[n + 1:]
-        for i in range(n, 0, -1):
-            dim = -2 if i % 2 else -1
+        k = (len(saved) - 1) // 2
+        steps, sums = saved[:k + 1], saved[k + 1:]
+        n = ctx.shape[-1]
+        g = g.reshape(-1, n, n).permute(1, 2, 0).contiguous()
+        for i in range(k, 0, -1):
+            dim = 0 if i % 2 else 1
             g = (g - (g * steps[i]).sum(dim=dim, keepdim=True)) / sums[i - 1]
-        return g * steps[0], None  # exp; the max shift cancels in the normalisation
+        return (g * steps[0]).permute(2, 0, 1).contiguous().view(ctx.shape), None  # exp; the max shift cancels
 
 
 class ManifoldHC(nn.Module):
@@ -876,7 +953,7 @@ class ManifoldHC(nn.Module):
         """x: (B,T,n,C) fp32 -> H_pre (B,T,n), H_post (B,T,n), H_res (B,T,n,n)."""
         n = self.n
         flat = x.reshape(*x.shape[:-2], -1)  # (B,T,nC)
-        h = (flat @ self.phi) * torch.rsqrt(flat.pow(2).mean(-1, keepdim=True) + 1e-6)  # (B,T,n^2+2n)
+        h = norm_proj(flat, self.phi)  # (B,T,n^2+2n): RMS norm of the flattened streams, applied after phi
         pre = torch.sigmoid(self.alpha_pre * h[..., :n] + self.b_pre)
         post = 2 * torch.sigmoid(self.alpha_post * h[..., n:2 * n] + self.b_post)
         res = sinkhorn(self.alpha_res * h[..., 2 * n:].unflatten(-1, (n, n)) + self.b_res, self.iters)

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (GPT, GPTConfig, HyperGLU, HyperGLUConfig, KVCache, apply_rope, match_budget, param_report,
-                   sinkhorn)
+from model import (GPT, GPTConfig, HyperGLU, HyperGLUConfig, KVCache, LayerNorm, RMSNorm, apply_rope, match_budget,
+                   norm_proj, param_report, sinkhorn)
 
 ATTNS = ["softmax", "hyperglu", "hypermlp"]
 RESIDUALS = ["plain", "hc", "mhc"]
@@ -389,6 +389,32 @@ def test_hyper_connections_match_the_paper_equations(residual, dynamic, norm):
     g = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(want, params, g)):
         assert (a - b).abs().max() < 1e-9 * max(1.0, b.abs().max().item())
+
+
+@pytest.mark.parametrize("kind", ["layernorm", "layernorm_nobias", "rmsnorm", "none"])
+def test_norm_proj_equals_norm_then_matmul(kind):
+    """norm_proj applies the norm after the matmul [mHC Eqs. 14-16]: its output and every gradient equal
+    norm(x) @ W through autograd (float64), and in float32 stay within 1e-5 even for rows with a large mean."""
+    torch.manual_seed(0)
+    D, K = 40, 7
+    norm = {"layernorm": LayerNorm(D, True), "layernorm_nobias": LayerNorm(D, False), "rmsnorm": RMSNorm(D),
+            "none": None}[kind]
+    if norm is not None:
+        randomize(norm, 0.5)
+    want_fn = ((lambda x, W: (x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()) @ W) if norm is None
+               else (lambda x, W: norm(x) @ W))
+    params = [] if norm is None else list(norm.parameters())
+    for dtype, offset, tol in ((torch.float64, 0.0, 1e-12), (torch.float32, 3.0, 1e-5)):
+        if norm is not None:
+            norm.to(dtype)
+        x = (offset + torch.randn(3, 5, D, dtype=dtype)).requires_grad_(True)
+        W = torch.randn(D, K, dtype=dtype, requires_grad=True)
+        out, want = norm_proj(x, W, norm), want_fn(x, W)
+        assert out.shape == want.shape == (3, 5, K)
+        assert (out - want).abs().max() < tol * want.abs().max()
+        g = torch.randn_like(out)
+        for a, b in zip(torch.autograd.grad(out, [x, W, *params], g), torch.autograd.grad(want, [x, W, *params], g)):
+            assert (a - b).abs().max() < tol * max(1.0, b.abs().max().item())
 
 
 def test_streams_diverge_after_training():
