@@ -756,75 +756,143 @@ def add_outer(res, w, y):
     return torch.baddbmm(res.reshape(B * T, n, C), w, y.reshape(B * T, 1, C)).view(B, T, n, C)
 
 
+def stream_mix(x, w_in, w_res):
+    """x (B,T,n,C) -> u = sum_j w_in[j] x_j (B,T,C) and res_i = sum_j w_res[i,j] x_j (B,T,n,C), weights per token
+    or shared. The reshapes copy the weights contiguous: CPU bmm runs a per-token loop on strided small operands."""
+    B, T, n, C = x.shape
+    xs = x.reshape(B * T, n, C)
+    u = torch.bmm(w_in.expand(B, T, n).reshape(B * T, 1, n), xs)
+    return u.view(B, T, C), torch.bmm(w_res.expand(B, T, n, n).reshape(B * T, n, n), xs).view(B, T, n, C)
+
+
 def norm_proj(x, W, norm=None, eps=1e-6):
     """norm(x) @ W for x (..., D), W (D, K), with the norm applied after the matmul [mHC Eqs. 14-16]:
     LayerNorm(x) @ W = r (x @ gW - mu colsum(gW)) + b @ W with gW = diag(g) W, the row mean mu and
     r = 1/sqrt(var + eps); RMSNorm drops mu and b; norm=None is a weightless RMS norm (mHC's phi holds it).
     Neither the normalised (..., D) tensor nor its gradient is ever written: one GEMM against x, one row-norm,
     and the (..., K) result, instead of a norm pass, a GEMM and their backward passes."""
-    g = b = None
-    rms, eps_ = True, eps
-    if norm is not None:
-        g, rms = norm.weight, isinstance(norm, RMSNorm)
-        b, eps_ = (None, 1e-6) if rms else (norm.bias, 1e-5)
-    return NormProj.apply(x, W, g, b, rms, eps_)
+    return NormProj.apply(x, W, *norm_args(norm, eps))
+
+
+def norm_args(norm, eps=1e-6):
+    """(g, b, rms, eps) of a LayerNorm / RMSNorm module, or of a weightless RMS norm (norm=None)."""
+    if norm is None:
+        return None, None, True, eps
+    if isinstance(norm, RMSNorm):
+        return norm.weight, None, True, 1e-6
+    return norm.weight, norm.bias, False, 1e-5
+
+
+def np_forward(x, W, g, b, rms, eps):
+    """norm_proj's forward: (out (..., K), saved) with saved = (x, W, g, b, gW, y, mu, r) for np_backward."""
+    D, K = W.shape
+    xf = x.reshape(-1, D)
+    gW = W if g is None else g[:, None] * W                    # (D, K)
+    if rms:
+        z, mu = xf @ gW, None
+    else:  # the row mean rides along as one more GEMM column
+        zm = xf @ torch.cat([gW, gW.new_full((D, 1), 1.0 / D)], 1)
+        z, mu = zm[:, :K], zm[:, K:]
+    ms = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(D)  # (N,1) mean of squares
+    var = ms if rms else (ms - mu * mu).clamp_min_(0)
+    r = torch.rsqrt(var + eps)
+    y = r * (z if rms else z - mu * gW.sum(0))                  # (N,K) = norm(x) @ W without the bias
+    out = y if b is None else y + b @ W
+    return out.view(*x.shape[:-1], K), (x, W, g, b, gW, y, mu, r)
+
+
+def np_backward(saved, go, need_W=True, need_g=True, need_b=True):
+    """norm_proj's exact backward, as GEMMs against x (N rows of D). With y = r (z - mu colsum(gW)),
+    z = x @ gW, and go the gradient of the output (N, K):
+      dx  = (r go) @ gW^T - r m_1 + r^2 m_2 (mu - x), m_1 = mean(go @ gW^T) = go . colsum(gW) / D,
+            m_2 = mean(xhat * (go @ gW^T)) = (go . y) / D      (the LayerNorm backward, never forming xhat)
+      dgW = x^T (r go) - 1 (r mu go).sum(0),   dW = diag(g) dgW + b (go.sum(0))^T,
+      dg = (dgW * W).sum(1),   db = W @ go.sum(0).
+    Returns dx (x's shape, a fresh tensor callers may accumulate into), dW, dg, db (None where not needed)."""
+    x, W, g, b, gW, y, mu, r = saved
+    D, K = W.shape
+    xf, go = x.reshape(-1, D), go.reshape(-1, K)
+    rgo = r * go                                               # (N,K)
+    m2 = (go * y).sum(-1, keepdim=True) / D                    # (N,1)
+    if mu is None:
+        dx = torch.mm(rgo, gW.T)
+    else:  # fold the row constant -r m1 + r^2 m2 mu into the GEMM as one more column
+        m1 = go @ gW.sum(0, keepdim=True).T / D
+        dx = torch.mm(torch.cat([rgo, r * (r * m2 * mu - m1)], 1), torch.cat([gW, gW.new_ones(D, 1)], 1).T)
+    dx.addcmul_(r * r * m2, xf, value=-1.0)                    # - r^2 m2 x
+    need_g = need_g and g is not None
+    # (go^T x)^T: MKL runs this orientation 5x faster than x^T go for N >> D, K
+    dgW = (rgo.T @ xf).T if need_W or need_g else None
+    if dgW is not None and mu is not None:
+        dgW -= (r * mu * go).sum(0)
+    dW = dg = db = None
+    gsum = go.sum(0)                                           # (K,)
+    if need_W:
+        dW = dgW if g is None else g[:, None] * dgW
+        if b is not None:
+            dW = dW + torch.outer(b, gsum)
+    if need_g:
+        dg = (dgW * W).sum(1)
+    if need_b and b is not None:
+        db = W @ gsum
+    return dx.view(x.shape), dW, dg, db
 
 
 class NormProj(torch.autograd.Function):
-    """norm_proj's forward and its exact backward, both as GEMMs against x (N rows of D):
-    with y = r (z - mu colsum(gW)), z = x @ gW, and go the gradient of the output (N, K):
-      dx  = (r go) @ gW^T - r mu_1 + r^2 m_2 (mu - x), m_1 = mean(go @ gW^T) = go . colsum(gW) / D,
-            m_2 = mean(xhat * (go @ gW^T)) = (go . y) / D      (the LayerNorm backward, never forming xhat)
-      dgW = x^T (r go) - 1 (r mu go).sum(0),   dW = diag(g) dgW + b (go.sum(0))^T,
-      dg = (dgW * W).sum(1),   db = W @ go.sum(0)."""
+    """norm_proj as an autograd op: np_forward, and np_backward for its gradients."""
 
     @staticmethod
     def forward(ctx, x, W, g, b, rms, eps):
-        D, K = W.shape
-        xf = x.reshape(-1, D)
-        gW = W if g is None else g[:, None] * W                    # (D, K)
-        if rms:
-            z, mu = xf @ gW, None
-        else:  # the row mean rides along as one more GEMM column
-            zm = xf @ torch.cat([gW, gW.new_full((D, 1), 1.0 / D)], 1)
-            z, mu = zm[:, :K], zm[:, K:]
-        ms = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(D)  # (N,1) mean of squares
-        var = ms if rms else (ms - mu * mu).clamp_min_(0)
-        r = torch.rsqrt(var + eps)
-        y = r * (z if rms else z - mu * gW.sum(0))                  # (N,K) = norm(x) @ W without the bias
-        ctx.save_for_backward(x, W, g, b, gW, y, mu, r)
-        ctx.rms = rms
-        out = y if b is None else y + b @ W
-        return out.view(*x.shape[:-1], K)
+        out, saved = np_forward(x, W, g, b, rms, eps)
+        ctx.save_for_backward(*saved)
+        return out
 
     @staticmethod
     def backward(ctx, go):
-        x, W, g, b, gW, y, mu, r = ctx.saved_tensors
-        D, K = W.shape
-        xf, go = x.reshape(-1, D), go.reshape(-1, K)
-        rgo = r * go                                               # (N,K)
-        m2 = (go * y).sum(-1, keepdim=True) / D                    # (N,1)
-        if ctx.rms:
-            dx = torch.mm(rgo, gW.T)
-        else:  # fold the row constant -r m1 + r^2 m2 mu into the GEMM as one more column
-            m1 = go @ gW.sum(0, keepdim=True).T / D
-            dx = torch.mm(torch.cat([rgo, r * (r * m2 * mu - m1)], 1), torch.cat([gW, gW.new_ones(D, 1)], 1).T)
-        dx.addcmul_(r * r * m2, xf, value=-1.0)                    # - r^2 m2 x
-        # (go^T x)^T: MKL runs this orientation 5x faster than x^T go for N >> D, K
-        dgW = (rgo.T @ xf).T if ctx.needs_input_grad[1] or ctx.needs_input_grad[2] else None
-        if dgW is not None and not ctx.rms:
-            dgW -= (r * mu * go).sum(0)
-        dW = dg = db = None
-        gsum = go.sum(0)                                           # (K,)
-        if ctx.needs_input_grad[1]:
-            dW = dgW if g is None else g[:, None] * dgW
-            if b is not None:
-                dW = dW + torch.outer(b, gsum)
-        if g is not None and ctx.needs_input_grad[2]:
-            dg = (dgW * W).sum(1)
-        if b is not None and ctx.needs_input_grad[3]:
-            db = W @ gsum
-        return dx.view(x.shape), dW, dg, db, None, None
+        need = ctx.needs_input_grad
+        return *np_backward(ctx.saved_tensors, go, need[1], need[2], need[3]), None, None
+
+
+class StreamPre(torch.autograd.Function):
+    """HC / mHC before the sublayer as one op: x (B,T,n,C) -> the sublayer input u = sum_j w_in[j] x_j (B,T,C),
+    the mixed streams res_i = sum_j w_res[i,j] x_j (B,T,n,C) and the post weights (B,T,n), where
+    (w_in, w_res, post) = mix(norm_proj(x), *params) and mix is the module's small coefficient map (tanh,
+    sigmoid, Sinkhorn on (B,T,n,K) numbers; autograd differentiates it inside backward). Backward writes dx
+    once and accumulates the stream-mixing paths into it in place; autograd over the same ops writes three
+    (B,T,n,C) gradients and adds them (measured: HC step 1.30x -> 1.26x of plain, bench.py model section).
+    flat: normalise each token's n*C streams as one row (mHC) instead of each stream (HC)."""
+
+    @staticmethod
+    def forward(ctx, mix, x, W, g, b, rms, eps, flat, *params):
+        B, T, n, C = x.shape
+        h, saved = np_forward(x.reshape(B, T, n * C) if flat else x, W, g, b, rms, eps)
+        with torch.enable_grad():  # a graph over the small numbers only, replayed by backward
+            h_ = h.detach().requires_grad_()
+            ps = [p.detach().requires_grad_() for p in params]
+            outs = mix(h_, *ps)  # w_in (B,T,n), w_res (B,T,n,n), post (B,T,n)
+        # contiguous weights: CPU bmm falls back to a per-token loop on strided small operands
+        w_in = outs[0].detach().reshape(B * T, 1, n).contiguous()
+        w_res = outs[1].detach().reshape(B * T, n, n).contiguous()
+        xs = x.reshape(B * T, n, C)
+        ctx.graph = (h_, ps, outs)
+        ctx.save_for_backward(w_in, w_res, *saved)
+        return torch.bmm(w_in, xs).view(B, T, C), torch.bmm(w_res, xs).view(B, T, n, C), outs[2].detach()
+
+    @staticmethod
+    def backward(ctx, du, dres, dpost):
+        w_in, w_res, *saved = ctx.saved_tensors
+        x = saved[0]  # (B,T,n,C), or (B,T,n*C) when flat
+        N, n = w_res.shape[:2]
+        C = x.numel() // (N * n)
+        xs, du, dres = x.reshape(N, n, C), du.reshape(N, 1, C), dres.reshape(N, n, C)
+        h_, ps, outs = ctx.graph
+        dw = (torch.bmm(du, xs.transpose(1, 2)).view(outs[0].shape),    # du . x_j
+              torch.bmm(dres, xs.transpose(1, 2)).view(outs[1].shape),  # dres_i . x_j
+              dpost)
+        dh, *dps = torch.autograd.grad(outs, [h_, *ps], dw, allow_unused=True)
+        dx, dW, dg, db = np_backward(saved, dh, *ctx.needs_input_grad[2:5])
+        dx = dx.view(N, n, C).baddbmm_(w_res.transpose(1, 2).contiguous(), dres).baddbmm_(w_in.transpose(1, 2), du)
+        return (None, dx.view(*x.shape[:2], n, C), dW, dg, db, None, None, None, *dps)
 
 
 class Plain(nn.Module):
@@ -857,30 +925,41 @@ class HyperConnection(nn.Module):
             self.s_alpha = nn.Parameter(torch.tensor(0.01))
             self.s_beta = nn.Parameter(torch.tensor(0.01))
 
+    def mix_params(self):
+        return self.static_alpha, self.static_beta, self.s_alpha, self.s_beta
+
+    def mix(self, d, static_alpha, static_beta, s_alpha, s_beta):
+        """d = norm(H) [W_a | W_b] (B,T,n,n+2) -> A_m (B,T,n), A_r^T (B,T,n,n), B (B,T,n) [HC Eqs. 8-13]:
+        alpha = [A_m | A_r] + s_alpha tanh(d_alpha), beta = B + s_beta tanh(d_beta)."""
+        if self.tanh:
+            d = torch.tanh(d)
+        alpha, beta = static_alpha + s_alpha * d[..., :-1], static_beta + s_beta * d[..., -1]
+        return alpha[..., 0], alpha[..., 1:].transpose(-1, -2), beta
+
     def coefficients(self, x):
-        """x: (B,T,n,C) fp32 -> alpha (B,T,n,n+1) or (n,n+1), beta (B,T,n) or (n,)."""
-        alpha, beta = self.static_alpha, self.static_beta
-        if self.dynamic:
-            d = norm_proj(x, torch.cat([self.W_alpha, self.W_beta], 1), self.norm)  # (B,T,n,n+2): one matmul for both
-            if self.tanh:
-                d = torch.tanh(d)
-            alpha, beta = alpha + self.s_alpha * d[..., :-1], beta + self.s_beta * d[..., -1]
-        return alpha, beta
+        """x (B,T,n,C) fp32 -> (w_in, w_res, post): the input weights A_m, the mixing A_r^T (row i builds stream
+        i) and B; per token (B,T,n), (B,T,n,n), (B,T,n) when dynamic, else shared (n,), (n,n), (n,)."""
+        if not self.dynamic:
+            return self.static_alpha[:, 0], self.static_alpha[:, 1:].T, self.static_beta
+        W = torch.cat([self.W_alpha, self.W_beta], 1)  # one matmul for both
+        return self.mix(norm_proj(x, W, self.norm), *self.mix_params())
 
     def mean_coefficients(self, x):
         """Token-averaged (pre (n,), post (n,), res (n,n)) in mHC's orientation: res = A_r^T, row i builds stream i."""
-        alpha, beta = self.coefficients(_up(x))
-        alpha = alpha.expand(*x.shape[:-2], *alpha.shape[-2:]).flatten(0, -3).mean(0)
-        beta = beta.expand(*x.shape[:-1]).flatten(0, -2).mean(0)
-        return alpha[:, 0], beta, alpha[:, 1:].T
+        w_in, w_res, post = self.coefficients(_up(x))
+        lead = x.shape[:-2]
+        return (w_in.expand(*lead, -1).flatten(0, -2).mean(0), post.expand(*lead, -1).flatten(0, -2).mean(0),
+                w_res.expand(*lead, -1, -1).flatten(0, -3).mean(0))
 
     def forward(self, x, f):
         with torch.autocast(x.device.type, enabled=False):
             xf = _up(x)
-            alpha, beta = self.coefficients(xf)
-            # contiguous coefficients: CPU bmm falls back to a per-token loop on strided small operands
-            u = (alpha[..., 0].unsqueeze(-2).contiguous() @ xf).squeeze(-2)  # (B,T,C): A_m^T H, the sublayer input
-            res = alpha[..., 1:].transpose(-1, -2).contiguous() @ xf        # (B,T,n,C): A_r^T H
+            if self.dynamic and not torch.compiler.is_compiling():
+                W = torch.cat([self.W_alpha, self.W_beta], 1)
+                u, res, beta = StreamPre.apply(self.mix, xf, W, *norm_args(self.norm), False, *self.mix_params())
+            else:  # static HC, and torch.compile: the same math through autograd
+                w_in, w_res, beta = self.coefficients(xf)
+                u, res = stream_mix(xf, w_in, w_res)  # A_m^T H (B,T,C), the sublayer input; A_r^T H (B,T,n,C)
         y = f(u.to(x.dtype))
         with torch.autocast(x.device.type, enabled=False):
             return add_outer(res, beta, _up(y)).to(x.dtype)  # A_r^T H + B^T f(.)
@@ -949,27 +1028,36 @@ class ManifoldHC(nn.Module):
         self.b_post = nn.Parameter(torch.zeros(n))
         self.b_res = nn.Parameter(config.mhc_res_init * (2 * torch.eye(n) - 1))
 
-    def coefficients(self, x):
-        """x: (B,T,n,C) fp32 -> H_pre (B,T,n), H_post (B,T,n), H_res (B,T,n,n)."""
+    def mix_params(self):
+        return self.alpha_pre, self.alpha_post, self.alpha_res, self.b_pre, self.b_post, self.b_res
+
+    def mix(self, h, alpha_pre, alpha_post, alpha_res, b_pre, b_post, b_res):
+        """h = RMSnorm(flat streams) phi (B,T,n^2+2n) -> H_pre (B,T,n), H_res (B,T,n,n), H_post (B,T,n) [Eqs. 7-9]."""
         n = self.n
-        flat = x.reshape(*x.shape[:-2], -1)  # (B,T,nC)
-        h = norm_proj(flat, self.phi)  # (B,T,n^2+2n): RMS norm of the flattened streams, applied after phi
-        pre = torch.sigmoid(self.alpha_pre * h[..., :n] + self.b_pre)
-        post = 2 * torch.sigmoid(self.alpha_post * h[..., n:2 * n] + self.b_post)
-        res = sinkhorn(self.alpha_res * h[..., 2 * n:].unflatten(-1, (n, n)) + self.b_res, self.iters)
-        return pre, post, res
+        pre = torch.sigmoid(alpha_pre * h[..., :n] + b_pre)
+        post = 2 * torch.sigmoid(alpha_post * h[..., n:2 * n] + b_post)
+        res = sinkhorn(alpha_res * h[..., 2 * n:].unflatten(-1, (n, n)) + b_res, self.iters)
+        return pre, res, post
+
+    def coefficients(self, x):
+        """x (B,T,n,C) fp32 -> H_pre (B,T,n), H_res (B,T,n,n), H_post (B,T,n)."""
+        h = norm_proj(x.flatten(-2), self.phi)  # RMS norm of the flattened streams, applied after phi
+        return self.mix(h, *self.mix_params())
 
     def mean_coefficients(self, x):
         """Token-averaged (pre (n,), post (n,), res (n,n))."""
-        return tuple(t.flatten(0, 1).mean(0) for t in self.coefficients(_up(x)))
+        pre, res, post = (t.flatten(0, 1).mean(0) for t in self.coefficients(_up(x)))
+        return pre, post, res
 
     def forward(self, x, f):
         with torch.autocast(x.device.type, enabled=False):
             xf = _up(x)
-            pre, post, res = self.coefficients(xf)
-            u = (pre.unsqueeze(-2) @ xf).squeeze(-2)  # (B,T,C)
-            mixed = res @ xf                          # (B,T,n,C)
-        y = f(u.to(x.dtype))
+            if torch.compiler.is_compiling():  # the same math through autograd
+                pre, res, post = self.coefficients(xf)
+                u, mixed = stream_mix(xf, pre, res)
+            else:
+                u, mixed, post = StreamPre.apply(self.mix, xf, self.phi, *norm_args(None), True, *self.mix_params())
+        y = f(u.to(x.dtype))  # f(H_pre x)
         with torch.autocast(x.device.type, enabled=False):
             return add_outer(mixed, post, _up(y)).to(x.dtype)  # H_res x + H_post^T f(.)
 

@@ -234,10 +234,12 @@ def test_recompute_under_bf16_autocast_tracks_fp32(kind):
 
 
 @pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="torch.compile on CPU needs a C compiler")
-def test_torch_compile_matches_eager():
-    """The training path (hand-written backward, strided GEMM outputs) under torch.compile, HyperGLU + mHC."""
+@pytest.mark.parametrize("residual", ["mhc", "hc"])
+def test_torch_compile_matches_eager(residual):
+    """The training path (hand-written backward, strided GEMM outputs) under torch.compile, HyperGLU + mHC / HC,
+    away from init. Compiled HC/mHC run their autograd form, so this also checks StreamPre against it."""
     torch.manual_seed(0)
-    model = GPT(tiny(attn="hyperglu", residual="mhc", n_layer=1, block_size=16, chunk_T=5))
+    model = randomize(GPT(tiny(attn="hyperglu", residual=residual, n_layer=1, block_size=16, chunk_T=5)), 0.1)
     idx = torch.randint(0, 61, (2, 16))
     _, loss0 = model(idx, idx)
     loss0.backward()
