@@ -853,6 +853,12 @@ class NormProj(torch.autograd.Function):
         return *np_backward(ctx.saved_tensors, go, need[1], need[2], need[3]), None, None
 
 
+def fused_streams():
+    """Use StreamPre: when a backward will follow (it exists for the backward's passes) and not under
+    torch.compile (whose fusion works on the plain ops)."""
+    return torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
 class StreamPre(torch.autograd.Function):
     """HC / mHC before the sublayer as one op: x (B,T,n,C) -> the sublayer input u = sum_j w_in[j] x_j (B,T,C),
     the mixed streams res_i = sum_j w_res[i,j] x_j (B,T,n,C) and the post weights (B,T,n), where
@@ -954,10 +960,10 @@ class HyperConnection(nn.Module):
     def forward(self, x, f):
         with torch.autocast(x.device.type, enabled=False):
             xf = _up(x)
-            if self.dynamic and not torch.compiler.is_compiling():
+            if self.dynamic and fused_streams():
                 W = torch.cat([self.W_alpha, self.W_beta], 1)
                 u, res, beta = StreamPre.apply(self.mix, xf, W, *norm_args(self.norm), False, *self.mix_params())
-            else:  # static HC, and torch.compile: the same math through autograd
+            else:  # static HC, no-grad and torch.compile: the same math through plain ops
                 w_in, w_res, beta = self.coefficients(xf)
                 u, res = stream_mix(xf, w_in, w_res)  # A_m^T H (B,T,C), the sublayer input; A_r^T H (B,T,n,C)
         y = f(u.to(x.dtype))
@@ -1052,11 +1058,11 @@ class ManifoldHC(nn.Module):
     def forward(self, x, f):
         with torch.autocast(x.device.type, enabled=False):
             xf = _up(x)
-            if torch.compiler.is_compiling():  # the same math through autograd
+            if fused_streams():
+                u, mixed, post = StreamPre.apply(self.mix, xf, self.phi, *norm_args(None), True, *self.mix_params())
+            else:  # no-grad and torch.compile: the same math through plain ops
                 pre, res, post = self.coefficients(xf)
                 u, mixed = stream_mix(xf, pre, res)
-            else:
-                u, mixed, post = StreamPre.apply(self.mix, xf, self.phi, *norm_args(None), True, *self.mix_params())
         y = f(u.to(x.dtype))  # f(H_pre x)
         with torch.autocast(x.device.type, enabled=False):
             return add_outer(mixed, post, _up(y)).to(x.dtype)  # H_res x + H_post^T f(.)
