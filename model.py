@@ -997,7 +997,7 @@ class Sinkhorn(torch.autograd.Function):
                 steps.append(M)
         ctx.save_for_backward(*steps, *sums)
         ctx.shape = logits.shape
-        return M.permute(2, 0, 1).contiguous().view(logits.shape)  # contiguous: see HyperConnection.forward
+        return M.permute(2, 0, 1).contiguous().view(logits.shape)  # contiguous for bmm: see stream_mix
 
     @staticmethod
     def backward(ctx, g):
