@@ -978,35 +978,40 @@ def sinkhorn(logits, iters=20):
 
 
 class Sinkhorn(torch.autograd.Function):
-    """Sinkhorn-Knopp with an exact hand-written backward through every iteration, like the paper's kernel:
-    it keeps each iterate and its normaliser and walks back through the normalisations. For Y = X / s,
-    s = X.sum(dim): dX = (dY - sum(dY * Y, dim)) / s. It works on (n, n, N) with the N tokens last, so every
-    sum over n is a vectorised add of token rows: 3.5x faster on CPU than reducing (N, n, n) over its tiny
-    inner dims, where the ~240 small ops per call cost more than their arithmetic."""
+    """Sinkhorn-Knopp with an exact hand-written backward through every iteration, like the paper's kernel
+    [mHC §4.3.1]: forward keeps only exp(logits), and backward recomputes the iterates and their normalisers and
+    walks back through the normalisations: for Y = X / s, s = X.sum(dim), dX = (dY - sum(dY * Y, dim)) / s.
+    It works on (n, n, N) with the N tokens last, so every sum over n is a vectorised add of token rows: 3.5x
+    faster on CPU than reducing (N, n, n) over its tiny inner dims, where the ~240 small ops per call cost more
+    than their arithmetic."""
+
+    @staticmethod
+    def iterates(M, iters):
+        """M (n, n, N) -> the 2 iters + 1 iterates (M first) and the 2 iters normalisers (columns, then rows)."""
+        steps, sums = [M], []
+        for _ in range(iters):
+            for dim in (0, 1):
+                sums.append(M.sum(dim=dim, keepdim=True))
+                M = M / sums[-1]
+                steps.append(M)
+        return steps, sums
 
     @staticmethod
     def forward(ctx, logits, iters):
         n = logits.shape[-1]
         L = logits.reshape(-1, n, n).permute(1, 2, 0).contiguous()  # (n, n, N)
         M = torch.exp(L - L.amax(dim=(0, 1), keepdim=True))
-        steps, sums = [M], []
-        for _ in range(iters):
-            for dim in (0, 1):  # columns, then rows
-                sums.append(M.sum(dim=dim, keepdim=True))
-                M = M / sums[-1]
-                steps.append(M)
-        ctx.save_for_backward(*steps, *sums)
-        ctx.shape = logits.shape
+        ctx.save_for_backward(M)
+        ctx.shape, ctx.iters = logits.shape, iters
+        M = Sinkhorn.iterates(M, iters)[0][-1]
         return M.permute(2, 0, 1).contiguous().view(logits.shape)  # contiguous for bmm: see stream_mix
 
     @staticmethod
     def backward(ctx, g):
-        saved = ctx.saved_tensors
-        k = (len(saved) - 1) // 2
-        steps, sums = saved[:k + 1], saved[k + 1:]
+        steps, sums = Sinkhorn.iterates(ctx.saved_tensors[0], ctx.iters)
         n = ctx.shape[-1]
         g = g.reshape(-1, n, n).permute(1, 2, 0).contiguous()
-        for i in range(k, 0, -1):
+        for i in range(len(sums), 0, -1):
             dim = 0 if i % 2 else 1
             g = (g - (g * steps[i]).sum(dim=dim, keepdim=True)) / sums[i - 1]
         return (g * steps[0]).permute(2, 0, 1).contiguous().view(ctx.shape), None  # exp; the max shift cancels
