@@ -3,8 +3,9 @@ Speed and memory of every attention x residual, as ratios against the softmax / 
 
 $ python bench.py                                           # small CPU defaults, under 3 minutes on 2 cores
 $ python bench.py --sections=layer --T_list=1024,2048       # one layer, the issue-6 shapes
-$ python bench.py --device=cuda --dtype=bfloat16 --n_layer=12 --n_embd=768 --T_list=1024,2048 --model_T=1024 \\
-      --batch_size=8 --decode_T=1024                        # 124M scale on a GPU
+$ python bench.py --device=cuda --dtype=bfloat16 --compile=True --batch_size=8 --T_list=1024,2048 \\
+      --n_embd=768 --n_head=12 --n_layer=12 --decode_T=1024 \\
+      --model_layers=12 --model_embd=768 --model_heads=12 --model_T=1024  # 124M scale on a GPU
 
 Sections:
   layer   one attention layer, forward + backward: ms, and memory. Memory is the bytes of the unique storages
@@ -13,7 +14,9 @@ Sections:
   model   a whole training step (forward, backward, AdamW) of the GPT for every attn x residual: ms per step,
           ms per layer, tokens/s, memory, MFU on GPU. HyperGLU / HyperMLP are budget matched to softmax.
   decode  ms per generated token at a decode_T-token context, with the KV cache and with full recompute.
-Each time is the median of `repeats` rounds after `warmup` rounds; in each round every variant of a table runs
+compile=True runs the layers and models through torch.compile (as train.py does on CUDA) for the timings and the GPU
+memory; CPU memory is counted on the eager modules (saved-tensor hooks do not see inside compiled graphs), and
+decoding stays eager. Each time is the median of `repeats` rounds after `warmup` rounds (at least two with compile); in each round every variant of a table runs
 once in turn, and a ratio is the median of the per-round ratios. Absolute times on a shared machine are noise;
 read the ratio columns, which compare measurements taken side by side.
 """
@@ -48,6 +51,7 @@ n_layer = 6                  # decode section model depth
 decode_T = 1024              # context length for decode timing
 decode_tokens = 8            # tokens timed per decode measurement
 warmup = 1
+compile = False              # torch.compile layers and models (timings, GPU memory)
 repeats = 7
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))]
@@ -87,7 +91,7 @@ def sync():
 def timed(fns):
     """Median seconds of each fn, and the median of its per-round ratio to fns[0]. The fns take turns
     (`warmup` rounds, then `repeats` timed rounds), so a slow spell on a shared machine hits all of them."""
-    for _ in range(warmup):
+    for _ in range(max(warmup, 2 if compile else 0)):  # the first calls compile (and may recompile once)
         for fn in fns:
             fn()
     ts = [[] for _ in fns]
@@ -132,7 +136,8 @@ def table(title, cols, rows):
 
 mem_name = "peak MiB" if dev == "cuda" else "saved MiB"
 gpu = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
-print(f"bench on {gpu}, {dtype}, torch {torch.__version__}" + (f", {torch.get_num_threads()} threads" if dev == "cpu" else ""))
+print(f"bench on {gpu}, {dtype}, torch {torch.__version__}" + (f", {torch.get_num_threads()} threads" if dev == "cpu" else "")
+      + (", torch.compile" if compile else ""))
 
 # ----------------------------------------------------------------------------- one layer
 if "layer" in wanted:
@@ -154,9 +159,10 @@ if "layer" in wanted:
 
         def step(layer):
             fwd(layer).float().sum().backward()
-        secs, ratios = timed([lambda layer=layer: step(layer) for layer in layers])
-        mbs = [(memory(lambda: fwd(layer)) if dev != "cuda" else memory(lambda: step(layer))) / 2 ** 20
-               for layer in layers]
+        runs = [torch.compile(layer) if compile else layer for layer in layers]
+        secs, ratios = timed([lambda r=r: step(r) for r in runs])
+        mbs = [(memory(lambda: fwd(layer)) if dev != "cuda" else memory(lambda: step(r))) / 2 ** 20
+               for layer, r in zip(layers, runs)]
         for attn, t, r, mb in zip(attns.split(","), secs, ratios, mbs):
             rows.append([str(T), attn, f"{t * 1e3:.1f}", f"{r:.2f}x", f"{mb:.1f}", f"{mb / mbs[0]:.2f}x"])
         del layers
@@ -175,6 +181,7 @@ if "model" in wanted:
             cfg = matched(soft, attn)
             model = GPT(GPTConfig(**dict(cfg.__dict__, residual=res))).to(device)
             runs.append((attn, res, model, torch.optim.AdamW(model.parameters(), lr=1e-4)))
+    runners = [torch.compile(model) if compile else model for _, _, model, _ in runs]
 
     def step(model, opt):
         with ctx:
@@ -186,14 +193,15 @@ if "model" in wanted:
     def fwd(model):
         with ctx:
             model(idx, idx)
-    secs, ratios = timed([lambda m=model, o=opt: step(m, o) for _, _, model, opt in runs])
-    mbs = [memory(lambda: fwd(model) if dev != "cuda" else step(model, opt)) / 2 ** 20 for _, _, model, opt in runs]
+    secs, ratios = timed([lambda m=r, o=run[3]: step(m, o) for run, r in zip(runs, runners)])
+    mbs = [memory(lambda: fwd(model) if dev != "cuda" else step(r, opt)) / 2 ** 20
+           for (_, _, model, opt), r in zip(runs, runners)]
     peak = peak_flops(device)
     for (attn, res, model, _), s, r, mb in zip(runs, secs, ratios, mbs):
         mfu = f"{model.flops_per_token(model_T) * batch_size * model_T / s / peak * 100:.1f}%" if peak else "n/a"
         rows.append([attn, res, f"{s * 1e3:.0f}", f"{s * 1e3 / model_layers:.1f}", f"{batch_size * model_T / s:,.0f}",
                      f"{r:.2f}x", f"{mb:.0f}", f"{mb / mbs[0]:.2f}x", mfu])
-    del runs
+    del runs, runners
     table(f"training step of the whole model ({model_layers} x {model_embd}, T={model_T}, B={batch_size}; "
           f"HyperGLU/HyperMLP budget matched)",
           ["attn", "residual", "ms/step", "ms/layer", "tok/s", "time vs softmax/plain", mem_name,

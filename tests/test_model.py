@@ -571,3 +571,18 @@ def test_bench_runs_end_to_end():
         assert title in out
     assert out.count("| 32 | hyperglu |") == 1 and "| hypermlp | mhc |" in out and "| softmax | plain |" in out
     assert "| softmax | plain |" in out and "1.00x" in out
+
+
+@pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="torch.compile on CPU needs a C compiler")
+def test_bench_compile_runs():
+    """--compile=True times compiled layers and models (warm-up rounds absorb the compiles)."""
+    import subprocess
+    import sys
+    repo = __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "bench.py", "--sections=layer,model", "--attns=softmax", "--residuals=plain,hc",
+                        "--T_list=16", "--n_embd=32", "--model_layers=1", "--model_embd=32", "--model_heads=2",
+                        "--model_T=16", "--repeats=1", "--warmup=0", "--batch_size=1", "--compile=True"],
+                       cwd=repo, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert ", torch.compile" in r.stdout.splitlines()[0]
+    assert "| 16 | softmax |" in r.stdout and "| softmax | hc |" in r.stdout
