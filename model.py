@@ -23,6 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+import kernels
+
 
 def _choice(owner, name, value, allowed):
     if value not in allowed:
@@ -455,13 +457,12 @@ def rows_forward(cfg, glu, q, k, v, c1, c2, row_start, params, keep=False):
     base = W - 1 - row_start if lag else 0
 
     # z_j = <q_t, k_{t-j}>, in lag order
-    if lag:
-        Sb = q.new_empty(B, H1, M, W + base)
-        Sb[..., :base].zero_()  # lags of keys < 0 read the pad
-        torch.matmul(q, k.transpose(-1, -2), out=key_view(Sb, W, base))
-        Z = Sb[..., :W]
-    else:
-        Z = mask_(q @ k.transpose(-1, -2), region)
+    Z = lag_scores(q, k, base) if lag else mask_(q @ k.transpose(-1, -2), region)
+    if lag and not keep and kernels.usable(cfg, q):  # op1, the GLU and op2 in one fused pass (kernels.py)
+        c1, c2 = (c.to(dt) if c is not None else None for c in (c1, c2))
+        f = kernels.middle(cfg, glu, Z, c1, c2, *fused_mixers(cfg, (U1, Vt1, d1, U2, Vt2, d2), s, W), base)
+        out = key_view(f["Ab"], W, base) @ v
+        return out * f["inv"][..., None] if f["inv"] is not None else out
     # op1: Z1 = Z (I + diag(d1) + U1 diag(c1) Vt1), then masked
     P = Pc = None
     if cfg.use_op1:
@@ -492,6 +493,8 @@ def rows_forward(cfg, glu, q, k, v, c1, c2, row_start, params, keep=False):
 def rows_backward(cfg, glu, q, k, v, c1, c2, row_start, params, gout):
     """Gradients of rows_forward's output for q, k, v, c1, c2 and (U1, Vt1, d1, U2, Vt2, d2) (full L rows),
     from gout (B,h,M,dv): the chunk's maps are recomputed, then each step of rows_forward is undone in reverse."""
+    if cfg.aligner_kind == "offset" and kernels.usable(cfg, q):
+        return rows_backward_fused(cfg, glu, q, k, v, c1, c2, row_start, params, gout)
     f = rows_forward(cfg, glu, q, k, v, c1, c2, row_start, params, keep=True)
     B, H1, M, _ = q.shape
     W, h, L = k.shape[2], cfg.n_head, cfg.block_size
@@ -547,6 +550,57 @@ def rows_backward(cfg, glu, q, k, v, c1, c2, row_start, params, gout):
     # z = q k^T: dq = dS k, dk = dS^T q
     gS = key_view(gZb, W, base) if lag else mask_(gZb, region)
     return gS @ k, gS.transpose(-1, -2) @ q, gv, gc1, gc2, gU1, gVt1, gd1, gU2, gVt2, gd2
+
+
+def lag_scores(q, k, base):
+    """q k^T in lag order, (B,H,M,W): the GEMM writes a skewed view of a W + base wide buffer whose pad (lags of
+    keys < 0, left of column base - m in row m) is zero. Returns the buffer's first W columns."""
+    B, H, M, _ = q.shape
+    W = k.shape[2]
+    Sb = q.new_empty(B, H, M, W + base)
+    Sb[..., :base].zero_()
+    torch.matmul(q, k.transpose(-1, -2), out=key_view(Sb, W, base))
+    return Sb[..., :W]
+
+
+def fused_mixers(cfg, params, s, W):
+    """(U (H,W,r), Vt (H,r,W), scale (H,W)) of op1 and op2 cut to a chunk's W lags, for kernels.middle; None
+    for a mixer that is off. The scale is the full-rank part I + diag(d) (lag_scale) as a vector per head."""
+    U1, Vt1, d1, U2, Vt2, d2 = params
+    out = []
+    for on, U, Vt, d, shortcut in ((cfg.use_op1, U1, Vt1, d1, cfg.op1_shortcut),
+                                   (cfg.use_op2, U2, Vt2, d2, cfg.op2_shortcut)):
+        if not on:
+            out.append(None)
+            continue
+        scale = lag_scale(d.to(U.dtype) if d is not None else None, shortcut, s)
+        scale = scale.reshape(U.shape[0], W) if torch.is_tensor(scale) else U.new_full((U.shape[0], W), scale)
+        out.append((U.contiguous()[:, s:], Vt.contiguous()[:, :, s:], scale.contiguous()))  # no copies: params
+    return out
+
+
+@no_autocast
+def rows_backward_fused(cfg, glu, q, k, v, c1, c2, row_start, params, gout):
+    """rows_backward with kernels.middle: the large GEMMs here, the maps between them fused per row block."""
+    B, H1, M, _ = q.shape
+    W, h, L = k.shape[2], cfg.n_head, cfg.block_size
+    s, base, dt = L - W, W - 1 - row_start, q.dtype
+    k, v, gout = k.to(dt), v.to(dt), gout.to(dt)
+    params = tuple(p.to(dt) if p is not None else None for p in params)
+    c1, c2 = (c.to(dt) if c is not None else None for c in (c1, c2))
+    Z = lag_scores(q, k, base)
+    gAb = q.new_empty(B, h, M, W + base)  # dout v^T in lag order; the kernel scales its rows by inv
+    gAb[..., :base].zero_()
+    torch.matmul(gout, v.transpose(-1, -2), out=key_view(gAb, W, base))
+    f = kernels.middle(cfg, glu, Z, c1, c2, *fused_mixers(cfg, params, s, W), base, gA2=gAb[..., :W])
+    gy = gout * f["inv"][..., None] if f["inv"] is not None else gout
+    gv = key_view(f["Ab"], W, base).transpose(-1, -2) @ gy
+    gS = key_view(f["gZb"], W, base)
+    U1, Vt1, d1, U2, Vt2, d2 = params
+    g1, g2 = f["mix1"] or (None,) * 3, f["mix2"] or (None,) * 3
+    full = lambda p, g, dim: _full(p, g, dim, s) if p is not None else None
+    return (gS @ k, gS.transpose(-1, -2) @ q, gv, f["gc1"], f["gc2"], full(U1, g1[0], 1), full(Vt1, g1[1], 2),
+            full(d1, g1[2], 1), full(U2, g2[0], 1), full(Vt2, g2[1], 2), full(d2, g2[2], 1))
 
 
 def mix_backward(gY, X, P, Pc, ctrl, U, Vt, d, s, gX):

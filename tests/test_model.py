@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import kernels
 from model import (GPT, GPTConfig, HyperGLU, HyperGLUConfig, KVCache, LayerNorm, RMSNorm, apply_rope, match_budget,
                    norm_proj, param_report, sinkhorn)
 
@@ -74,7 +75,9 @@ def run_layer(layer, x, **kw):
 
 @pytest.mark.parametrize("kind,norm,layout", list(itertools.product(["glu", "relu"], ["l2", "out_scale", "none"],
                                                                     ["offset", "identity"])))
-def test_dense_equals_chunked(kind, norm, layout):
+def test_dense_equals_chunked(kind, norm, layout, monkeypatch):
+    """Every impl against dense, float64; recompute with the fused kernel where it builds (lag layout)."""
+    fused_path(monkeypatch, layout == "offset" and kernels.load() is not None)
     torch.manual_seed(0)
     layer = randomize(HyperGLU(layer_cfg(attn_kind=kind, attn_norm=norm, aligner_kind=layout, qk_rank=8))).double()
     x = torch.randn(2, 17, 24, dtype=torch.float64)
@@ -86,11 +89,14 @@ def test_dense_equals_chunked(kind, norm, layout):
             assert (g0[n] - g1[n]).abs().max() < 1e-12, (impl, chunk, n)
 
 
-@pytest.mark.parametrize("kind,norm,op1,op2,layout", [
-    ("glu", "out_scale", True, True, "offset"), ("relu", "l2", True, False, "offset"),
-    ("glu", "none", False, True, "identity"), ("relu", "out_scale", False, False, "identity")])
-def test_recompute_matches_dense_fp32(kind, norm, op1, op2, layout):
+@pytest.mark.parametrize("kind,norm,op1,op2,layout,fused", [
+    ("glu", "out_scale", True, True, "offset", True), ("glu", "out_scale", True, True, "offset", False),
+    ("relu", "l2", True, False, "offset", True), ("relu", "l2", True, False, "offset", False),
+    ("glu", "none", False, True, "offset", True), ("glu", "none", False, True, "identity", False),
+    ("relu", "out_scale", False, False, "identity", False)])
+def test_recompute_matches_dense_fp32(kind, norm, op1, op2, layout, fused, monkeypatch):
     """The memory-lean training path (chunks recomputed in backward) against dense, fp32, 1e-5 relative."""
+    fused_path(monkeypatch, fused)
     torch.manual_seed(0)
     layer = randomize(HyperGLU(layer_cfg(attn_kind=kind, attn_norm=norm, use_op1=op1, use_op2=op2,
                                          aligner_kind=layout)), 0.1)
@@ -103,11 +109,21 @@ def test_recompute_matches_dense_fp32(kind, norm, op1, op2, layout):
         assert rel(g1[n], g0[n]) < 1e-5, n
 
 
-@pytest.mark.parametrize("kind,layout", list(itertools.product(["glu", "relu"], ["offset", "identity"])))
-def test_recompute_backward_matches_autograd_for_every_mixer_switch(kind, layout):
-    """The hand-written backward (impl="recompute") against autograd over the reference rows (impl="chunked",
-    same chunks), float64, for every combination of the op1/op2 switches and do_masking."""
+def fused_path(monkeypatch, fused):
+    """Run the recompute path with the fused CPU kernel (kernels.py) or with its eager steps."""
+    if fused and kernels.load() is None:
+        pytest.skip("the fused CPU kernel could not be built here")
+    monkeypatch.setenv("HYPERGLU_FUSED", "1" if fused else "0")
+
+
+@pytest.mark.parametrize("kind,layout,fused", [(k, l, f) for k in ("glu", "relu") for l in ("offset", "identity")
+                                               for f in (True, False) if l == "offset" or not f])
+def test_recompute_backward_matches_autograd_for_every_mixer_switch(kind, layout, fused, monkeypatch):
+    """The hand-written backward (impl="recompute", eager steps or the fused kernel) against autograd over the
+    reference rows (impl="chunked", same chunks), float64, for every combination of the op1/op2 switches and
+    do_masking."""
     import warnings
+    fused_path(monkeypatch, fused)
     for op, shortcut, diag, op_mask, do_mask, norm in itertools.product(
             [(True, True), (True, False), (False, True)], [True, False], [True, False], [True, False],
             [True, False], ["out_scale", "none"]):
@@ -128,6 +144,25 @@ def test_recompute_backward_matches_autograd_for_every_mixer_switch(kind, layout
         assert (y0 - y1).abs().max() < 1e-12 and (y0 - y2).abs().max() < 1e-12, case
         for n in g0:
             assert (g0[n] - g1[n]).abs().max() < 1e-11, (case, n)
+
+
+def test_fused_kernel_runs_the_recompute_path(monkeypatch):
+    """Where the kernel builds, the recompute path goes through it for fp32/fp64 CPU chunks in the lag layout,
+    forward and backward, and not for bf16 or the identity layout."""
+    fused_path(monkeypatch, True)
+    calls = []
+    middle = kernels.middle
+    monkeypatch.setattr(kernels, "middle", lambda *a, **kw: calls.append("bwd" if kw.get("gA2") is not None
+                                                                         else "fwd") or middle(*a, **kw))
+    torch.manual_seed(0)
+    x = torch.randn(2, 13, 24, requires_grad=True)
+    HyperGLU(layer_cfg())(x, impl="recompute", chunk_T=5).sum().backward()
+    assert calls == ["fwd"] * 3 + ["bwd"] * 3
+    calls.clear()
+    HyperGLU(layer_cfg(aligner_kind="identity"))(x, impl="recompute", chunk_T=5).sum().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        HyperGLU(layer_cfg())(x, impl="recompute", chunk_T=5).float().sum().backward()
+    assert calls == []
 
 
 def saved_bytes(fn):

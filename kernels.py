@@ -1,0 +1,353 @@
+"""
+Optional fused CPU kernel for the middle of HyperGLU's training path (model.rows_forward / rows_backward).
+
+Between the large GEMMs of a chunk (Z = QK^T in lag order, A V, dA = dy V^T, dS K, dS^T Q) the eager path makes
+about a dozen passes over each (B, H, M, W) map in forward and some forty in backward, each reading or writing a
+whole map from memory: the two diagonal-plus-low-rank mixers, the GLU, the norm, and their gradients. Here the
+same steps run on blocks of `ROWS` rows of one (batch, head) at a time, so a block's maps stay in cache from op1
+to op2 and back: the rank-r products are small BLAS GEMMs on the block, softplus and sigmoid are vectorised
+(ATen's Vectorized, the same Sleef routines ATen uses), the rest are loops over the block's rows.
+  forward:  Z (lag order) -> A2 = op2(act(op1(Z))), and the GLU norm n, inv = 1/max(n, eps) per row
+  backward: Z, dA2 -> recomputes the block's maps, then dZ, A2 (for dV = A^T dy), the controls' gradients
+            and the mixer parameters' gradients per (batch, head)
+Only the lag layout with per-head mixers is fused; model.py runs its eager steps for everything else.
+
+The blocks of the B x h (batch, head) pairs run on torch's intra-op threads (OpenMP), BLAS serial inside each.
+It is compiled on first use with torch.utils.cpp_extension (a C++ compiler with OpenMP, and ninja; about 30 s,
+cached in ~/.cache/torch_extensions) for fp32 and fp64 CPU tensors. Where it cannot be built, for other dtypes
+(bf16 autocast), under torch.compile and on GPUs, model.py runs its eager steps, which compute the same numbers
+(both are tested against autograd over the reference rows). HYPERGLU_FUSED=0 in the environment turns it off.
+"""
+
+import os
+import warnings
+
+import torch
+
+ROWS = 64  # rows per block (32, 64 and 128 within 2% of each other at T=1024): a block's maps stay in L2
+
+SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/cpu/vec/functional.h>
+#include <algorithm>
+#include <vector>
+
+extern "C" {  // Fortran BLAS, as exported by the BLAS that PyTorch's CPU build links (MKL in the official wheels)
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
+            const float*, const int*, const float*, float*, const int*);
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
+            const double*, const int*, const double*, double*, const int*);
+int MKL_Set_Num_Threads_Local(int) __attribute__((weak));  // MKL only: keep BLAS serial inside our threads
+}
+static void gemm(char ta, char tb, int m, int n, int k, const float* A, int lda, const float* B, int ldb, float beta,
+                 float* C, int ldc) {
+  const float one = 1;
+  sgemm_(&ta, &tb, &m, &n, &k, &one, A, &lda, B, &ldb, &beta, C, &ldc);
+}
+static void gemm(char ta, char tb, int m, int n, int k, const double* A, int lda, const double* B, int ldb,
+                 double beta, double* C, int ldc) {
+  const double one = 1;
+  dgemm_(&ta, &tb, &m, &n, &k, &one, A, &lda, B, &ldb, &beta, C, &ldc);
+}
+// row-major C (m x n, ld ldc) = op(A) (m x k) op(B) (k x n) + beta C, via column-major BLAS: C^T = op(B)^T op(A)^T.
+// A is stored m x k (k x m when tA), B k x n (n x k when tB), row-major with leading dims lda, ldb.
+template <typename T>
+static void mm(bool tA, bool tB, int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb,
+               T beta, T* C, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    for (int64_t i = 0; i < m; ++i) for (int64_t j = 0; j < n; ++j) C[i * ldc + j] *= beta;
+    return;
+  }
+  gemm(tB ? 'T' : 'N', tA ? 'T' : 'N', n, m, k, B, ldb, A, lda, beta, C, ldc);
+}
+
+template <typename T> using Vec = at::vec::Vectorized<T>;
+
+// softplus(x) = max(x, 0) + log1p(exp(-|x|)) (= logaddexp(x, 0)) into sp; sigmoid(x) = exp(x - softplus(x))
+template <typename T>
+static void softplus(const T* x, T* sp, int64_t W) {
+  int64_t c = 0;
+  const Vec<T> zero(T(0));
+  for (; c + Vec<T>::size() <= W; c += Vec<T>::size()) {
+    Vec<T> v = Vec<T>::loadu(x + c);
+    (at::vec::maximum(v, zero) + v.abs().neg().exp().log1p()).store(sp + c);
+  }
+  for (; c < W; ++c) sp[c] = std::max(x[c], T(0)) + std::log1p(std::exp(-std::abs(x[c])));
+}
+template <typename T>
+static void sigmoid(const T* x, const T* sp, T* out, int64_t W) {
+  int64_t c = 0;
+  for (; c + Vec<T>::size() <= W; c += Vec<T>::size())
+    (Vec<T>::loadu(x + c) - Vec<T>::loadu(sp + c)).exp().store(out + c);
+  for (; c < W; ++c) out[c] = std::exp(x[c] - sp[c]);
+}
+
+// A 2-D strided view: element (i, j) at p[i * rs + j * cs].
+template <typename T> struct View { T* p; int64_t rs; };
+
+struct Args {  // everything but the tensors, from Python
+  bool glu, use_norm, op1, op2, mask1, mask2;
+  double eps;
+  int64_t base;  // row m may use lag columns >= base - m (keys >= 0); the ones left of it are invalid
+};
+
+// One mixer on a block of R rows: y = x * s + (x U * ctrl) Vt, masked. U: W x r (ld r), Vt: r x W (ld vl).
+template <typename T>
+static void mix_forward(int64_t R, int64_t W, int64_t r, const T* x, int64_t xl, const T* U, const T* Vt,
+                        int64_t vl, const T* s, const T* ctrl, int64_t cl, T* P, T* Pc, T* y, int64_t yl,
+                        bool mask, int64_t base, int64_t m0) {
+  mm<T>(false, false, R, r, W, x, xl, U, r, T(0), P, r);  // P = x U
+  for (int64_t i = 0; i < R; ++i)
+    for (int64_t k = 0; k < r; ++k) Pc[i * r + k] = P[i * r + k] * ctrl[i * cl + k];
+  for (int64_t i = 0; i < R; ++i) {
+    const T* xi = x + i * xl; T* yi = y + i * yl;
+    #pragma omp simd
+    for (int64_t c = 0; c < W; ++c) yi[c] = xi[c] * s[c];
+  }
+  mm<T>(false, false, R, W, r, Pc, r, Vt, vl, T(1), y, yl);  // y += Pc Vt
+  if (mask)
+    for (int64_t i = 0; i < R; ++i) {
+      const int64_t bad = std::min<int64_t>(std::max<int64_t>(base - (m0 + i), 0), W);
+      std::fill(y + i * yl, y + i * yl + bad, T(0));
+    }
+}
+
+// Its backward from gy: gx = gy * s + (gy Vt^T * ctrl) U^T; gctrl = (gy Vt^T) * P; gVt += Pc^T gy;
+// gU^T += (gy Vt^T * ctrl)^T x; gd += colsum(gy * x). gPc, gP: R x r scratch.
+template <typename T>
+static void mix_backward(int64_t R, int64_t W, int64_t r, const T* gy, int64_t gyl, const T* x, int64_t xl,
+                         const T* P, const T* Pc, const T* ctrl, int64_t cl, const T* U, const T* Vt, int64_t vl,
+                         const T* s, T* gx, int64_t gxl, T* gctrl, int64_t gcl, T* gVt, T* gUT, T* gd, T* gPc,
+                         T* gP) {
+  mm<T>(false, true, R, r, W, gy, gyl, Vt, vl, T(0), gPc, r);  // gPc = gy Vt^T
+  mm<T>(true, false, r, W, R, Pc, r, gy, gyl, T(1), gVt, W);   // gVt += Pc^T gy
+  for (int64_t i = 0; i < R; ++i)
+    for (int64_t k = 0; k < r; ++k) {
+      gctrl[i * gcl + k] = gPc[i * r + k] * P[i * r + k];
+      gP[i * r + k] = gPc[i * r + k] * ctrl[i * cl + k];
+    }
+  for (int64_t i = 0; i < R; ++i) {
+    const T* g = gy + i * gyl; const T* xi = x + i * xl; T* o = gx + i * gxl;
+    #pragma omp simd
+    for (int64_t c = 0; c < W; ++c) { gd[c] += g[c] * xi[c]; o[c] = g[c] * s[c]; }
+  }
+  mm<T>(false, true, R, W, r, gP, r, U, r, T(1), gx, gxl);    // gx += gP U^T
+  mm<T>(true, false, r, W, R, gP, r, x, xl, T(1), gUT, W);    // gU^T += gP^T x
+}
+
+template <typename T>
+static inline T* at4(const at::Tensor& t, int64_t b, int64_t h, int64_t m) {
+  return t.data_ptr<T>() + b * t.stride(0) + h * t.stride(1) + m * t.stride(2);
+}
+
+// t: Z, c1, c2, U1 (H1 x W x r1), Vt1 (H1 x r1 x *), s1 (H1 x W), U2, Vt2, s2, A2 (out), n, inv (out, B x h x M),
+// and for backward gA2, gZ (out), gc1, gc2 (out), gVt1, gU1T, gd1, gVt2, gU2T, gd2 (accumulated, per b and head).
+template <typename T>
+static void run(std::vector<at::Tensor> t, Args a, int64_t rows, bool backward) {
+  auto &Z = t[0], &c1 = t[1], &c2 = t[2], &U1 = t[3], &Vt1 = t[4], &s1 = t[5], &U2 = t[6], &Vt2 = t[7], &s2 = t[8];
+  auto &A2 = t[9], &nrm = t[10], &inv = t[11];
+  const int64_t B = A2.size(0), h = A2.size(1), M = A2.size(2), W = A2.size(3);
+  const int64_t nh = a.glu ? 2 : 1, H1 = nh * h;
+  const int64_t r1 = a.op1 ? U1.size(2) : 0, r2 = a.op2 ? U2.size(2) : 0, rr = std::max<int64_t>({r1, r2, 1});
+  at::parallel_for(0, B * h, 1, [&](int64_t t0, int64_t t1) {
+    const int blas_threads = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
+    std::vector<T> z1(nh * rows * W), sp(rows * W), ga(rows * W), gz(rows * W), sig(rows * W);
+    std::vector<T> P1(nh * rows * rr), Pc1(nh * rows * rr), Q(rows * rr), Qc(rows * rr), gPc(rows * rr), gP(rows * rr);
+    std::vector<T> coef(rows);
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t b = task / h, j = task % h;
+      for (int64_t m0 = 0; m0 < M; m0 += rows) {
+        const int64_t R = std::min(rows, M - m0);
+        // op1 on each qk-head of this v-head (GLU: gate head j, scale head h + j)
+        for (int64_t e = 0; e < nh; ++e) {
+          const int64_t hh = j + e * h;
+          T* y = z1.data() + e * rows * W;
+          if (a.op1)
+            mix_forward<T>(R, W, r1, at4<T>(Z, b, hh, m0), Z.stride(2), U1.data_ptr<T>() + hh * U1.stride(0),
+                           Vt1.data_ptr<T>() + hh * Vt1.stride(0), Vt1.stride(1), s1.data_ptr<T>() + hh * W,
+                           at4<T>(c1, b, hh, m0), c1.stride(2), P1.data() + e * rows * rr, Pc1.data() + e * rows * rr,
+                           y, W, a.mask1, a.base, m0);
+          else
+            for (int64_t i = 0; i < R; ++i) std::copy_n(at4<T>(Z, b, hh, m0 + i), W, y + i * W);
+        }
+        // the activation: a = softplus(Sc) relu(G) (GLU) or relu(G), and the norm of G per row
+        T* G = z1.data();
+        T* act = ga.data();  // forward: a; backward reuses the buffer for da after op2's backward
+        for (int64_t i = 0; i < R; ++i) {
+          const T* g = G + i * W; T* ai = act + i * W;
+          if (a.glu) {
+            softplus<T>(z1.data() + (rows + i) * W, sp.data() + i * W, W);
+            const T* s = sp.data() + i * W;
+            #pragma omp simd
+            for (int64_t c = 0; c < W; ++c) ai[c] = s[c] * std::max(g[c], T(0));
+          } else {
+            #pragma omp simd
+            for (int64_t c = 0; c < W; ++c) ai[c] = std::max(g[c], T(0));
+          }
+          if (a.use_norm) {
+            double s = 0;
+            #pragma omp simd reduction(+:s)
+            for (int64_t c = 0; c < W; ++c) s += double(g[c]) * double(g[c]);
+            const T nn = T(std::sqrt(s));
+            at4<T>(nrm, b, j, m0)[i] = nn;
+            at4<T>(inv, b, j, m0)[i] = T(1) / std::max(nn, T(a.eps));
+          }
+        }
+        // op2 into A2 (its buffer, lag order)
+        T* A = at4<T>(A2, b, j, m0); const int64_t Al = A2.stride(2);
+        if (a.op2)
+          mix_forward<T>(R, W, r2, act, W, U2.data_ptr<T>() + j * U2.stride(0), Vt2.data_ptr<T>() + j * Vt2.stride(0),
+                         Vt2.stride(1), s2.data_ptr<T>() + j * W, at4<T>(c2, b, j, m0), c2.stride(2), Q.data(),
+                         Qc.data(), A, Al, a.mask2, a.base, m0);
+        else
+          for (int64_t i = 0; i < R; ++i) std::copy_n(act + i * W, W, A + i * Al);
+        if (!backward) continue;
+
+        auto &gA2 = t[12], &gZ = t[13], &gc1 = t[14], &gc2 = t[15];
+        auto &gVt1 = t[16], &gU1T = t[17], &gd1 = t[18], &gVt2 = t[19], &gU2T = t[20], &gd2 = t[21];
+        T* g = at4<T>(gA2, b, j, m0); const int64_t gl = gA2.stride(2);
+        // gA2 arrives as dout v^T; dA2 = (dout inv) v^T scales each row by its inv, known only now
+        if (a.use_norm)
+          for (int64_t i = 0; i < R; ++i) {
+            const T iv = at4<T>(inv, b, j, m0)[i]; T* gi = g + i * gl;
+            #pragma omp simd
+            for (int64_t c = 0; c < W; ++c) gi[c] *= iv;
+          }
+        // the norm: out = (A v) inv, inv = 1/max(n, eps): dG gets coef G with coef = -rowdot(A2, dA2) inv^2
+        for (int64_t i = 0; i < R; ++i) {
+          coef[i] = 0;
+          if (a.use_norm && at4<T>(nrm, b, j, m0)[i] > T(a.eps)) {
+            const T* Ai = A + i * Al; const T* gi = g + i * gl;
+            T s = 0;
+            #pragma omp simd reduction(+:s)
+            for (int64_t c = 0; c < W; ++c) s += Ai[c] * gi[c];
+            const T iv = at4<T>(inv, b, j, m0)[i];
+            coef[i] = -s * iv * iv;
+          }
+        }
+        // op2: da = dA2 s2 + ..., into gz (the activation values in `act` are still needed as op2's input)
+        T* da = gz.data();
+        if (a.op2)
+          mix_backward<T>(R, W, r2, g, gl, act, W, Q.data(), Qc.data(), at4<T>(c2, b, j, m0), c2.stride(2),
+                          U2.data_ptr<T>() + j * U2.stride(0), Vt2.data_ptr<T>() + j * Vt2.stride(0), Vt2.stride(1),
+                          s2.data_ptr<T>() + j * W, da, W, at4<T>(gc2, b, j, m0), gc2.stride(2),
+                          gVt2.data_ptr<T>() + (b * h + j) * r2 * W, gU2T.data_ptr<T>() + (b * h + j) * r2 * W,
+                          gd2.data_ptr<T>() + (b * h + j) * W, gPc.data(), gP.data());
+        else
+          for (int64_t i = 0; i < R; ++i) std::copy_n(g + i * gl, W, da + i * W);
+        // the activation's backward, in place over op1's outputs: dG = da [G > 0] sp + coef G,
+        // dSc = da relu(G) sigmoid(Sc)
+        for (int64_t i = 0; i < R; ++i) {
+          T* gi = G + i * W; const T* d = da + i * W; const T cf = coef[i];
+          if (a.glu) {
+            T* Sc = z1.data() + (rows + i) * W; const T* s = sp.data() + i * W; T* sg = sig.data() + i * W;
+            sigmoid<T>(Sc, s, sg, W);
+            #pragma omp simd
+            for (int64_t c = 0; c < W; ++c) {
+              const T gv = gi[c];
+              Sc[c] = d[c] * std::max(gv, T(0)) * sg[c];
+              gi[c] = (gv > T(0) ? d[c] * s[c] : T(0)) + cf * gv;
+            }
+          } else {
+            #pragma omp simd
+            for (int64_t c = 0; c < W; ++c) { const T gv = gi[c]; gi[c] = (gv > T(0) ? d[c] : T(0)) + cf * gv; }
+          }
+        }
+        // op1's backward per qk-head into dZ (op1's mask needs no step: where it zeroed Z1, G = 0 zeroes dZ1)
+        for (int64_t e = 0; e < nh; ++e) {
+          const int64_t hh = j + e * h;
+          const T* gy = z1.data() + e * rows * W;
+          T* out = at4<T>(gZ, b, hh, m0); const int64_t ol = gZ.stride(2);
+          if (a.op1)
+            mix_backward<T>(R, W, r1, gy, W, at4<T>(Z, b, hh, m0), Z.stride(2), P1.data() + e * rows * rr,
+                            Pc1.data() + e * rows * rr, at4<T>(c1, b, hh, m0), c1.stride(2),
+                            U1.data_ptr<T>() + hh * U1.stride(0), Vt1.data_ptr<T>() + hh * Vt1.stride(0),
+                            Vt1.stride(1), s1.data_ptr<T>() + hh * W, out, ol, at4<T>(gc1, b, hh, m0), gc1.stride(2),
+                            gVt1.data_ptr<T>() + (b * H1 + hh) * r1 * W, gU1T.data_ptr<T>() + (b * H1 + hh) * r1 * W,
+                            gd1.data_ptr<T>() + (b * H1 + hh) * W, gPc.data(), gP.data());
+          else
+            for (int64_t i = 0; i < R; ++i) std::copy_n(gy + i * W, W, out + i * ol);
+        }
+      }
+    }
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(blas_threads);
+  });
+}
+
+void middle(std::vector<at::Tensor> t, bool glu, bool use_norm, bool op1, bool op2, bool mask1, bool mask2,
+            double eps, int64_t base, int64_t rows, bool backward) {
+  Args a{glu, use_norm, op1, op2, mask1, mask2, eps, base};
+  if (t[0].scalar_type() == at::kDouble) run<double>(t, a, rows, backward);
+  else run<float>(t, a, rows, backward);
+}
+"""
+
+_ext = None
+
+
+def load():
+    """The compiled extension, or None where it cannot be built."""
+    global _ext
+    if _ext is None:
+        _ext = False
+        cap = torch.backends.cpu.get_cpu_capability()  # vectorise exp/log for what this CPU has
+        flags = {"AVX512": ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma",
+                            "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"],
+                 "AVX2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]}.get(cap, [])
+        try:
+            from torch.utils.cpp_extension import load_inline
+            _ext = load_inline(name=f"hyperglu_middle_{cap.lower()}", cpp_sources=SOURCE, functions=["middle"],
+                               extra_cflags=["-O3", "-fopenmp", *flags], extra_ldflags=["-fopenmp"], verbose=False)
+        except Exception as e:  # no compiler, no ninja, ...: the eager path computes the same thing
+            warnings.warn(f"kernels.py: the fused CPU kernel could not be built ({type(e).__name__}: {e}); "
+                          f"HyperGLU runs its eager steps", RuntimeWarning)
+    return _ext or None
+
+
+def usable(cfg, q):
+    """Whether the fused middle takes this chunk: CPU, fp32 or fp64, lag layout, and the kernel builds."""
+    return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64) and cfg.aligner_kind == "offset"
+            and os.environ.get("HYPERGLU_FUSED", "1") != "0" and not torch.compiler.is_compiling()
+            and load() is not None)
+
+
+def middle(cfg, glu, Z, c1, c2, mix1, mix2, base, gA2=None):
+    """The fused middle of one chunk. Z (B,H1,M,W): op1's input in lag order (a view of a W+base wide buffer);
+    mix1 = (U1 (H1,W,r1), Vt1 (H1,r1,W), scale (H1,W)) and mix2 likewise for op2, each cut to the chunk's W lags
+    (None when the mixer is off); base = W-1-row_start.
+    Returns Ab (B,h,M,W+base), op2's output in lag order with `base` zero columns after it (key_view reads it),
+    and n, inv (B,h,M) (None for attn_norm="none"). With gA2 (B,h,M,W), the gradient of op2's output, it also
+    returns gZb (B,H1,M,W+base) (dZ, then zeros), dc1, dc2 and the mixers' (dU, dVt, dd) summed over the batch.
+    gA2 is taken as dout v^T, before the norm's per-row inv, and is scaled in place."""
+    B, H1, M, W = Z.shape
+    h = H1 // 2 if glu else H1
+    dt, dev = Z.dtype, Z.device
+    use_norm = cfg.attn_norm != "none"
+    Ab = Z.new_empty(B, h, M, W + base)
+    Ab[..., W:].zero_()
+    n, inv = Z.new_empty(B, h, M), Z.new_empty(B, h, M)
+    empty = Z.new_empty(0)
+    U1, Vt1, s1 = mix1 or (empty, empty, empty)
+    U2, Vt2, s2 = mix2 or (empty, empty, empty)
+    c1, c2 = (c if c is not None and c.stride(-1) == 1 else c.contiguous() if c is not None else None for c in (c1, c2))
+    t = [Z, c1 if mix1 else empty, c2 if mix2 else empty, U1, Vt1, s1, U2, Vt2, s2, Ab[..., :W], n, inv]
+    out = dict(Ab=Ab, n=n if use_norm else None, inv=inv if use_norm else None)
+    if gA2 is not None:
+        r1, r2 = (U1.shape[2] if mix1 else 0), (U2.shape[2] if mix2 else 0)
+        gZb = Z.new_empty(B, H1, M, W + base)
+        gZb[..., W:].zero_()
+        g = dict(gc1=Z.new_empty(B, H1, M, r1), gc2=Z.new_empty(B, h, M, r2),
+                 gVt1=Z.new_zeros(B, H1, r1, W), gU1T=Z.new_zeros(B, H1, r1, W), gd1=Z.new_zeros(B, H1, W),
+                 gVt2=Z.new_zeros(B, h, r2, W), gU2T=Z.new_zeros(B, h, r2, W), gd2=Z.new_zeros(B, h, W))
+        t += [gA2, gZb[..., :W], *g.values()]
+    masks = cfg.do_masking
+    load().middle(t, glu, use_norm, mix1 is not None, mix2 is not None, masks and cfg.op1_do_masking,
+                  masks and cfg.op2_do_masking, cfg.norm_eps, base, ROWS, gA2 is not None)
+    if gA2 is not None:
+        out.update(gZb=gZb, gc1=g["gc1"] if mix1 else None, gc2=g["gc2"] if mix2 else None,
+                   mix1=(g["gU1T"].sum(0).transpose(1, 2), g["gVt1"].sum(0), g["gd1"].sum(0)) if mix1 else None,
+                   mix2=(g["gU2T"].sum(0).transpose(1, 2), g["gVt2"].sum(0), g["gd2"].sum(0)) if mix2 else None)
+    return out
