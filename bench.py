@@ -3,6 +3,7 @@ Speed and memory of every attention x residual, as ratios against the softmax / 
 
 $ python bench.py                                           # small CPU defaults, under 3 minutes on 2 cores
 $ python bench.py --sections=layer --T_list=1024,2048       # one layer, the issue-6 shapes
+$ HYPERGLU_FUSED=0 python bench.py --sections=layer         # HyperGLU's eager steps, without kernels.py
 $ python bench.py --device=cuda --dtype=bfloat16 --compile=True --batch_size=8 --T_list=1024,2048 \\
       --n_embd=768 --n_head=12 --n_layer=12 --decode_T=1024 \\
       --model_layers=12 --model_embd=768 --model_heads=12 --model_T=1024  # 124M scale on a GPU
@@ -21,6 +22,7 @@ once in turn, and a ratio is the median of the per-round ratios. Absolute times 
 read the ratio columns, which compare measurements taken side by side.
 """
 
+import os
 import statistics
 import sys
 import time
@@ -28,6 +30,7 @@ from contextlib import nullcontext
 
 import torch
 
+import kernels
 from configurator import configure
 from model import GPT, CausalSelfAttention, GPTConfig, HyperGLU, KVCache, match_budget, peak_flops
 
@@ -136,8 +139,10 @@ def table(title, cols, rows):
 
 mem_name = "peak MiB" if dev == "cuda" else "saved MiB"
 gpu = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
+fused = dev == "cpu" and os.environ.get("HYPERGLU_FUSED", "1") != "0" and kernels.load() is not None
 print(f"bench on {gpu}, {dtype}, torch {torch.__version__}" + (f", {torch.get_num_threads()} threads" if dev == "cpu" else "")
-      + (", torch.compile" if compile else ""))
+      + (", torch.compile" if compile else "") + (f", HyperGLU fused CPU kernel {'on' if fused else 'off'}"
+                                                  if dev == "cpu" else ""))
 
 # ----------------------------------------------------------------------------- one layer
 if "layer" in wanted:

@@ -20,6 +20,7 @@ cached in ~/.cache/torch_extensions) for fp32 and fp64 CPU tensors. Where it can
 """
 
 import os
+import sys
 import warnings
 
 import torch
@@ -297,9 +298,13 @@ def load():
         flags = {"AVX512": ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma",
                             "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"],
                  "AVX2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]}.get(cap, [])
+        name = f"hyperglu_middle_{cap.lower()}"
         try:
-            from torch.utils.cpp_extension import load_inline
-            _ext = load_inline(name=f"hyperglu_middle_{cap.lower()}", cpp_sources=SOURCE, functions=["middle"],
+            from torch.utils.cpp_extension import _get_build_directory, load_inline
+            if not os.path.exists(os.path.join(_get_build_directory(name, False), f"{name}.so")):
+                print("kernels.py: building the fused HyperGLU CPU kernel (first use, about 30 s; then cached)",
+                      file=sys.stderr, flush=True)
+            _ext = load_inline(name=name, cpp_sources=SOURCE, functions=["middle"],
                                extra_cflags=["-O3", "-fopenmp", *flags], extra_ldflags=["-fopenmp"], verbose=False)
         except Exception as e:  # no compiler, no ninja, ...: the eager path computes the same thing
             warnings.warn(f"kernels.py: the fused CPU kernel could not be built ({type(e).__name__}: {e}); "
