@@ -12,7 +12,7 @@ to op2 and back: the rank-r products are small BLAS GEMMs on the block, softplus
             and the mixer parameters' gradients per (batch, head)
 Only the lag layout with per-head mixers is fused; model.py runs its eager steps for everything else.
 
-The blocks of the B x h (batch, head) pairs run on torch's intra-op threads (OpenMP), BLAS serial inside each.
+The (batch, head, block of rows) tasks run on torch's intra-op threads (OpenMP), BLAS serial inside each.
 It is compiled on first use with torch.utils.cpp_extension (a C++ compiler with OpenMP, and ninja; about 30 s,
 cached in ~/.cache/torch_extensions) for fp32 and fp64 CPU tensors. Where it cannot be built, for other dtypes
 (bf16 autocast), under torch.compile and on GPUs, model.py runs its eager steps, which compute the same numbers
@@ -153,14 +153,16 @@ static void run(std::vector<at::Tensor> t, Args a, int64_t rows, bool backward) 
   const int64_t B = A2.size(0), h = A2.size(1), M = A2.size(2), W = A2.size(3);
   const int64_t nh = a.glu ? 2 : 1, H1 = nh * h;
   const int64_t r1 = a.op1 ? U1.size(2) : 0, r2 = a.op2 ? U2.size(2) : 0, rr = std::max<int64_t>({r1, r2, 1});
-  at::parallel_for(0, B * h, 1, [&](int64_t t0, int64_t t1) {
+  const int64_t nb = (M + rows - 1) / rows;  // tasks: (batch, v-head, block of rows), for as many cores as there are
+  at::parallel_for(0, B * h * nb, 1, [&](int64_t t0, int64_t t1) {
     const int blas_threads = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
     std::vector<T> z1(nh * rows * W), sp(rows * W), ga(rows * W), gz(rows * W), sig(rows * W);
     std::vector<T> P1(nh * rows * rr), Pc1(nh * rows * rr), Q(rows * rr), Qc(rows * rr), gPc(rows * rr), gP(rows * rr);
     std::vector<T> coef(rows);
     for (int64_t task = t0; task < t1; ++task) {
-      const int64_t b = task / h, j = task % h;
-      for (int64_t m0 = 0; m0 < M; m0 += rows) {
+      const int64_t b = task / (h * nb), j = task / nb % h, blk = task % nb;
+      {
+        const int64_t m0 = blk * rows;
         const int64_t R = std::min(rows, M - m0);
         // op1 on each qk-head of this v-head (GLU: gate head j, scale head h + j)
         for (int64_t e = 0; e < nh; ++e) {
@@ -235,8 +237,9 @@ static void run(std::vector<at::Tensor> t, Args a, int64_t rows, bool backward) 
           mix_backward<T>(R, W, r2, g, gl, act, W, Q.data(), Qc.data(), at4<T>(c2, b, j, m0), c2.stride(2),
                           U2.data_ptr<T>() + j * U2.stride(0), Vt2.data_ptr<T>() + j * Vt2.stride(0), Vt2.stride(1),
                           s2.data_ptr<T>() + j * W, da, W, at4<T>(gc2, b, j, m0), gc2.stride(2),
-                          gVt2.data_ptr<T>() + (b * h + j) * r2 * W, gU2T.data_ptr<T>() + (b * h + j) * r2 * W,
-                          gd2.data_ptr<T>() + (b * h + j) * W, gPc.data(), gP.data());
+                          gVt2.data_ptr<T>() + ((blk * B + b) * h + j) * r2 * W,
+                          gU2T.data_ptr<T>() + ((blk * B + b) * h + j) * r2 * W,
+                          gd2.data_ptr<T>() + ((blk * B + b) * h + j) * W, gPc.data(), gP.data());
         else
           for (int64_t i = 0; i < R; ++i) std::copy_n(g + i * gl, W, da + i * W);
         // the activation's backward, in place over op1's outputs: dG = da [G > 0] sp + coef G,
@@ -267,8 +270,9 @@ static void run(std::vector<at::Tensor> t, Args a, int64_t rows, bool backward) 
                             Pc1.data() + e * rows * rr, at4<T>(c1, b, hh, m0), c1.stride(2),
                             U1.data_ptr<T>() + hh * U1.stride(0), Vt1.data_ptr<T>() + hh * Vt1.stride(0),
                             Vt1.stride(1), s1.data_ptr<T>() + hh * W, out, ol, at4<T>(gc1, b, hh, m0), gc1.stride(2),
-                            gVt1.data_ptr<T>() + (b * H1 + hh) * r1 * W, gU1T.data_ptr<T>() + (b * H1 + hh) * r1 * W,
-                            gd1.data_ptr<T>() + (b * H1 + hh) * W, gPc.data(), gP.data());
+                            gVt1.data_ptr<T>() + ((blk * B + b) * H1 + hh) * r1 * W,
+                            gU1T.data_ptr<T>() + ((blk * B + b) * H1 + hh) * r1 * W,
+                            gd1.data_ptr<T>() + ((blk * B + b) * H1 + hh) * W, gPc.data(), gP.data());
           else
             for (int64_t i = 0; i < R; ++i) std::copy_n(gy + i * W, W, out + i * ol);
         }
@@ -344,15 +348,18 @@ def middle(cfg, glu, Z, c1, c2, mix1, mix2, base, gA2=None):
         r1, r2 = (U1.shape[2] if mix1 else 0), (U2.shape[2] if mix2 else 0)
         gZb = Z.new_empty(B, H1, M, W + base)
         gZb[..., W:].zero_()
+        nb = -(-M // ROWS)  # the mixers' gradients accumulate per (block of rows, batch, head)
         g = dict(gc1=Z.new_empty(B, H1, M, r1), gc2=Z.new_empty(B, h, M, r2),
-                 gVt1=Z.new_zeros(B, H1, r1, W), gU1T=Z.new_zeros(B, H1, r1, W), gd1=Z.new_zeros(B, H1, W),
-                 gVt2=Z.new_zeros(B, h, r2, W), gU2T=Z.new_zeros(B, h, r2, W), gd2=Z.new_zeros(B, h, W))
+                 gVt1=Z.new_zeros(nb, B, H1, r1, W), gU1T=Z.new_zeros(nb, B, H1, r1, W), gd1=Z.new_zeros(nb, B, H1, W),
+                 gVt2=Z.new_zeros(nb, B, h, r2, W), gU2T=Z.new_zeros(nb, B, h, r2, W), gd2=Z.new_zeros(nb, B, h, W))
         t += [gA2, gZb[..., :W], *g.values()]
     masks = cfg.do_masking
     load().middle(t, glu, use_norm, mix1 is not None, mix2 is not None, masks and cfg.op1_do_masking,
                   masks and cfg.op2_do_masking, cfg.norm_eps, base, ROWS, gA2 is not None)
     if gA2 is not None:
         out.update(gZb=gZb, gc1=g["gc1"] if mix1 else None, gc2=g["gc2"] if mix2 else None,
-                   mix1=(g["gU1T"].sum(0).transpose(1, 2), g["gVt1"].sum(0), g["gd1"].sum(0)) if mix1 else None,
-                   mix2=(g["gU2T"].sum(0).transpose(1, 2), g["gVt2"].sum(0), g["gd2"].sum(0)) if mix2 else None)
+                   mix1=(g["gU1T"].sum((0, 1)).transpose(1, 2), g["gVt1"].sum((0, 1)), g["gd1"].sum((0, 1)))
+                   if mix1 else None,
+                   mix2=(g["gU2T"].sum((0, 1)).transpose(1, 2), g["gVt2"].sum((0, 1)), g["gd2"].sum((0, 1)))
+                   if mix2 else None)
     return out

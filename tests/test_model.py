@@ -110,10 +110,12 @@ def test_recompute_matches_dense_fp32(kind, norm, op1, op2, layout, fused, monke
 
 
 def fused_path(monkeypatch, fused):
-    """Run the recompute path with the fused CPU kernel (kernels.py) or with its eager steps."""
+    """Run the recompute path with the fused CPU kernel (kernels.py) or with its eager steps. The kernel gets
+    blocks of 2 rows, so a chunk spans several blocks, the last one partial."""
     if fused and kernels.load() is None:
         pytest.skip("the fused CPU kernel could not be built here")
     monkeypatch.setenv("HYPERGLU_FUSED", "1" if fused else "0")
+    monkeypatch.setattr(kernels, "ROWS", 2)
 
 
 @pytest.mark.parametrize("kind,layout,fused", [(k, l, f) for k in ("glu", "relu") for l in ("offset", "identity")
