@@ -9,7 +9,7 @@ to op2 and back: the rank-r products are small BLAS GEMMs on the block, softplus
 (ATen's Vectorized, the same Sleef routines ATen uses), the rest are loops over the block's rows.
   forward:  Z (lag order) -> A2 = op2(act(op1(Z))), and the GLU norm n, inv = 1/max(n, eps) per row
   backward: Z, dA2 -> recomputes the block's maps, then dZ, A2 (for dV = A^T dy), the controls' gradients
-            and the mixer parameters' gradients per (batch, head)
+            and the mixer parameters' gradients per (block, batch, head), summed afterwards
 Only the lag layout with per-head mixers is fused; model.py runs its eager steps for everything else.
 
 The (batch, head, block of rows) tasks run on torch's intra-op threads (OpenMP), BLAS serial inside each.
@@ -145,7 +145,7 @@ static inline T* at4(const at::Tensor& t, int64_t b, int64_t h, int64_t m) {
 }
 
 // t: Z, c1, c2, U1 (H1 x W x r1), Vt1 (H1 x r1 x *), s1 (H1 x W), U2, Vt2, s2, A2 (out), n, inv (out, B x h x M),
-// and for backward gA2, gZ (out), gc1, gc2 (out), gVt1, gU1T, gd1, gVt2, gU2T, gd2 (accumulated, per b and head).
+// and for backward gA2, gZ (out), gc1, gc2 (out), gVt1, gU1T, gd1, gVt2, gU2T, gd2 (accumulated per block of rows, b and head).
 template <typename T>
 static void run(std::vector<at::Tensor> t, Args a, int64_t rows, bool backward) {
   auto &Z = t[0], &c1 = t[1], &c2 = t[2], &U1 = t[3], &Vt1 = t[4], &s1 = t[5], &U2 = t[6], &Vt2 = t[7], &s2 = t[8];
@@ -333,7 +333,6 @@ def middle(cfg, glu, Z, c1, c2, mix1, mix2, base, gA2=None):
     gA2 is taken as dout v^T, before the norm's per-row inv, and is scaled in place."""
     B, H1, M, W = Z.shape
     h = H1 // 2 if glu else H1
-    dt, dev = Z.dtype, Z.device
     use_norm = cfg.attn_norm != "none"
     Ab = Z.new_empty(B, h, M, W + base)
     Ab[..., W:].zero_()
@@ -341,7 +340,7 @@ def middle(cfg, glu, Z, c1, c2, mix1, mix2, base, gA2=None):
     empty = Z.new_empty(0)
     U1, Vt1, s1 = mix1 or (empty, empty, empty)
     U2, Vt2, s2 = mix2 or (empty, empty, empty)
-    c1, c2 = (c if c is not None and c.stride(-1) == 1 else c.contiguous() if c is not None else None for c in (c1, c2))
+    c1, c2 = (c.contiguous() if c is not None and c.stride(-1) != 1 else c for c in (c1, c2))
     t = [Z, c1 if mix1 else empty, c2 if mix2 else empty, U1, Vt1, s1, U2, Vt2, s2, Ab[..., :W], n, inv]
     out = dict(Ab=Ab, n=n if use_norm else None, inv=inv if use_norm else None)
     if gA2 is not None:
