@@ -17,8 +17,9 @@ Sections:
   decode  ms per generated token at a decode_T-token context, with the KV cache and with full recompute.
 compile=True runs the layers and models through torch.compile (as train.py does on CUDA) for the timings and the GPU
 memory; CPU memory is counted on the eager modules (saved-tensor hooks do not see inside compiled graphs), and
-decoding stays eager. Each time is the median of `repeats` rounds after `warmup` rounds (at least two with compile); in each round every variant of a table runs
-once in turn, and a ratio is the median of the per-round ratios. Absolute times on a shared machine are noise;
+decoding stays eager. Each time is the median of `repeats` rounds after `warmup` rounds (at least two with
+compile); in each round every variant of a table runs once in turn, and a ratio is the median of the per-round
+ratios. Absolute times on a shared machine are noise;
 read the ratio columns, which compare measurements taken side by side.
 """
 
@@ -140,9 +141,9 @@ def table(title, cols, rows):
 mem_name = "peak MiB" if dev == "cuda" else "saved MiB"
 gpu = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
 fused = dev == "cpu" and os.environ.get("HYPERGLU_FUSED", "1") != "0" and kernels.load() is not None
-print(f"bench on {gpu}, {dtype}, torch {torch.__version__}" + (f", {torch.get_num_threads()} threads" if dev == "cpu" else "")
-      + (", torch.compile" if compile else "") + (f", HyperGLU fused CPU kernel {'on' if fused else 'off'}"
-                                                  if dev == "cpu" else ""))
+print(f"bench on {gpu}, {dtype}, torch {torch.__version__}"
+      + (f", {torch.get_num_threads()} threads, HyperGLU fused CPU kernel {'on' if fused else 'off'}" if dev == "cpu"
+         else "") + (", torch.compile" if compile else ""))
 
 # ----------------------------------------------------------------------------- one layer
 if "layer" in wanted:

@@ -145,7 +145,8 @@ static inline T* at4(const at::Tensor& t, int64_t b, int64_t h, int64_t m) {
 }
 
 // t: Z, c1, c2, U1 (H1 x W x r1), Vt1 (H1 x r1 x *), s1 (H1 x W), U2, Vt2, s2, A2 (out), n, inv (out, B x h x M),
-// and for backward gA2, gZ (out), gc1, gc2 (out), gVt1, gU1T, gd1, gVt2, gU2T, gd2 (accumulated per block of rows, b and head).
+// and for backward gA2, gZ (out), gc1, gc2 (out), gVt1, gU1T, gd1, gVt2, gU2T, gd2 (accumulated per block of
+// rows, b and head).
 template <typename T>
 static void run(std::vector<at::Tensor> t, Args a, int64_t rows, bool backward) {
   auto &Z = t[0], &c1 = t[1], &c2 = t[2], &U1 = t[3], &Vt1 = t[4], &s1 = t[5], &U2 = t[6], &Vt2 = t[7], &s2 = t[8];
