@@ -144,12 +144,12 @@ static inline T* at4(const at::Tensor& t, int64_t b, int64_t h, int64_t m) {
   return t.data_ptr<T>() + b * t.stride(0) + h * t.stride(1) + m * t.stride(2);
 }
 
-// t: Z, c1, c2, U1 (H1 x W x r1), Vt1 (H1 x r1 x *), s1 (H1 x W), U2, Vt2, s2, A2 (out), n, inv (out, B x h x M),
+// t: q (B x H1 x M x dk), c1, c2, U1 (H1 x W x r1), Vt1 (H1 x r1 x *), s1 (H1 x W), U2, Vt2, s2, A2 (out), n, inv (out, B x h x M),
 // and for backward gA2, gZ (out), gc1, gc2 (out), gVt1, gU1T, gd1, gVt2, gU2T, gd2 (accumulated per block of
 // rows, b and head).
 template <typename T>
-static void run(std::vector<at::Tensor> t, Args a, int64_t rows, bool backward) {
-  auto &Z = t[0], &c1 = t[1], &c2 = t[2], &U1 = t[3], &Vt1 = t[4], &s1 = t[5], &U2 = t[6], &Vt2 = t[7], &s2 = t[8];
+static void run(std::vector<at::Tensor> t, const at::Tensor& K, Args a, int64_t rows, bool backward) {
+  auto &q = t[0], &c1 = t[1], &c2 = t[2], &U1 = t[3], &Vt1 = t[4], &s1 = t[5], &U2 = t[6], &Vt2 = t[7], &s2 = t[8];
   auto &A2 = t[9], &nrm = t[10], &inv = t[11];
   const int64_t B = A2.size(0), h = A2.size(1), M = A2.size(2), W = A2.size(3);
   const int64_t nh = a.glu ? 2 : 1, H1 = nh * h;
@@ -157,7 +157,7 @@ static void run(std::vector<at::Tensor> t, Args a, int64_t rows, bool backward) 
   const int64_t nb = (M + rows - 1) / rows;  // tasks: (batch, v-head, block of rows), for as many cores as there are
   at::parallel_for(0, B * h * nb, 1, [&](int64_t t0, int64_t t1) {
     const int blas_threads = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
-    std::vector<T> z1(nh * rows * W), sp(rows * W), ga(rows * W), gz(rows * W), sig(rows * W);
+    std::vector<T> zb(nh * rows * W), S(rows * W), z1(nh * rows * W), sp(rows * W), ga(rows * W), gz(rows * W), sig(rows * W);
     std::vector<T> P1(nh * rows * rr), Pc1(nh * rows * rr), Q(rows * rr), Qc(rows * rr), gPc(rows * rr), gP(rows * rr);
     std::vector<T> coef(rows);
     for (int64_t task = t0; task < t1; ++task) {
@@ -165,17 +165,26 @@ static void run(std::vector<at::Tensor> t, Args a, int64_t rows, bool backward) 
       {
         const int64_t m0 = blk * rows;
         const int64_t R = std::min(rows, M - m0);
-        // op1 on each qk-head of this v-head (GLU: gate head j, scale head h + j)
+        // z = q k^T in lag order, then op1, on each qk-head of this v-head (GLU: gate head j, scale head h + j).
+        // Row m (query r = W-1-base+m) holds key r-l at column W-1-l: its keys 0..r start at column base - m.
         for (int64_t e = 0; e < nh; ++e) {
           const int64_t hh = j + e * h;
+          T* Zb = zb.data() + e * rows * W;
+          mm<T>(false, true, R, W, q.size(3), at4<T>(q, b, hh, m0), q.stride(2), at4<T>(K, b, hh, 0), K.stride(2),
+                T(0), S.data(), W);
+          for (int64_t i = 0; i < R; ++i) {
+            const int64_t sh = std::max<int64_t>(0, std::min<int64_t>(a.base - (m0 + i), W));
+            std::fill(Zb + i * W, Zb + i * W + sh, T(0));
+            std::copy_n(S.data() + i * W, W - sh, Zb + i * W + sh);
+          }
           T* y = z1.data() + e * rows * W;
           if (a.op1)
-            mix_forward<T>(R, W, r1, at4<T>(Z, b, hh, m0), Z.stride(2), U1.data_ptr<T>() + hh * U1.stride(0),
+            mix_forward<T>(R, W, r1, Zb, W, U1.data_ptr<T>() + hh * U1.stride(0),
                            Vt1.data_ptr<T>() + hh * Vt1.stride(0), Vt1.stride(1), s1.data_ptr<T>() + hh * W,
                            at4<T>(c1, b, hh, m0), c1.stride(2), P1.data() + e * rows * rr, Pc1.data() + e * rows * rr,
                            y, W, a.mask1, a.base, m0);
           else
-            for (int64_t i = 0; i < R; ++i) std::copy_n(at4<T>(Z, b, hh, m0 + i), W, y + i * W);
+            std::copy_n(Zb, R * W, y);
         }
         // the activation: a = softplus(Sc) relu(G) (GLU) or relu(G), and the norm of G per row
         T* G = z1.data();
@@ -267,7 +276,7 @@ static void run(std::vector<at::Tensor> t, Args a, int64_t rows, bool backward) 
           const T* gy = z1.data() + e * rows * W;
           T* out = at4<T>(gZ, b, hh, m0); const int64_t ol = gZ.stride(2);
           if (a.op1)
-            mix_backward<T>(R, W, r1, gy, W, at4<T>(Z, b, hh, m0), Z.stride(2), P1.data() + e * rows * rr,
+            mix_backward<T>(R, W, r1, gy, W, zb.data() + e * rows * W, W, P1.data() + e * rows * rr,
                             Pc1.data() + e * rows * rr, at4<T>(c1, b, hh, m0), c1.stride(2),
                             U1.data_ptr<T>() + hh * U1.stride(0), Vt1.data_ptr<T>() + hh * Vt1.stride(0),
                             Vt1.stride(1), s1.data_ptr<T>() + hh * W, out, ol, at4<T>(gc1, b, hh, m0), gc1.stride(2),
@@ -283,11 +292,11 @@ static void run(std::vector<at::Tensor> t, Args a, int64_t rows, bool backward) 
   });
 }
 
-void middle(std::vector<at::Tensor> t, bool glu, bool use_norm, bool op1, bool op2, bool mask1, bool mask2,
-            double eps, int64_t base, int64_t rows, bool backward) {
+void middle(std::vector<at::Tensor> t, at::Tensor k, bool glu, bool use_norm, bool op1, bool op2, bool mask1,
+            bool mask2, double eps, int64_t base, int64_t rows, bool backward) {
   Args a{glu, use_norm, op1, op2, mask1, mask2, eps, base};
-  if (t[0].scalar_type() == at::kDouble) run<double>(t, a, rows, backward);
-  else run<float>(t, a, rows, backward);
+  if (t[0].scalar_type() == at::kDouble) run<double>(t, k, a, rows, backward);
+  else run<float>(t, k, a, rows, backward);
 }
 """
 
@@ -324,15 +333,17 @@ def usable(cfg, q):
             and load() is not None)
 
 
-def middle(cfg, glu, Z, c1, c2, mix1, mix2, base, gA2=None):
-    """The fused middle of one chunk. Z (B,H1,M,W): op1's input in lag order (a view of a W+base wide buffer);
+def middle(cfg, glu, q, k, c1, c2, mix1, mix2, base, gA2=None):
+    """The fused middle of one chunk: q (B,H1,M,dk) and k (B,H1,W,dk), whose product in lag order is op1's input;
     mix1 = (U1 (H1,W,r1), Vt1 (H1,r1,W), scale (H1,W)) and mix2 likewise for op2, each cut to the chunk's W lags
     (None when the mixer is off); base = W-1-row_start.
     Returns Ab (B,h,M,W+base), op2's output in lag order with `base` zero columns after it (key_view reads it),
     and n, inv (B,h,M) (None for attn_norm="none"). With gA2 (B,h,M,W), the gradient of op2's output, it also
     returns gZb (B,H1,M,W+base) (dZ, then zeros), dc1, dc2 and the mixers' (dU, dVt, dd) summed over the batch.
     gA2 is taken as dout v^T, before the norm's per-row inv, and is scaled in place."""
-    B, H1, M, W = Z.shape
+    (B, H1, M, _), W = q.shape, k.shape[2]
+    q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
+    Z = q  # for new_empty/new_zeros below: same dtype and device
     h = H1 // 2 if glu else H1
     use_norm = cfg.attn_norm != "none"
     Ab = Z.new_empty(B, h, M, W + base)
@@ -342,7 +353,7 @@ def middle(cfg, glu, Z, c1, c2, mix1, mix2, base, gA2=None):
     U1, Vt1, s1 = mix1 or (empty, empty, empty)
     U2, Vt2, s2 = mix2 or (empty, empty, empty)
     c1, c2 = (c.contiguous() if c is not None and c.stride(-1) != 1 else c for c in (c1, c2))
-    t = [Z, c1 if mix1 else empty, c2 if mix2 else empty, U1, Vt1, s1, U2, Vt2, s2, Ab[..., :W], n, inv]
+    t = [q, c1 if mix1 else empty, c2 if mix2 else empty, U1, Vt1, s1, U2, Vt2, s2, Ab[..., :W], n, inv]
     out = dict(Ab=Ab, n=n if use_norm else None, inv=inv if use_norm else None)
     if gA2 is not None:
         r1, r2 = (U1.shape[2] if mix1 else 0), (U2.shape[2] if mix2 else 0)
@@ -354,7 +365,7 @@ def middle(cfg, glu, Z, c1, c2, mix1, mix2, base, gA2=None):
                  gVt2=Z.new_zeros(nb, B, h, r2, W), gU2T=Z.new_zeros(nb, B, h, r2, W), gd2=Z.new_zeros(nb, B, h, W))
         t += [gA2, gZb[..., :W], *g.values()]
     masks = cfg.do_masking
-    load().middle(t, glu, use_norm, mix1 is not None, mix2 is not None, masks and cfg.op1_do_masking,
+    load().middle(t, k, glu, use_norm, mix1 is not None, mix2 is not None, masks and cfg.op1_do_masking,
                   masks and cfg.op2_do_masking, cfg.norm_eps, base, ROWS, gA2 is not None)
     if gA2 is not None:
         out.update(gZb=gZb, gc1=g["gc1"] if mix1 else None, gc2=g["gc2"] if mix2 else None,

@@ -456,13 +456,13 @@ def rows_forward(cfg, glu, q, k, v, c1, c2, row_start, params, keep=False):
     region = invalid_cols(M, W, row_start, lag, q.device) if cfg.do_masking else None
     base = W - 1 - row_start if lag else 0
 
-    # z_j = <q_t, k_{t-j}>, in lag order
-    Z = lag_scores(q, k, base) if lag else mask_(q @ k.transpose(-1, -2), region)
-    if lag and not keep and kernels.usable(cfg, q):  # op1, the GLU and op2 in one fused pass (kernels.py)
+    if lag and not keep and kernels.usable(cfg, q):  # QK^T, op1, the GLU and op2 fused per row block (kernels.py)
         c1, c2 = (c.to(dt) if c is not None else None for c in (c1, c2))
-        f = kernels.middle(cfg, glu, Z, c1, c2, *fused_mixers(cfg, (U1, Vt1, d1, U2, Vt2, d2), s, W), base)
+        f = kernels.middle(cfg, glu, q, k, c1, c2, *fused_mixers(cfg, (U1, Vt1, d1, U2, Vt2, d2), s, W), base)
         out = key_view(f["Ab"], W, base) @ v
         return out * f["inv"][..., None] if f["inv"] is not None else out
+    # z_j = <q_t, k_{t-j}>, in lag order
+    Z = lag_scores(q, k, base) if lag else mask_(q @ k.transpose(-1, -2), region)
     # op1: Z1 = Z (I + diag(d1) + U1 diag(c1) Vt1), then masked
     P = Pc = None
     if cfg.use_op1:
@@ -581,18 +581,17 @@ def fused_mixers(cfg, params, s, W):
 
 @no_autocast
 def rows_backward_fused(cfg, glu, q, k, v, c1, c2, row_start, params, gout):
-    """rows_backward with kernels.middle: the large GEMMs here, the maps between them fused per row block."""
+    """rows_backward with kernels.middle: QK^T and the maps after it fused per row block, the other GEMMs here."""
     B, H1, M, _ = q.shape
     W, h, L = k.shape[2], cfg.n_head, cfg.block_size
     s, base, dt = L - W, W - 1 - row_start, q.dtype
     k, v, gout = k.to(dt), v.to(dt), gout.to(dt)
     params = tuple(p.to(dt) if p is not None else None for p in params)
     c1, c2 = (c.to(dt) if c is not None else None for c in (c1, c2))
-    Z = lag_scores(q, k, base)
     gAb = q.new_empty(B, h, M, W + base)  # dout v^T in lag order; the kernel scales its rows by inv
     gAb[..., :base].zero_()
     torch.matmul(gout, v.transpose(-1, -2), out=key_view(gAb, W, base))
-    f = kernels.middle(cfg, glu, Z, c1, c2, *fused_mixers(cfg, params, s, W), base, gA2=gAb[..., :W])
+    f = kernels.middle(cfg, glu, q, k, c1, c2, *fused_mixers(cfg, params, s, W), base, gA2=gAb[..., :W])
     gy = gout * f["inv"][..., None] if f["inv"] is not None else gout
     gv = key_view(f["Ab"], W, base).transpose(-1, -2) @ gy
     gS = key_view(f["gZb"], W, base)
