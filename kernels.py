@@ -145,7 +145,7 @@ static inline T* at4(const at::Tensor& t, int64_t b, int64_t h, int64_t m) {
 }
 
 // t: q (B x H1 x M x dk), c1, c2, U1 (H1 x W x r1), Vt1 (H1 x r1 x *), s1 (H1 x W), U2, Vt2, s2, A2 (out), n, inv (out, B x h x M),
-// and for backward gA2, gZ (out), gc1, gc2 (out), gVt1, gU1T, gd1, gVt2, gU2T, gd2 (accumulated per block of
+// and for backward gA2, gq, gc1, gc2 (out), gVt1, gU1T, gd1, gVt2, gU2T, gd2, gk (accumulated per block of
 // rows, b and head).
 template <typename T>
 static void run(std::vector<at::Tensor> t, const at::Tensor& K, Args a, int64_t rows, bool backward) {
@@ -219,7 +219,7 @@ static void run(std::vector<at::Tensor> t, const at::Tensor& K, Args a, int64_t 
           for (int64_t i = 0; i < R; ++i) std::copy_n(act + i * W, W, A + i * Al);
         if (!backward) continue;
 
-        auto &gA2 = t[12], &gZ = t[13], &gc1 = t[14], &gc2 = t[15];
+        auto &gA2 = t[12], &gc1 = t[14], &gc2 = t[15];
         auto &gVt1 = t[16], &gU1T = t[17], &gd1 = t[18], &gVt2 = t[19], &gU2T = t[20], &gd2 = t[21];
         T* g = at4<T>(gA2, b, j, m0); const int64_t gl = gA2.stride(2);
         // gA2 arrives as dout v^T; dA2 = (dout inv) v^T scales each row by its inv, known only now
@@ -270,11 +270,14 @@ static void run(std::vector<at::Tensor> t, const at::Tensor& K, Args a, int64_t 
             for (int64_t c = 0; c < W; ++c) { const T gv = gi[c]; gi[c] = (gv > T(0) ? d[c] : T(0)) + cf * gv; }
           }
         }
-        // op1's backward per qk-head into dZ (op1's mask needs no step: where it zeroed Z1, G = 0 zeroes dZ1)
+        // op1's backward per qk-head into dZ (op1's mask needs no step: where it zeroed Z1, G = 0 zeroes dZ1),
+        // then dZ back to key order (future keys get 0) and z = q k^T's backward: dq = dS k, dk += dS^T q
+        auto &gq = t[13], &gk = t[22];
+        const int64_t dk = q.size(3);
         for (int64_t e = 0; e < nh; ++e) {
           const int64_t hh = j + e * h;
           const T* gy = z1.data() + e * rows * W;
-          T* out = at4<T>(gZ, b, hh, m0); const int64_t ol = gZ.stride(2);
+          T* out = ga.data(); const int64_t ol = W;  // dZ of this head, lag order (a is no longer needed)
           if (a.op1)
             mix_backward<T>(R, W, r1, gy, W, zb.data() + e * rows * W, W, P1.data() + e * rows * rr,
                             Pc1.data() + e * rows * rr, at4<T>(c1, b, hh, m0), c1.stride(2),
@@ -284,7 +287,16 @@ static void run(std::vector<at::Tensor> t, const at::Tensor& K, Args a, int64_t 
                             gU1T.data_ptr<T>() + ((blk * B + b) * H1 + hh) * r1 * W,
                             gd1.data_ptr<T>() + ((blk * B + b) * H1 + hh) * W, gPc.data(), gP.data());
           else
-            for (int64_t i = 0; i < R; ++i) std::copy_n(gy + i * W, W, out + i * ol);
+            std::copy_n(gy, R * W, out);
+          for (int64_t i = 0; i < R; ++i) {
+            const int64_t sh = std::max<int64_t>(0, std::min<int64_t>(a.base - (m0 + i), W));
+            std::copy_n(out + i * W + sh, W - sh, S.data() + i * W);
+            std::fill(S.data() + i * W + W - sh, S.data() + (i + 1) * W, T(0));
+          }
+          mm<T>(false, false, R, dk, W, S.data(), W, at4<T>(K, b, hh, 0), K.stride(2), T(0), at4<T>(gq, b, hh, m0),
+                gq.stride(2));
+          mm<T>(true, false, W, dk, R, S.data(), W, at4<T>(q, b, hh, m0), q.stride(2), T(1),
+                gk.data_ptr<T>() + ((blk * B + b) * H1 + hh) * W * dk, dk);
         }
       }
     }
@@ -339,7 +351,7 @@ def middle(cfg, glu, q, k, c1, c2, mix1, mix2, base, gA2=None):
     (None when the mixer is off); base = W-1-row_start.
     Returns Ab (B,h,M,W+base), op2's output in lag order with `base` zero columns after it (key_view reads it),
     and n, inv (B,h,M) (None for attn_norm="none"). With gA2 (B,h,M,W), the gradient of op2's output, it also
-    returns gZb (B,H1,M,W+base) (dZ, then zeros), dc1, dc2 and the mixers' (dU, dVt, dd) summed over the batch.
+    returns dq (B,H1,M,dk), dk (B,H1,W,dk), dc1, dc2 and the mixers' (dU, dVt, dd) summed over the batch.
     gA2 is taken as dout v^T, before the norm's per-row inv, and is scaled in place."""
     (B, H1, M, _), W = q.shape, k.shape[2]
     q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
@@ -357,18 +369,17 @@ def middle(cfg, glu, q, k, c1, c2, mix1, mix2, base, gA2=None):
     out = dict(Ab=Ab, n=n if use_norm else None, inv=inv if use_norm else None)
     if gA2 is not None:
         r1, r2 = (U1.shape[2] if mix1 else 0), (U2.shape[2] if mix2 else 0)
-        gZb = Z.new_empty(B, H1, M, W + base)
-        gZb[..., W:].zero_()
-        nb = -(-M // ROWS)  # the mixers' gradients accumulate per (block of rows, batch, head)
+        nb = -(-M // ROWS)  # the mixers' and k's gradients accumulate per (block of rows, batch, head)
+        gq, gk = q.new_empty(B, H1, M, q.shape[3]), q.new_zeros(nb, B, H1, W, q.shape[3])
         g = dict(gc1=Z.new_empty(B, H1, M, r1), gc2=Z.new_empty(B, h, M, r2),
                  gVt1=Z.new_zeros(nb, B, H1, r1, W), gU1T=Z.new_zeros(nb, B, H1, r1, W), gd1=Z.new_zeros(nb, B, H1, W),
                  gVt2=Z.new_zeros(nb, B, h, r2, W), gU2T=Z.new_zeros(nb, B, h, r2, W), gd2=Z.new_zeros(nb, B, h, W))
-        t += [gA2, gZb[..., :W], *g.values()]
+        t += [gA2, gq, *g.values(), gk]
     masks = cfg.do_masking
     load().middle(t, k, glu, use_norm, mix1 is not None, mix2 is not None, masks and cfg.op1_do_masking,
                   masks and cfg.op2_do_masking, cfg.norm_eps, base, ROWS, gA2 is not None)
     if gA2 is not None:
-        out.update(gZb=gZb, gc1=g["gc1"] if mix1 else None, gc2=g["gc2"] if mix2 else None,
+        out.update(gq=gq, gk=gk.sum(0), gc1=g["gc1"] if mix1 else None, gc2=g["gc2"] if mix2 else None,
                    mix1=(g["gU1T"].sum((0, 1)).transpose(1, 2), g["gVt1"].sum((0, 1)), g["gd1"].sum((0, 1)))
                    if mix1 else None,
                    mix2=(g["gU2T"].sum((0, 1)).transpose(1, 2), g["gVt2"].sum((0, 1)), g["gd2"].sum((0, 1)))

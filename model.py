@@ -581,7 +581,8 @@ def fused_mixers(cfg, params, s, W):
 
 @no_autocast
 def rows_backward_fused(cfg, glu, q, k, v, c1, c2, row_start, params, gout):
-    """rows_backward with kernels.middle: QK^T and the maps after it fused per row block, the other GEMMs here."""
+    """rows_backward with kernels.middle: QK^T, the maps after it and their gradients down to dq and dk fused per
+    row block; dA = dout v^T and dv = A^T dy here."""
     B, H1, M, _ = q.shape
     W, h, L = k.shape[2], cfg.n_head, cfg.block_size
     s, base, dt = L - W, W - 1 - row_start, q.dtype
@@ -594,11 +595,10 @@ def rows_backward_fused(cfg, glu, q, k, v, c1, c2, row_start, params, gout):
     f = kernels.middle(cfg, glu, q, k, c1, c2, *fused_mixers(cfg, params, s, W), base, gA2=gAb[..., :W])
     gy = gout * f["inv"][..., None] if f["inv"] is not None else gout
     gv = key_view(f["Ab"], W, base).transpose(-1, -2) @ gy
-    gS = key_view(f["gZb"], W, base)
     U1, Vt1, d1, U2, Vt2, d2 = params
     g1, g2 = f["mix1"] or (None,) * 3, f["mix2"] or (None,) * 3
     full = lambda p, g, dim: _full(p, g, dim, s) if p is not None else None
-    return (gS @ k, gS.transpose(-1, -2) @ q, gv, f["gc1"], f["gc2"], full(U1, g1[0], 1), full(Vt1, g1[1], 2),
+    return (f["gq"], f["gk"], gv, f["gc1"], f["gc2"], full(U1, g1[0], 1), full(Vt1, g1[1], 2),
             full(d1, g1[2], 1), full(U2, g2[0], 1), full(Vt2, g2[1], 2), full(d2, g2[2], 1))
 
 
