@@ -1,16 +1,18 @@
 """
-Optional fused CPU kernel for the middle of HyperGLU's training path (model.rows_forward / rows_backward).
+Optional fused CPU kernel for HyperGLU's training path (model.rows_forward / rows_backward).
 
-Between the large GEMMs of a chunk (Z = QK^T in lag order, A V, dA = dy V^T, dS K, dS^T Q) the eager path makes
-about a dozen passes over each (B, H, M, W) map in forward and some forty in backward, each reading or writing a
-whole map from memory: the two diagonal-plus-low-rank mixers, the GLU, the norm, and their gradients. Here the
-same steps run on blocks of `ROWS` rows of one (batch, head) at a time, so a block's maps stay in cache from op1
-to op2 and back: the rank-r products are small BLAS GEMMs on the block, softplus and sigmoid are vectorised
-(ATen's Vectorized, the same Sleef routines ATen uses), the rest are loops over the block's rows.
-  forward:  Z (lag order) -> A2 = op2(act(op1(Z))), and the GLU norm n, inv = 1/max(n, eps) per row
-  backward: Z, dA2 -> recomputes the block's maps, then dZ, A2 (for dV = A^T dy), the controls' gradients
-            and the mixer parameters' gradients per (block, batch, head), summed afterwards
-Only the lag layout with per-head mixers is fused; model.py runs its eager steps for everything else.
+Per chunk of query rows the eager path makes about a dozen passes over each (B, H, M, W) map in forward and some
+forty in backward, each reading or writing a whole map from memory: the scores, the two diagonal-plus-low-rank
+mixers, the GLU, the norm, and their gradients. Here the same steps run on blocks of `ROWS` query rows of one
+(batch, head) at a time, and every map of the block stays in cache: the block's scores q k^T are a small GEMM,
+skewed into lag order in cache; the rank-r products are small BLAS GEMMs; softplus and sigmoid are vectorised
+(ATen's Vectorized, the same Sleef routines ATen uses); the rest are loops over the block's rows.
+  forward:  q, k -> A2 = op2(act(op1(q k^T in lag order))), and the norm n, inv = 1/max(n, eps) per row
+  backward: q, k, dA2 -> recomputes the block's maps, then A2 (for dV = A^T dy), the controls' gradients, the
+            mixer parameters' gradients per (block, batch, head) summed afterwards, and dZ back in key order
+            down to dq = dS k and dk += dS^T q
+A V, dA2 = dy V^T and dV stay in model.py as GEMMs on the whole chunk. Only the lag layout is fused; model.py runs
+its eager steps for everything else.
 
 The (batch, head, block of rows) tasks run on torch's intra-op threads (OpenMP), BLAS serial inside each.
 It is compiled on first use with torch.utils.cpp_extension (a C++ compiler with OpenMP, and ninja; about 30 s,
