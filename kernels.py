@@ -146,7 +146,8 @@ static inline T* at4(const at::Tensor& t, int64_t b, int64_t h, int64_t m) {
   return t.data_ptr<T>() + b * t.stride(0) + h * t.stride(1) + m * t.stride(2);
 }
 
-// t: q (B x H1 x M x dk), c1, c2, U1 (H1 x W x r1), Vt1 (H1 x r1 x *), s1 (H1 x W), U2, Vt2, s2, A2 (out), n, inv (out, B x h x M),
+// t: q (B x H1 x M x dk), c1, c2, U1 (H1 x W x r1), Vt1 (H1 x r1 x *), s1 (H1 x W), U2, Vt2, s2,
+// A2 (out), n, inv (out, B x h x M); K (B x H1 x W x dk) apart;
 // and for backward gA2, gq, gc1, gc2 (out), gVt1, gU1T, gd1, gVt2, gU2T, gd2, gk (accumulated per block of
 // rows, b and head).
 template <typename T>
@@ -156,11 +157,13 @@ static void run(std::vector<at::Tensor> t, const at::Tensor& K, Args a, int64_t 
   const int64_t B = A2.size(0), h = A2.size(1), M = A2.size(2), W = A2.size(3);
   const int64_t nh = a.glu ? 2 : 1, H1 = nh * h;
   const int64_t r1 = a.op1 ? U1.size(2) : 0, r2 = a.op2 ? U2.size(2) : 0, rr = std::max<int64_t>({r1, r2, 1});
+  rows = std::min(rows, M);  // decoding: one row; scratch sized for the block, not for ROWS
   const int64_t nb = (M + rows - 1) / rows;  // tasks: (batch, v-head, block of rows), for as many cores as there are
   at::parallel_for(0, B * h * nb, 1, [&](int64_t t0, int64_t t1) {
     const int blas_threads = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
-    std::vector<T> zb(nh * rows * W), S(rows * W), z1(nh * rows * W), sp(rows * W), ga(rows * W), gz(rows * W), sig(rows * W);
-    std::vector<T> P1(nh * rows * rr), Pc1(nh * rows * rr), Q(rows * rr), Qc(rows * rr), gPc(rows * rr), gP(rows * rr);
+    std::vector<T> zb(nh * rows * W), S(rows * W), z1(nh * rows * W), sp(rows * W), ga(rows * W), gz(rows * W);
+    std::vector<T> sig(rows * W), P1(nh * rows * rr), Pc1(nh * rows * rr), Q(rows * rr), Qc(rows * rr);
+    std::vector<T> gPc(rows * rr), gP(rows * rr);
     std::vector<T> coef(rows);
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t b = task / (h * nb), j = task / nb % h, blk = task % nb;
