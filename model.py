@@ -453,14 +453,14 @@ def rows_forward(cfg, glu, q, k, v, c1, c2, row_start, params, keep=False):
     dt = q.dtype
     k, v = k.to(dt), v.to(dt)
     U1, Vt1, d1, U2, Vt2, d2 = (p.to(dt) if p is not None else None for p in params)
-    region = invalid_cols(M, W, row_start, lag, q.device) if cfg.do_masking else None
     base = W - 1 - row_start if lag else 0
-
     if lag and not keep and kernels.usable(cfg, q):  # QK^T, op1, the GLU and op2 fused per row block (kernels.py)
         c1, c2 = (c.to(dt) if c is not None else None for c in (c1, c2))
         f = kernels.middle(cfg, glu, q, k, c1, c2, *fused_mixers(cfg, (U1, Vt1, d1, U2, Vt2, d2), s, W), base)
         out = key_view(f["Ab"], W, base) @ v
         return out * f["inv"][..., None] if f["inv"] is not None else out
+    region = invalid_cols(M, W, row_start, lag, q.device) if cfg.do_masking else None
+
     # z_j = <q_t, k_{t-j}>, in lag order
     Z = lag_scores(q, k, base) if lag else mask_(q @ k.transpose(-1, -2), region)
     # op1: Z1 = Z (I + diag(d1) + U1 diag(c1) Vt1), then masked
