@@ -355,8 +355,9 @@ def middle(cfg, glu, q, k, c1, c2, mix1, mix2, base, gA2=None):
     mix1 = (U1 (H1,W,r1), Vt1 (H1,r1,W), scale (H1,W)) and mix2 likewise for op2, each cut to the chunk's W lags
     (None when the mixer is off); base = W-1-row_start.
     Returns Ab (B,h,M,W+base), op2's output in lag order with `base` zero columns after it (key_view reads it),
-    and n, inv (B,h,M) (None for attn_norm="none"). With gA2 (B,h,M,W), the gradient of op2's output, it also
-    returns dq (B,H1,M,dk), dk (B,H1,W,dk), dc1, dc2 and the mixers' (dU, dVt, dd) summed over the batch.
+    and inv = 1/max(n, eps) (B,h,M) (None for attn_norm="none"). With gA2 (B,h,M,W), the gradient of op2's
+    output, it also returns dq (B,H1,M,dk), dk (B,H1,W,dk), dc1, dc2 and the mixers' (dU, dVt, dd) summed over
+    the batch.
     gA2 is taken as dout v^T, before the norm's per-row inv, and is scaled in place."""
     (B, H1, M, _), W = q.shape, k.shape[2]
     q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
@@ -371,7 +372,7 @@ def middle(cfg, glu, q, k, c1, c2, mix1, mix2, base, gA2=None):
     U2, Vt2, s2 = mix2 or (empty, empty, empty)
     c1, c2 = (c.contiguous() if c is not None and c.stride(-1) != 1 else c for c in (c1, c2))
     t = [q, c1 if mix1 else empty, c2 if mix2 else empty, U1, Vt1, s1, U2, Vt2, s2, Ab[..., :W], n, inv]
-    out = dict(Ab=Ab, n=n if use_norm else None, inv=inv if use_norm else None)
+    out = dict(Ab=Ab, inv=inv if use_norm else None)  # n stays inside: the backward's norm step reads it
     if gA2 is not None:
         r1, r2 = (U1.shape[2] if mix1 else 0), (U2.shape[2] if mix2 else 0)
         nb = -(-M // ROWS)  # the mixers' and k's gradients accumulate per (block of rows, batch, head)
