@@ -509,10 +509,7 @@ def rows_backward(cfg, glu, q, k, v, c1, c2, row_start, params, gout):
     # out = (A v) inv: dv = A^T dy, dA = dy v^T with dy = gout inv
     gy = (gout * inv).to(dt) if inv is not None else gout
     if lag:  # dA is written straight into lag order; lags of keys < 0 were never read, so they get 0
-        gAb = q.new_empty(B, h, M, W + base)
-        gAb[..., :base].zero_()
-        torch.matmul(gy, v.transpose(-1, -2), out=key_view(gAb, W, base))
-        gA2 = gAb[..., :W]
+        gA2 = lag_scores(gy, v, base)
     else:
         gA2 = mask_(gy @ v.transpose(-1, -2), region, cfg.use_op2 and cfg.op2_do_masking)
     gv = f["A"].transpose(-1, -2) @ gy
@@ -553,8 +550,8 @@ def rows_backward(cfg, glu, q, k, v, c1, c2, row_start, params, gout):
 
 
 def lag_scores(q, k, base):
-    """q k^T in lag order, (B,H,M,W): the GEMM writes a skewed view of a W + base wide buffer whose pad (lags of
-    keys < 0, left of column base - m in row m) is zero. Returns the buffer's first W columns."""
+    """q k^T in lag order, (B,H,M,W) (also dA = dy v^T): the GEMM writes a skewed view of a W + base wide buffer
+    whose pad (lags of keys < 0, left of column base - m in row m) is zero. Returns the buffer's first W columns."""
     B, H, M, _ = q.shape
     W = k.shape[2]
     Sb = q.new_empty(B, H, M, W + base)
@@ -589,10 +586,8 @@ def rows_backward_fused(cfg, glu, q, k, v, c1, c2, row_start, params, gout):
     k, v, gout = k.to(dt), v.to(dt), gout.to(dt)
     params = tuple(p.to(dt) if p is not None else None for p in params)
     c1, c2 = (c.to(dt) if c is not None else None for c in (c1, c2))
-    gAb = q.new_empty(B, h, M, W + base)  # dout v^T in lag order; the kernel scales its rows by inv
-    gAb[..., :base].zero_()
-    torch.matmul(gout, v.transpose(-1, -2), out=key_view(gAb, W, base))
-    f = kernels.middle(cfg, glu, q, k, c1, c2, *fused_mixers(cfg, params, s, W), base, gA2=gAb[..., :W])
+    gA2 = lag_scores(gout, v, base)  # dout v^T in lag order; the kernel scales its rows by inv
+    f = kernels.middle(cfg, glu, q, k, c1, c2, *fused_mixers(cfg, params, s, W), base, gA2=gA2)
     gy = gout * f["inv"][..., None] if f["inv"] is not None else gout
     gv = key_view(f["Ab"], W, base).transpose(-1, -2) @ gy
     U1, Vt1, d1, U2, Vt2, d2 = params
@@ -811,11 +806,13 @@ def add_outer(res, w, y):
 
 def stream_mix(x, w_in, w_res):
     """x (B,T,n,C) -> u = sum_j w_in[j] x_j (B,T,C) and res_i = sum_j w_res[i,j] x_j (B,T,n,C), weights per token
-    or shared. The reshapes copy the weights contiguous: CPU bmm runs a per-token loop on strided small operands."""
+    or shared. The weights are made contiguous (HC's are strided slices of its alpha, or broadcast when static):
+    CPU bmm runs a per-token loop on strided small operands."""
     B, T, n, C = x.shape
     xs = x.reshape(B * T, n, C)
-    u = torch.bmm(w_in.expand(B, T, n).reshape(B * T, 1, n), xs)
-    return u.view(B, T, C), torch.bmm(w_res.expand(B, T, n, n).reshape(B * T, n, n), xs).view(B, T, n, C)
+    u = torch.bmm(w_in.expand(B, T, n).reshape(B * T, 1, n).contiguous(), xs)
+    res = torch.bmm(w_res.expand(B, T, n, n).reshape(B * T, n, n).contiguous(), xs)
+    return u.view(B, T, C), res.view(B, T, n, C)
 
 
 def norm_proj(x, W, norm=None, eps=1e-6):
@@ -929,21 +926,19 @@ class StreamPre(torch.autograd.Function):
             h_ = h.detach().requires_grad_()
             ps = [p.detach().requires_grad_() for p in params]
             outs = mix(h_, *ps)  # w_in (B,T,n), w_res (B,T,n,n), post (B,T,n)
-        # contiguous weights: CPU bmm falls back to a per-token loop on strided small operands
-        w_in = outs[0].detach().reshape(B * T, 1, n).contiguous()
-        w_res = outs[1].detach().reshape(B * T, n, n).contiguous()
-        xs = x.reshape(B * T, n, C)
+        w_in, w_res = outs[0].detach(), outs[1].detach()
         ctx.graph = (h_, ps, outs)
         ctx.save_for_backward(w_in, w_res, *saved)
-        return torch.bmm(w_in, xs).view(B, T, C), torch.bmm(w_res, xs).view(B, T, n, C), outs[2].detach()
+        return *stream_mix(x, w_in, w_res), outs[2].detach()
 
     @staticmethod
     def backward(ctx, du, dres, dpost):
         w_in, w_res, *saved = ctx.saved_tensors
-        x = saved[0]  # (B,T,n,C), or (B,T,n*C) when flat
-        N, n = w_res.shape[:2]
-        C = x.numel() // (N * n)
-        xs, du, dres = x.reshape(N, n, C), du.reshape(N, 1, C), dres.reshape(N, n, C)
+        B, T, n, C = dres.shape
+        N = B * T
+        # per token, contiguous: CPU bmm runs a per-token loop on strided small operands (HC's are slices)
+        w_in, w_res = w_in.reshape(N, 1, n).contiguous(), w_res.reshape(N, n, n).contiguous()
+        xs, du, dres = saved[0].reshape(N, n, C), du.reshape(N, 1, C), dres.reshape(N, n, C)
         h_, ps, outs = ctx.graph
         dw = (torch.bmm(du, xs.transpose(1, 2)).view(outs[0].shape),    # du . x_j
               torch.bmm(dres, xs.transpose(1, 2)).view(outs[1].shape),  # dres_i . x_j
@@ -951,7 +946,7 @@ class StreamPre(torch.autograd.Function):
         dh, *dps = torch.autograd.grad(outs, [h_, *ps], dw, allow_unused=True)
         dx, dW, dg, db = np_backward(saved, dh, *ctx.needs_input_grad[2:5])
         dx = dx.view(N, n, C).baddbmm_(w_res.transpose(1, 2).contiguous(), dres).baddbmm_(w_in.transpose(1, 2), du)
-        return (None, dx.view(*x.shape[:2], n, C), dW, dg, db, None, None, None, *dps)
+        return (None, dx.view(B, T, n, C), dW, dg, db, None, None, None, *dps)
 
 
 class Plain(nn.Module):
