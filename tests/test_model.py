@@ -594,16 +594,21 @@ def test_flops_and_mfu():
     assert hg.flops_per_token(24) == 24 * (2 * 8 + 4 * 4 * 4 + 4 * 2 * 4 + 2 * 32)
 
 
-def test_bench_runs_end_to_end():
+def run_bench(*args, timeout=300):
+    """bench.py with tiny sizes in a subprocess; returns its stdout after checking it exited 0."""
+    import os
     import subprocess
     import sys
-    repo = __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "bench.py", "--T_list=16,32", "--n_embd=32", "--model_layers=1", "--model_embd=32",
-                        "--model_heads=2", "--model_T=16", "--n_layer=1", "--decode_T=32", "--decode_tokens=2",
-                        "--repeats=1", "--warmup=0", "--batch_size=1"], cwd=repo, capture_output=True, text=True,
-                       timeout=300)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "bench.py", "--n_embd=32", "--model_layers=1", "--model_embd=32",
+                        "--model_heads=2", "--model_T=16", "--repeats=1", "--warmup=0", "--batch_size=1", *args],
+                       cwd=repo, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stderr
-    out = r.stdout
+    return r.stdout
+
+
+def test_bench_runs_end_to_end():
+    out = run_bench("--T_list=16,32", "--n_layer=1", "--decode_T=32", "--decode_tokens=2")
     for title in ("one attention layer", "training step of the whole model", "decoding at a 32-token context"):
         assert title in out
     assert out.count("| 32 | hyperglu |") == 1 and "| hypermlp | mhc |" in out and "| softmax | plain |" in out
@@ -613,13 +618,7 @@ def test_bench_runs_end_to_end():
 @pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="torch.compile on CPU needs a C compiler")
 def test_bench_compile_runs():
     """--compile=True times compiled layers and models (warm-up rounds absorb the compiles)."""
-    import subprocess
-    import sys
-    repo = __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "bench.py", "--sections=layer,model", "--attns=softmax", "--residuals=plain,hc",
-                        "--T_list=16", "--n_embd=32", "--model_layers=1", "--model_embd=32", "--model_heads=2",
-                        "--model_T=16", "--repeats=1", "--warmup=0", "--batch_size=1", "--compile=True"],
-                       cwd=repo, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
-    assert ", torch.compile" in r.stdout.splitlines()[0]
-    assert "| 16 | softmax |" in r.stdout and "| softmax | hc |" in r.stdout
+    out = run_bench("--sections=layer,model", "--attns=softmax", "--residuals=plain,hc", "--T_list=16",
+                    "--compile=True", timeout=600)
+    assert ", torch.compile" in out.splitlines()[0]
+    assert "| 16 | softmax |" in out and "| softmax | hc |" in out
