@@ -227,6 +227,7 @@ if "decode" in wanted:
             cache = KVCache(cfg.n_layer)
             with ctx:
                 model(prompt, cache=cache)  # prefill, not timed below
+                sync()
                 t0 = time.perf_counter()
                 tok = prompt[:, -1:]
                 for _ in range(decode_tokens):
@@ -238,6 +239,7 @@ if "decode" in wanted:
         @torch.no_grad()
         def full():
             seq = prompt
+            sync()
             with ctx:
                 t0 = time.perf_counter()
                 for _ in range(decode_tokens):

@@ -900,7 +900,8 @@ class NormProj(torch.autograd.Function):
     @staticmethod
     def backward(ctx, go):
         need = ctx.needs_input_grad
-        return *np_backward(ctx.saved_tensors, go, need[1], need[2], need[3]), None, None
+        with torch.autocast(go.device.type, enabled=False):  # a backward run inside autocast keeps fp32 math
+            return *np_backward(ctx.saved_tensors, go, need[1], need[2], need[3]), None, None
 
 
 def fused_streams():
@@ -933,20 +934,21 @@ class StreamPre(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, du, dres, dpost):
-        w_in, w_res, *saved = ctx.saved_tensors
-        B, T, n, C = dres.shape
-        N = B * T
-        # per token, contiguous: CPU bmm runs a per-token loop on strided small operands (HC's are slices)
-        w_in, w_res = w_in.reshape(N, 1, n).contiguous(), w_res.reshape(N, n, n).contiguous()
-        xs, du, dres = saved[0].reshape(N, n, C), du.reshape(N, 1, C), dres.reshape(N, n, C)
-        h_, ps, outs = ctx.graph
-        dw = (torch.bmm(du, xs.transpose(1, 2)).view(outs[0].shape),    # du . x_j
-              torch.bmm(dres, xs.transpose(1, 2)).view(outs[1].shape),  # dres_i . x_j
-              dpost)
-        dh, *dps = torch.autograd.grad(outs, [h_, *ps], dw, allow_unused=True)
-        dx, dW, dg, db = np_backward(saved, dh, *ctx.needs_input_grad[2:5])
-        dx = dx.view(N, n, C).baddbmm_(w_res.transpose(1, 2).contiguous(), dres).baddbmm_(w_in.transpose(1, 2), du)
-        return (None, dx.view(B, T, n, C), dW, dg, db, None, None, None, *dps)
+        with torch.autocast(du.device.type, enabled=False):  # as NormProj: fp32 math inside autocast too
+            w_in, w_res, *saved = ctx.saved_tensors
+            B, T, n, C = dres.shape
+            N = B * T
+            # per token, contiguous: CPU bmm runs a per-token loop on strided small operands (HC's are slices)
+            w_in, w_res = w_in.reshape(N, 1, n).contiguous(), w_res.reshape(N, n, n).contiguous()
+            xs, du, dres = saved[0].reshape(N, n, C), du.reshape(N, 1, C), dres.reshape(N, n, C)
+            h_, ps, outs = ctx.graph
+            dw = (torch.bmm(du, xs.transpose(1, 2)).view(outs[0].shape),    # du . x_j
+                  torch.bmm(dres, xs.transpose(1, 2)).view(outs[1].shape),  # dres_i . x_j
+                  dpost)
+            dh, *dps = torch.autograd.grad(outs, [h_, *ps], dw, allow_unused=True)
+            dx, dW, dg, db = np_backward(saved, dh, *ctx.needs_input_grad[2:5])
+            dx = dx.view(N, n, C).baddbmm_(w_res.transpose(1, 2).contiguous(), dres).baddbmm_(w_in.transpose(1, 2), du)
+            return (None, dx.view(B, T, n, C), dW, dg, db, None, None, None, *dps)
 
 
 class Plain(nn.Module):

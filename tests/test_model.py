@@ -241,14 +241,20 @@ def test_rope_is_a_rotation_of_relative_position():
     assert abs((rot(q, 3) * rot(k, 0)).sum() - (rot(q, 4) * rot(k, 0)).sum()) > 1e-3
 
 
-def test_bf16_autocast_with_fp32_params():
+@pytest.mark.parametrize("backward_inside", [False, True])
+def test_bf16_autocast_with_fp32_params(backward_inside):
+    """Backward outside autocast, as train.py and the PyTorch docs do, and inside it, as many scripts do (the
+    hand-written backwards keep their fp32 math there)."""
     torch.manual_seed(0)
     for attn, res in (("hyperglu", "mhc"), ("hypermlp", "hc"), ("softmax", "mhc")):
         model = GPT(tiny(attn=attn, residual=res))
         idx = torch.randint(0, 61, (2, 24))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             _, loss = model(idx, idx)
-        loss.backward()
+            if backward_inside:
+                loss.backward()
+        if not backward_inside:
+            loss.backward()
         assert torch.isfinite(loss)
         assert all(p.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters())
 
