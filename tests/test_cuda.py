@@ -15,8 +15,9 @@ DEV = os.environ.get("TEST_DEVICE", "cuda")
 pytestmark = pytest.mark.skipif(DEV == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def loss_and_grads(model, idx):
-    _, loss = model(idx, idx)
+def loss_and_grads(model, idx, run=None):
+    """Loss and parameter gradients of model, called through run (e.g. torch.compile(model)) when given."""
+    _, loss = (model if run is None else run)(idx, idx)
     loss.backward()
     grads = {n: p.grad.detach().cpu().clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
@@ -83,14 +84,12 @@ def test_bf16_autocast_tracks_fp32(attn, residual):
 @pytest.mark.parametrize("attn,residual", [("hyperglu", "mhc"), ("hypermlp", "hc"), ("softmax", "mhc")])
 def test_torch_compile_matches_eager(attn, residual):
     """The path train.py takes on a GPU (torch.compile with Triton), fp32 with TF32 off."""
-    if DEV == "cpu":
-        pytest.skip("tests/test_model.py covers torch.compile on the CPU")
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, False
     torch.manual_seed(0)
     model = randomize(GPT(tiny(attn=attn, residual=residual, block_size=16, chunk_T=5)), 0.1).to(DEV)
     idx = torch.randint(0, 61, (2, 16), device=DEV)
     loss0, g0 = loss_and_grads(model, idx)
-    loss1, g1 = loss_and_grads(torch.compile(model), idx)
+    loss1, g1 = loss_and_grads(model, idx, torch.compile(model))
     assert abs(loss0 - loss1) < 1e-5
     for n in g0:
         assert (g1[n] - g0[n]).abs().max() < 1e-5 * max(1.0, g0[n].abs().max().item()), n

@@ -66,7 +66,7 @@ def test_combination_trains_and_is_causal(attn, residual):
 def run_layer(layer, x, **kw):
     x = x.clone().requires_grad_(True)
     y = layer(x, **kw)
-    (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+    (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=y.device).view_as(y)).sum().backward()
     grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
     grads["x"] = x.grad.clone()
     layer.zero_grad()
@@ -177,6 +177,21 @@ def saved_bytes(fn):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return sum(seen.values())
+
+
+def test_chunk_T_none_takes_the_device_default(monkeypatch):
+    """GPTConfig.chunk_T=None: default_chunk(device) rows per chunk (128 on CPU, 1024 on a GPU), same outputs."""
+    import model as m
+    assert (m.default_chunk("cpu"), m.default_chunk("cuda")) == (128, 1024)
+    seen = []
+    monkeypatch.setattr(m, "default_chunk", lambda device: seen.append(torch.device(device).type) or 5)
+    torch.manual_seed(0)
+    layer = randomize(HyperGLU(layer_cfg(chunk_T=None)), 0.1).double()
+    x = torch.randn(2, 17, 24, dtype=torch.float64)
+    y0, _ = run_layer(layer, x, impl="dense")
+    y1, _ = run_layer(layer, x, impl="recompute")
+    assert seen == ["cpu"] and (y0 - y1).abs().max() < 1e-12
+    assert tiny(chunk_T=None).hyperglu_config().chunk_T is None and GPTConfig().chunk_T is None
 
 
 def test_recompute_memory_grows_linearly_in_T():
