@@ -782,7 +782,8 @@ class HyperGLU(nn.Module):
             y = RecomputeRows.apply(cfg, self.glu, n_past, step, prune, q, k, v, c1, c2, *params)
         else:
             rows = self._rows if impl != "recompute" else functools.partial(rows_forward, cfg, self.glu)
-            outs = [rows(*args, row_start, params) for _, row_start, args in chunks(step, n_past, prune, q, k, v, c1, c2)]
+            outs = [rows(*args, row_start, params)
+                    for _, row_start, args in chunks(step, n_past, prune, q, k, v, c1, c2)]
             y = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]  # (B, h, T, dv)
         y = y.transpose(1, 2)  # (B, T, h, dv)
         if cfg.use_vo_gate:
@@ -872,10 +873,10 @@ class AddOuter(torch.autograd.Function):
         w, y = ctx.saved_tensors
         B, T, n, C = g.shape
         gs = g.reshape(B * T, n, C)
-        gw = torch.bmm(gs, y.reshape(B * T, C, 1)).view(B, T, n)
-        gw = gw if w.dim() == 3 else gw.sum((0, 1))
-        gy = torch.bmm(w.expand(B, T, n).reshape(B * T, 1, n).contiguous(), gs).view(B, T, C)
-        return g, gw, gy
+        with torch.autocast(g.device.type, enabled=False):  # as StreamPre: fp32 math inside autocast too
+            gw = torch.bmm(gs, y.reshape(B * T, C, 1)).view(B, T, n)
+            gy = torch.bmm(w.expand(B, T, n).reshape(B * T, 1, n).contiguous(), gs).view(B, T, C)
+        return g, gw if w.dim() == 3 else gw.sum((0, 1)), gy
 
 
 def stream_mix(x, w_in, w_res):
