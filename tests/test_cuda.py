@@ -51,6 +51,18 @@ def test_chunked_and_recompute_equal_dense(kind, norm, layout):
             assert (g0[n] - g1[n]).abs().max() < 1e-12, (impl, chunk, n)
 
 
+def test_default_chunks_equal_dense():
+    """chunk_T=None: the device's default chunk (1024 rows on a GPU), two chunks at T=1100, the last partial."""
+    torch.manual_seed(0)
+    layer = randomize(HyperGLU(layer_cfg(block_size=1100, chunk_T=None)), 0.1).double().to(DEV)
+    x = torch.randn(1, 1100, 24, dtype=torch.float64, device=DEV)
+    y0, g0 = run_layer(layer, x, impl="dense")
+    y1, g1 = run_layer(layer, x, impl="recompute")
+    assert (y0 - y1).abs().max() < 1e-12
+    for n in g0:
+        assert (g0[n] - g1[n]).abs().max() < 1e-12, n
+
+
 @pytest.mark.parametrize("attn", ATTNS)
 def test_kv_cache_equals_full_forward(attn):
     torch.manual_seed(0)
