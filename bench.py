@@ -23,7 +23,6 @@ ratios. Absolute times on a shared machine are noise;
 read the ratio columns, which compare measurements taken side by side.
 """
 
-import os
 import statistics
 import sys
 import time
@@ -140,7 +139,7 @@ def table(title, cols, rows):
 
 mem_name = "peak MiB" if dev == "cuda" else "saved MiB"
 gpu = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
-fused = dev == "cpu" and os.environ.get("HYPERGLU_FUSED", "1") != "0" and kernels.load() is not None
+fused = dev == "cpu" and kernels.enabled()
 print(f"bench on {gpu}, {dtype}, torch {torch.__version__}"
       + (f", {torch.get_num_threads()} threads, HyperGLU fused CPU kernel {'on' if fused else 'off'}" if dev == "cpu"
          else "") + (", torch.compile" if compile else ""))

@@ -343,11 +343,15 @@ def load():
     return _ext or None
 
 
+def enabled():
+    """Whether the kernel is on: HYPERGLU_FUSED is not "0" and it builds."""
+    return os.environ.get("HYPERGLU_FUSED", "1") != "0" and load() is not None
+
+
 def usable(cfg, q):
-    """Whether the fused middle takes this chunk: CPU, fp32 or fp64, lag layout, and the kernel builds."""
+    """Whether the fused middle takes this chunk: CPU, fp32 or fp64, lag layout, not compiling, and enabled()."""
     return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64) and cfg.aligner_kind == "offset"
-            and os.environ.get("HYPERGLU_FUSED", "1") != "0" and not torch.compiler.is_compiling()
-            and load() is not None)
+            and not torch.compiler.is_compiling() and enabled())
 
 
 def middle(cfg, glu, q, k, c1, c2, mix1, mix2, base, gA2=None):
