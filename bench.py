@@ -2,8 +2,9 @@
 Speed and memory of every attention x residual, as ratios against the softmax / plain baseline of the same run.
 
 $ python bench.py                                           # small CPU defaults, under 3 minutes on 2 cores
-$ python bench.py --sections=layer --T_list=1024,2048       # one layer, the issue-6 shapes
-$ HYPERGLU_FUSED=0 python bench.py --sections=layer         # HyperGLU's eager steps, without kernels.py
+$ python bench.py --sections=layer --T_list=1024,2048       # one layer at longer contexts
+$ HYPERGLU_FUSED=0 python bench.py --sections=layer         # HyperGLU's fast path without its C++ CPU kernel
+$ python bench.py --impl=reference                          # model.py's reference forms instead of ops/
 $ python bench.py --device=cuda --dtype=bfloat16 --compile=True --batch_size=8 --T_list=1024,2048 \\
       --n_embd=768 --n_head=12 --n_layer=12 --decode_T=1024 \\
       --model_layers=12 --model_embd=768 --model_heads=12 --model_T=1024  # 124M scale on a GPU
@@ -30,8 +31,10 @@ from contextlib import nullcontext
 
 import torch
 
-import kernels
+import ops.hyperglu_cpu
 from configurator import configure
+from dataclasses import replace
+
 from model import GPT, CausalSelfAttention, GPTConfig, HyperGLU, KVCache, match_budget, peak_flops
 
 # -----------------------------------------------------------------------------
@@ -46,7 +49,7 @@ hyper_heads = 2              # HyperGLU / HyperMLP heads, as the paper
 T_list = "256,1024"          # layer section sequence lengths
 attns = "softmax,hyperglu,hypermlp"
 residuals = "plain,hc,mhc"
-model_layers = 6             # model section: the issue-6 hyper-connection setting (6 x 384, T=256, B=4)
+model_layers = 6             # model section: a small model at which HC/mHC overheads show (6 x 384, T=256)
 model_embd = 384
 model_heads = 6
 model_T = 256
@@ -55,6 +58,7 @@ decode_T = 1024              # context length for decode timing
 decode_tokens = 8            # tokens timed per decode measurement
 warmup = 1
 compile = False              # torch.compile layers and models (timings, GPU memory)
+impl = "fast"                # "fast" (ops/) | "reference" (model.py alone), as GPTConfig.impl
 repeats = 7
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))]
@@ -72,6 +76,8 @@ wanted = set(sections.split(","))
 unknown = wanted - {"layer", "model", "decode"}
 if unknown:
     sys.exit(f"error: sections={sections!r}: unknown {sorted(unknown)}; expected layer, model, decode")
+if impl not in ("fast", "reference"):
+    sys.exit(f"error: impl={impl!r} is not valid; expected 'fast' or 'reference'")
 torch.manual_seed(0)
 
 
@@ -83,7 +89,7 @@ def matched(base, attn):
         return match_budget(base, attn=attn, n_head=hyper_heads)
     except ValueError as e:
         print(f"note: {attn} is not budget matched at this size: {str(e).split(';')[0]}")
-        return GPTConfig(**dict(base.__dict__, attn=attn, n_head=hyper_heads))
+        return replace(base, attn=attn, n_head=hyper_heads)
 
 
 def sync():
@@ -139,8 +145,8 @@ def table(title, cols, rows):
 
 mem_name = "peak MiB" if dev == "cuda" else "saved MiB"
 gpu = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
-fused = dev == "cpu" and kernels.enabled()
-print(f"bench on {gpu}, {dtype}, torch {torch.__version__}"
+fused = dev == "cpu" and impl == "fast" and ops.hyperglu_cpu.enabled()
+print(f"bench on {gpu}, {dtype}, torch {torch.__version__}, impl={impl}"
       + (f", {torch.get_num_threads()} threads, HyperGLU fused CPU kernel {'on' if fused else 'off'}" if dev == "cpu"
          else "") + (", torch.compile" if compile else ""))
 
@@ -152,10 +158,11 @@ if "layer" in wanted:
         layers = []
         for attn in attns.split(","):
             if attn == "softmax":
-                layer = CausalSelfAttention(GPTConfig(n_embd=n_embd, n_head=n_head, block_size=T, bias=False))
+                layer = CausalSelfAttention(GPTConfig(n_embd=n_embd, n_head=n_head, block_size=T, bias=False,
+                                                      impl=impl))
             else:
                 layer = HyperGLU(GPTConfig(attn=attn, n_embd=n_embd, n_head=hyper_heads, block_size=T,
-                                           bias=False).hyperglu_config())
+                                           bias=False).hyperglu_config(), fast=impl == "fast")
             layers.append(layer.to(device))
 
         def fwd(layer):
@@ -178,13 +185,13 @@ if "layer" in wanted:
 if "model" in wanted:
     rows = []
     soft = GPTConfig(vocab_size=50304 if dev == "cuda" else 8192, block_size=model_T, n_layer=model_layers,
-                     n_head=model_heads, n_embd=model_embd, bias=False)
+                     n_head=model_heads, n_embd=model_embd, bias=False, impl=impl)
     idx = torch.randint(0, soft.vocab_size, (batch_size, model_T), device=device)
     runs = []
     for attn in attns.split(","):
         for res in residuals.split(","):
             cfg = matched(soft, attn)
-            model = GPT(GPTConfig(**dict(cfg.__dict__, residual=res))).to(device)
+            model = GPT(replace(cfg, residual=res)).to(device)
             runs.append((attn, res, model, torch.optim.AdamW(model.parameters(), lr=1e-4)))
     runners = [torch.compile(model) if compile else model for _, _, model, _ in runs]
 
@@ -215,7 +222,8 @@ if "model" in wanted:
 # ----------------------------------------------------------------------------- decoding
 if "decode" in wanted:
     rows = []
-    base_cfg = GPTConfig(vocab_size=8192, block_size=decode_T, n_layer=n_layer, n_head=n_head, n_embd=n_embd, bias=False)
+    base_cfg = GPTConfig(vocab_size=8192, block_size=decode_T, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                         bias=False, impl=impl)
     for attn in attns.split(","):
         cfg = matched(base_cfg, attn)
         model = GPT(cfg).to(device).eval()

@@ -6,7 +6,7 @@ $ python train.py config/quickstart.py
 Any setting, including every GPTConfig field, from the command line:
 $ python train.py config/shakespeare_char.py --attn=hyperglu --residual=mhc --op1_rank=8
 One node, 8 GPUs (DDP over nccl):
-$ torchrun --standalone --nproc_per_node=8 train.py config/fineweb_softmax.py
+$ torchrun --standalone --nproc_per_node=8 train.py config/fineweb.py
 Two nodes (run on each, node_rank 0 and 1; without InfiniBand add NCCL_IB_DISABLE=1):
 $ torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 train.py ...
 Two CPU processes (DDP over gloo):
@@ -35,7 +35,8 @@ from configurator import configure
 from data import mad
 from data.shards import Loader, val_batches
 from data.tokenizer import load_meta
-from model import GPT, GPTConfig, amax_gain
+from model import GPT, GPTConfig
+from plots.plot_connections import amax_gain, connection_matrices
 
 # -----------------------------------------------------------------------------
 # settings: every global below can be overridden by a config file or --key=value
@@ -183,13 +184,13 @@ else:
         sys.exit(f"error: vocab_size={vocab_size} is smaller than the dataset's vocabulary ({tokenizer['vocab_size']})")
 torch.manual_seed(seed)  # the same initial weights on every rank
 try:
-    gptconf = GPTConfig(**model_args)
+    gptconf = GPTConfig.from_dict(model_args)
 except ValueError as e:
     sys.exit(f"error: {e}")
 model_args = asdict(gptconf)  # with the auto fields resolved
 model = GPT(gptconf)
 if ckpt is not None:
-    model.load_weights(ckpt["model"])
+    model.load_state_dict(ckpt["model"])
 model.grad_ckpt = grad_ckpt
 model.to(device)
 log(f"model: {attn} attention, {residual} residual, {model.get_num_params() / 1e6:.2f}M parameters")
@@ -251,17 +252,17 @@ def evaluate():
     targets that are not -1 only (all of them for text, the answer positions for MAD); accuracy is
     the share of those the argmax predicts, reported for MAD tasks only (None otherwise)."""
     model.eval()
-    acc = torch.zeros(3, dtype=torch.float64, device=device)  # summed loss, correct, counted targets
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # summed loss, correct, counted targets
     for x, y in val_set(rank=rank, world=world):
         with ctx:
             logits, loss = model(x, y)
         n = (y != -1).sum()
         correct = mad.answer_hits(logits, y)[0] if task else torch.zeros((), device=device)  # no argmax for text
-        acc += torch.stack([loss.double() * n, correct.double(), n.double()])
+        sums += torch.stack([loss.double() * n, correct.double(), n.double()])
     if ddp:
-        dist.all_reduce(acc)
+        dist.all_reduce(sums)
     model.train()
-    return (acc[0] / acc[2]).item(), ((acc[1] / acc[2]).item() if task else None)
+    return (sums[0] / sums[2]).item(), ((sums[1] / sums[2]).item() if task else None)
 
 
 def amax():
@@ -271,7 +272,7 @@ def amax():
     x, _ = next(iter(val_set(1)))
     raw_model.eval()
     with ctx:
-        mats = raw_model.connection_matrices(x)
+        mats = connection_matrices(raw_model, x)
     raw_model.train()
     fwd, bwd = amax_gain([res for _, _, res in mats])
     return fwd[-1], bwd[-1]

@@ -1,13 +1,21 @@
 """
-The paper's design study (Figure 5) as experiment grids for plots/run_grid.py: a base recipe plus, per variant,
-the settings that differ. Labels follow the paper's grammar <family>-<options>-<compression>-<mixing>
-(S softmax, R ReLU/HyperMLP, G GLU/HyperGLU; p RoPE, c KV conv, g gates, q QK compression, 1/2 op1/op2
-mixing, o lag layout, ! not parameter matched). Every matched variant gets its qk_rank and op ranks from
-model.match_budget against the plain softmax model (S) of the same recipe; residual variants keep the
-attention of the variant they extend, so HC/mHC add their own parameters on top, as in their papers.
+The paper's design study (Figure 5) as experiment grids for scripts/run_grid.py: a base recipe plus, per variant,
+the settings that differ. Every matched variant gets its qk_rank and op ranks from model.match_budget against
+the plain softmax model (S) of the same recipe; residual variants keep the attention of the variant they
+extend, so HC/mHC add their own parameters on top, as in their papers.
 
-  python plots/run_grid.py --grid=cpu                  # the small CPU grid, sequentially
-  python plots/run_grid.py --grid=fineweb --launcher="torchrun --standalone --nproc_per_node=8"
+  python scripts/run_grid.py --grid=cpu                  # the small CPU grid, sequentially
+  python scripts/run_grid.py --grid=fineweb --launcher="torchrun --standalone --nproc_per_node=8"
+
+Variant labels follow the paper's grammar, <family>-<options>-<compression>-<mixing>[ + <residual>], with
+empty parts and their dash left out. label(cfg) derives it from a config; the names in variants() are
+written in it:
+  family       S softmax, R ReLU attention / HyperMLP, G GLU attention / HyperGLU
+  options      p RoPE, c KV conv, g QK and VO gates (g only for R and G)
+  compression  q QK compression (qk_rank < n_embd), v VO compression (vo_rank < n_embd)
+  mixing       1 op1, 2 op2, then o for the lag (offset) layout; a trailing ! marks mixing without QK
+               compression, i.e. not budget matched (R-12!)
+  residual     " + HC", " + SHC" (static HC) or " + mHC"; label() appends the stream count, e.g. " + mHC×4"
 """
 from dataclasses import fields
 
@@ -44,6 +52,36 @@ def variants(base, n_head_hyper=2):
     return v
 
 
+def label(cfg):
+    """The variant label (the grammar above) of a GPTConfig as a dict, e.g. a run's model_args. Only reads
+    attn, n_embd, pos, use_kv_conv, use_qk_gate, use_vo_gate, qk_rank, vo_rank, use_op1, use_op2,
+    aligner_kind, residual, hc_dynamic and hc_streams; a missing one takes GPTConfig's default (None
+    qk_rank is n_embd // 4, None vo_rank is n_embd, None use_kv_conv is on for R and G)."""
+    attn, D = cfg.get("attn", "softmax"), cfg["n_embd"]
+    fam = {"softmax": "S", "hypermlp": "R", "hyperglu": "G"}[attn]
+    conv = cfg.get("use_kv_conv")
+    conv = attn != "softmax" if conv is None else conv
+    opts = ("p" if cfg.get("pos") == "rope" else "") + ("c" if conv else "")
+    comp = mix = ""
+    if attn != "softmax":
+        opts += "g" if cfg.get("use_qk_gate", True) and cfg.get("use_vo_gate", True) else ""
+        qk = cfg.get("qk_rank") or D // 4
+        vo = cfg.get("vo_rank") or D
+        comp = ("q" if qk < D else "") + ("v" if vo < D else "")
+        mix = ("1" if cfg.get("use_op1", True) else "") + ("2" if cfg.get("use_op2", True) else "")
+        if mix:
+            mix += "o" if cfg.get("aligner_kind", "offset") == "offset" else ""
+            if "q" not in comp:
+                mix += "!"
+    name = "-".join(p for p in (fam, opts, comp, mix) if p)
+    res = cfg.get("residual", "plain")
+    if res == "hc":
+        name += f" + {'' if cfg.get('hc_dynamic', True) else 'S'}HC×{cfg.get('hc_streams', 4)}"
+    elif res == "mhc":
+        name += f" + mHC×{cfg.get('hc_streams', 4)}"
+    return name
+
+
 # ---------------------------------------------------------------------------------------------------------
 # cpu: tiny Shakespeare characters, 4 x 256, T=128, 2M tokens; each run takes 4-10 minutes on 2 cores.
 # T=128 rather than 256 halves HyperGLU's T^2 work, and width 256 leaves the mixers rank 16 at the matched
@@ -72,7 +110,7 @@ GRIDS = {"cpu": (CPU_BASE, CPU_RUNS), "fineweb": (FINEWEB_BASE, FINEWEB_RUNS)}
 # mad: the MAD memory tasks (data/mad.py) as in mad-lab: 2 blocks of (mixer + SwiGLU MLP) at width 128, softmax
 # with 16 heads (mad-lab's mh-attention), AdamW with cosine decay to 1e-6, scored by the best final test
 # accuracy over a small sweep. Per task, block_size is the task's length and the variants are re-matched to
-# S at that block_size (HyperGLU's lag parameters grow with it). plots/run_mad.py runs it.
+# S at that block_size (HyperGLU's lag parameters grow with it). scripts/run_mad.py runs it.
 MAD_BASE = dict(n_layer=2, n_head=16, n_embd=128, mlp="swiglu", bias=False, dropout=0.0,
                 gradient_accumulation_steps=1, min_lr=1e-6, warmup_iters=20, beta2=0.99, grad_clip=1.0,
                 seed=1337, log_interval=25)

@@ -5,10 +5,11 @@ $ python plots/plot_loss.py out/cpu/*                                   # -> plo
 $ python plots/plot_loss.py out/cpu/* --layout=families --threshold=1.7 --zoom=0.3 --out=plots/results/cpu/loss
 $ python plots/plot_loss.py out/fineweb/* --x=tokens --train --ema=0.9 --logy --ref="3.425=GPT-2 124M" --format=svg
 
-Labels come from each run's config in the paper's grammar (S-pc, R-12!, G-cg-q-12o + mHC, ...), not from the
-folder name. --layout=families draws one panel per attention family (softmax, ReLU attention, HyperMLP,
-HyperGLU) on shared axes. The table gives final and best val loss, steps and tokens to reach --threshold,
-parameters, median tok/s and wall time. For a step logged twice (a resumed run) the later entry wins.
+Labels come from each run's config by config.grids.label, in the paper's grammar (S-pc, R-12!,
+G-cg-q-12o + mHC×4, ...), not from the folder name. --layout=families draws one panel per attention family
+(softmax, ReLU attention, HyperMLP, HyperGLU) on shared axes. The table gives final and best val loss,
+steps and tokens to reach --threshold, parameters, median tok/s and wall time. For a step logged twice (a
+resumed run) the later entry wins.
 """
 import argparse
 import csv
@@ -20,38 +21,10 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from config.grids import label  # noqa: E402  (the one definition of the variant grammar)
 from model import GPTConfig, param_report  # noqa: E402
 
 FAMILIES = ["softmax", "ReLU attention", "HyperMLP", "HyperGLU"]
-
-
-def label(cfg):
-    """The paper's variant label for a GPTConfig dict: <family>-<options>-<compression>-<mixing>, then the
-    residual. '!' marks mixing without QK compression, i.e. not budget matched (the paper's ! variants)."""
-    attn, D = cfg["attn"], cfg["n_embd"]
-    fam = {"softmax": "S", "hypermlp": "R", "hyperglu": "G"}[attn]
-    conv = cfg.get("use_kv_conv")
-    conv = attn != "softmax" if conv is None else conv
-    opts = ("p" if cfg.get("pos") == "rope" else "") + ("c" if conv else "")
-    mix = ""
-    comp = ""
-    if attn != "softmax":
-        opts += "g" if cfg.get("use_qk_gate", True) and cfg.get("use_vo_gate", True) else ""
-        qk = cfg.get("qk_rank") or D // 4
-        vo = cfg.get("vo_rank") or D
-        comp = ("q" if qk < D else "") + ("v" if vo < D else "")
-        mix = ("1" if cfg.get("use_op1", True) else "") + ("2" if cfg.get("use_op2", True) else "")
-        if mix:
-            mix += "o" if cfg.get("aligner_kind", "offset") == "offset" else ""
-            if "q" not in comp:
-                mix += "!"
-    name = "-".join(p for p in (fam, opts, comp, mix) if p)
-    res = cfg.get("residual", "plain")
-    if res == "hc":
-        name += f" + {'' if cfg.get('hc_dynamic', True) else 'S'}HC×{cfg.get('hc_streams', 4)}"
-    elif res == "mhc":
-        name += f" + mHC×{cfg.get('hc_streams', 4)}"
-    return name
 
 
 def family(cfg):
@@ -136,7 +109,7 @@ def summarize(run, threshold):
     elapsed = [r["elapsed_s"] for r in rows.values() if "elapsed_s" in r]
     hit = next(((s, rows[s].get("tokens")) for s, v in val if threshold is not None and v <= threshold), None)
     try:
-        params = param_report(GPTConfig(**run["model_args"]))["total"]
+        params = param_report(GPTConfig.from_dict(run["model_args"]))["total"]
     except (TypeError, ValueError):
         params = None
     return dict(label=run["label"], seed=run["seed"], run=run["name"], steps=max(rows),

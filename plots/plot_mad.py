@@ -1,5 +1,5 @@
 """
-The MAD table and figure from a folder of MAD runs (plots/run_mad.py writes them; any train.py runs on
+The MAD table and figure from a folder of MAD runs (scripts/run_mad.py writes them; any train.py runs on
 --dataset=mad:<task> work): per variant and task the final test accuracy on the answer positions, best over
 the learning-rate / weight-decay sweep as in mad-lab, and the average over tasks ("MAD Avg").
 

@@ -39,12 +39,12 @@ def test_every_combination_matches_cpu(attn, residual):
 
 @pytest.mark.parametrize("kind,norm,layout", list(itertools.product(["glu", "relu"], ["l2", "out_scale", "none"],
                                                                     ["offset", "identity"])))
-def test_chunked_and_recompute_equal_dense(kind, norm, layout):
+def test_chunked_and_fast_equal_dense(kind, norm, layout):
     torch.manual_seed(0)
     layer = randomize(HyperGLU(layer_cfg(attn_kind=kind, attn_norm=norm, aligner_kind=layout))).double().to(DEV)
     x = torch.randn(2, 17, 24, dtype=torch.float64, device=DEV)
     y0, g0 = run_layer(layer, x, impl="dense")
-    for impl, chunk in (("chunked", 5), ("recompute", 4), ("recompute", 17)):
+    for impl, chunk in (("chunked", 5), ("fast", 4), ("fast", 17)):
         y1, g1 = run_layer(layer, x, impl=impl, chunk_T=chunk)
         assert (y0 - y1).abs().max() < 1e-12
         for n in g0:
@@ -57,7 +57,7 @@ def test_default_chunks_equal_dense():
     layer = randomize(HyperGLU(layer_cfg(block_size=1100, chunk_T=None)), 0.1).double().to(DEV)
     x = torch.randn(1, 1100, 24, dtype=torch.float64, device=DEV)
     y0, g0 = run_layer(layer, x, impl="dense")
-    y1, g1 = run_layer(layer, x, impl="recompute")
+    y1, g1 = run_layer(layer, x, impl="fast")
     assert (y0 - y1).abs().max() < 1e-12
     for n in g0:
         assert (g0[n] - g1[n]).abs().max() < 1e-12, n

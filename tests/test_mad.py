@@ -263,7 +263,7 @@ def test_table_takes_the_best_lr_and_averages_complete_variants(tmp_path, capsys
 
 
 def test_runner_builds_the_sweep(tmp_path):
-    r = subprocess.run([sys.executable, "plots/run_mad.py", "--dry_run", "--tasks=compression,memorization",
+    r = subprocess.run([sys.executable, "scripts/run_mad.py", "--dry_run", "--tasks=compression,memorization",
                         "--variants=S,G-cg-q-12o", f"--out={tmp_path}"], cwd=REPO, capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0, r.stderr
@@ -276,6 +276,6 @@ def test_runner_builds_the_sweep(tmp_path):
     hyper = [ln for ln in lines if "--attn=hyperglu" in ln]
     assert len(hyper) == 4 and all("--qk_rank=" in ln and "--n_head=2" in ln for ln in hyper)
     assert {ln.split("--learning_rate=")[1].split()[0] for ln in lines} == {"0.001", "0.003"}
-    bad = subprocess.run([sys.executable, "plots/run_mad.py", "--dry_run", "--variants=Q"], cwd=REPO,
+    bad = subprocess.run([sys.executable, "scripts/run_mad.py", "--dry_run", "--variants=Q"], cwd=REPO,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "unknown variants ['Q']" in bad.stderr

@@ -1,5 +1,7 @@
-"""plots/: labels from configs, the loss figure and table from synthetic run folders, connection plots."""
+"""plots/ and scripts/: labels from configs, the loss figure and table from synthetic run folders, connection
+plots, the grid launcher."""
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -8,9 +10,10 @@ import sys
 import pytest
 import torch
 
-from config.grids import CPU_BASE, FINEWEB_BASE, variants
+import plots.plot_loss
+from config.grids import CPU_BASE, FINEWEB_BASE, MAD_BASE, label, variants
 from model import GPTConfig, param_report
-from plots.plot_loss import family, label, main as plot_main
+from plots.plot_loss import family, main as plot_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPECTED = {"S": "S", "S-p": "S-p", "S-c": "S-c", "S-pc": "S-pc", "R": "R", "R-cg-q": "R-cg-q",
@@ -36,6 +39,22 @@ def test_labels_come_from_the_config_for_every_grid_variant(base):
         merged = dict(base, **table[name])
         cfg = GPTConfig(**{k: v for k, v in merged.items() if k in GPTConfig.__dataclass_fields__})
         assert abs(param_report(cfg)["non_embedding"] / s_params - 1) <= 0.02, name
+
+
+@pytest.mark.parametrize("base", [CPU_BASE, FINEWEB_BASE, dict(MAD_BASE, block_size=64, vocab_size=16)],
+                         ids=["cpu", "fineweb", "mad"])
+def test_every_variant_name_is_the_label_of_its_settings(base):
+    """The names in variants() and label() are one grammar: label() of a variant's settings merged over the
+    base is its name (label() adds the stream count to a residual, " + mHC" -> " + mHC×4")."""
+    assert plots.plot_loss.label is label  # plot_loss uses the one definition
+    for name, settings in variants(base).items():
+        merged = dict(base, **settings)
+        got = label(merged)
+        if merged.get("residual", "plain") != "plain":
+            streams = f"×{merged.get('hc_streams', GPTConfig.hc_streams)}"
+            assert got.endswith(streams), (name, got)
+            got = got[:-len(streams)]
+        assert got == name, (name, got)
 
 
 def test_label_details():
@@ -115,10 +134,29 @@ def test_connection_plot_from_a_checkpoint(tmp_path):
     for res in ("hc", "mhc"):
         cfg = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=65, residual=res)
         ck = tmp_path / f"{res}.pt"
-        torch.save({"model": GPT(cfg).state_dict(), "model_args": cfg.__dict__, "config": {"dataset": str(tmp_path)},
+        torch.save({"model": GPT(cfg).state_dict(), "model_args": dataclasses.asdict(cfg), "config": {"dataset": str(tmp_path)},
                     "step": 0}, ck)
         r = subprocess.run([sys.executable, "plots/plot_connections.py", str(ck), f"--out={tmp_path / res}"],
                            cwd=REPO, capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
         assert "final composite Amax forward 1.0000, backward 1.0000" in r.stdout  # identity-like at init
         assert os.path.getsize(tmp_path / f"{res}.png") > 1000
+
+
+def test_grid_runner_dry_run(tmp_path):
+    done = tmp_path / "cpu" / "S-pc-s1337"
+    done.mkdir(parents=True)
+    (done / "DONE").write_text("{}")
+    r = subprocess.run([sys.executable, "scripts/run_grid.py", "--grid=cpu", "--only=S-pc,G-cg-q-12o + mHC",
+                        f"--out={tmp_path}", "--dry_run", "--max_iters=7"], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert lines[0].startswith("skip S-pc") and len(lines) == 3  # S-pc s1337 is DONE; S-pc s1338, G + mHC left
+    cmds = lines[1:]
+    assert all(os.path.join(REPO, "train.py") in ln and ln.endswith("--max_iters=7") for ln in cmds)
+    assert f"--out_dir={tmp_path / 'cpu' / 'S-pc-s1338'}" in cmds[0]
+    assert "--residual=mhc" in cmds[1] and "G-cg-q-12o_mHC-s1337" in cmds[1]
+    bad = subprocess.run([sys.executable, "scripts/run_grid.py", "--grid=cpu", "--only=Q", "--dry_run"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "unknown variants ['Q']" in bad.stderr

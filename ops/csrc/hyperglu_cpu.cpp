@@ -1,40 +1,23 @@
-"""
-Optional fused CPU kernel for HyperGLU's training path (model.rows_forward / rows_backward).
+// The fused middle of HyperGLU's CPU training path (ops/hyperglu.py), for one chunk of query rows in the lag layout.
+//
+// The eager steps make about a dozen passes over each (B, H, M, W) map in forward and some forty in backward, each
+// reading or writing a whole map from memory. Here the same steps run on blocks of `rows` query rows of one
+// (batch, head) at a time, and every map of the block stays in cache: the block's scores q k^T are a small GEMM,
+// skewed into lag order in cache; the rank-r products are small BLAS GEMMs; softplus and sigmoid are vectorised
+// (ATen's Vectorized); the rest are loops over the block's rows.
+//   forward:  q, k -> A2 = op2(act(op1(q k^T in lag order))), and the norm n, inv = 1/max(n, eps) per row
+//   backward: q, k, dA2 -> recomputes the block's maps, then A2 (for dV = A^T dy), the controls' gradients, the
+//             mixer parameters' gradients per (block, batch, head) summed afterwards, and dZ back in key order
+//             down to dq = dS k and dk += dS^T q
+// The (batch, head, block of rows) tasks run on torch's intra-op threads, BLAS serial inside each.
 
-Per chunk of query rows the eager path makes about a dozen passes over each (B, H, M, W) map in forward and some
-forty in backward, each reading or writing a whole map from memory: the scores, the two diagonal-plus-low-rank
-mixers, the GLU, the norm, and their gradients. Here the same steps run on blocks of `ROWS` query rows of one
-(batch, head) at a time, and every map of the block stays in cache: the block's scores q k^T are a small GEMM,
-skewed into lag order in cache; the rank-r products are small BLAS GEMMs; softplus and sigmoid are vectorised
-(ATen's Vectorized, the same Sleef routines ATen uses); the rest are loops over the block's rows.
-  forward:  q, k -> A2 = op2(act(op1(q k^T in lag order))), and the norm n, inv = 1/max(n, eps) per row
-  backward: q, k, dA2 -> recomputes the block's maps, then A2 (for dV = A^T dy), the controls' gradients, the
-            mixer parameters' gradients per (block, batch, head) summed afterwards, and dZ back in key order
-            down to dq = dS k and dk += dS^T q
-A V, dA2 = dy V^T and dV stay in model.py as GEMMs on the whole chunk. Only the lag layout is fused; model.py runs
-its eager steps for everything else.
-
-The (batch, head, block of rows) tasks run on torch's intra-op threads (OpenMP), BLAS serial inside each.
-It is compiled on first use with torch.utils.cpp_extension (a C++ compiler with OpenMP, and ninja; about 30 s,
-cached in ~/.cache/torch_extensions) for fp32 and fp64 CPU tensors. Where it cannot be built, for other dtypes
-(bf16 autocast), under torch.compile and on GPUs, model.py runs its eager steps, which compute the same numbers
-(both are tested against autograd over the reference rows). HYPERGLU_FUSED=0 in the environment turns it off.
-"""
-
-import os
-import sys
-import warnings
-
-import torch
-
-ROWS = 64  # rows per block (32, 64 and 128 within 2% of each other at T=1024): a block's maps stay in L2
-
-SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/cpu/vec/functional.h>
 #include <algorithm>
+#include <map>
+#include <string>
 #include <vector>
 
 extern "C" {  // Fortran BLAS, as exported by the BLAS that PyTorch's CPU build links (MKL in the official wheels)
@@ -95,6 +78,24 @@ struct Args {  // everything but the tensors, from Python
   bool glu, use_norm, op1, op2, mask1, mask2;
   double eps;
   int64_t base;  // row m may use lag columns >= base - m (keys >= 0); the ones left of it are invalid
+  int64_t rows;  // query rows per block
+  bool backward;
+};
+
+// The tensors by name (ops/hyperglu_cpu.py passes a dict); a name that is absent is an undefined tensor.
+// In: q (B x H1 x M x dk), k (B x H1 x W x dk), c1, c2, U1 (H1 x W x r1), Vt1 (H1 x r1 x *), s1 (H1 x W), U2, Vt2,
+// s2; out: A2, nrm, inv (B x h x M). Backward also takes gA2 (B x h x M x W) and writes gq, gc1, gc2 and, summed
+// per (block of rows, batch, head), gVt1, gU1T, gd1, gVt2, gU2T, gd2, gk.
+struct Tensors {
+  at::Tensor q, k, c1, c2, U1, Vt1, s1, U2, Vt2, s2, A2, nrm, inv;
+  at::Tensor gA2, gq, gc1, gc2, gVt1, gU1T, gd1, gVt2, gU2T, gd2, gk;
+  explicit Tensors(const std::map<std::string, at::Tensor>& m) {
+    auto get = [&](const char* name) { auto it = m.find(name); return it == m.end() ? at::Tensor() : it->second; };
+    q = get("q"); k = get("k"); c1 = get("c1"); c2 = get("c2"); U1 = get("U1"); Vt1 = get("Vt1"); s1 = get("s1");
+    U2 = get("U2"); Vt2 = get("Vt2"); s2 = get("s2"); A2 = get("A2"); nrm = get("n"); inv = get("inv");
+    gA2 = get("gA2"); gq = get("gq"); gc1 = get("gc1"); gc2 = get("gc2"); gVt1 = get("gVt1"); gU1T = get("gU1T");
+    gd1 = get("gd1"); gVt2 = get("gVt2"); gU2T = get("gU2T"); gd2 = get("gd2"); gk = get("gk");
+  }
 };
 
 // One mixer on a block of R rows: y = x * s + (x U * ctrl) Vt, masked. U: W x r (ld r), Vt: r x W (ld vl).
@@ -146,14 +147,11 @@ static inline T* at4(const at::Tensor& t, int64_t b, int64_t h, int64_t m) {
   return t.data_ptr<T>() + b * t.stride(0) + h * t.stride(1) + m * t.stride(2);
 }
 
-// t: q (B x H1 x M x dk), c1, c2, U1 (H1 x W x r1), Vt1 (H1 x r1 x *), s1 (H1 x W), U2, Vt2, s2,
-// A2 (out), n, inv (out, B x h x M); K (B x H1 x W x dk) apart;
-// and for backward gA2, gq, gc1, gc2 (out), gVt1, gU1T, gd1, gVt2, gU2T, gd2, gk (accumulated per block of
-// rows, b and head).
 template <typename T>
-static void run(std::vector<at::Tensor> t, const at::Tensor& K, Args a, int64_t rows, bool backward) {
-  auto &q = t[0], &c1 = t[1], &c2 = t[2], &U1 = t[3], &Vt1 = t[4], &s1 = t[5], &U2 = t[6], &Vt2 = t[7], &s2 = t[8];
-  auto &A2 = t[9], &nrm = t[10], &inv = t[11];
+static void run(const Tensors& t, const Args& a) {
+  const at::Tensor &q = t.q, &K = t.k, &c1 = t.c1, &c2 = t.c2, &U1 = t.U1, &Vt1 = t.Vt1, &s1 = t.s1, &U2 = t.U2;
+  const at::Tensor &Vt2 = t.Vt2, &s2 = t.s2, &A2 = t.A2, &nrm = t.nrm, &inv = t.inv;
+  int64_t rows = a.rows;
   const int64_t B = A2.size(0), h = A2.size(1), M = A2.size(2), W = A2.size(3);
   const int64_t nh = a.glu ? 2 : 1, H1 = nh * h;
   const int64_t r1 = a.op1 ? U1.size(2) : 0, r2 = a.op2 ? U2.size(2) : 0, rr = std::max<int64_t>({r1, r2, 1});
@@ -222,10 +220,10 @@ static void run(std::vector<at::Tensor> t, const at::Tensor& K, Args a, int64_t 
                          Qc.data(), A, Al, a.mask2, a.base, m0);
         else
           for (int64_t i = 0; i < R; ++i) std::copy_n(act + i * W, W, A + i * Al);
-        if (!backward) continue;
+        if (!a.backward) continue;
 
-        auto &gA2 = t[12], &gc1 = t[14], &gc2 = t[15];
-        auto &gVt1 = t[16], &gU1T = t[17], &gd1 = t[18], &gVt2 = t[19], &gU2T = t[20], &gd2 = t[21];
+        const at::Tensor &gA2 = t.gA2, &gc1 = t.gc1, &gc2 = t.gc2, &gVt1 = t.gVt1, &gU1T = t.gU1T, &gd1 = t.gd1;
+        const at::Tensor &gVt2 = t.gVt2, &gU2T = t.gU2T, &gd2 = t.gd2;
         T* g = at4<T>(gA2, b, j, m0); const int64_t gl = gA2.stride(2);
         // gA2 arrives as dout v^T; dA2 = (dout inv) v^T scales each row by its inv, known only now
         if (a.use_norm)
@@ -277,7 +275,7 @@ static void run(std::vector<at::Tensor> t, const at::Tensor& K, Args a, int64_t 
         }
         // op1's backward per qk-head into dZ (op1's mask needs no step: where it zeroed Z1, G = 0 zeroes dZ1),
         // then dZ back to key order (future keys get 0) and z = q k^T's backward: dq = dS k, dk += dS^T q
-        auto &gq = t[13], &gk = t[22];
+        const at::Tensor &gq = t.gq, &gk = t.gk;
         const int64_t dk = q.size(3);
         for (int64_t e = 0; e < nh; ++e) {
           const int64_t hh = j + e * h;
@@ -309,89 +307,17 @@ static void run(std::vector<at::Tensor> t, const at::Tensor& K, Args a, int64_t 
   });
 }
 
-void middle(std::vector<at::Tensor> t, at::Tensor k, bool glu, bool use_norm, bool op1, bool op2, bool mask1,
+// One chunk's fused middle, forward (backward=false) or forward and backward; see ops/hyperglu_cpu.py.
+void middle(const std::map<std::string, at::Tensor>& tensors, bool glu, bool use_norm, bool op1, bool op2, bool mask1,
             bool mask2, double eps, int64_t base, int64_t rows, bool backward) {
-  Args a{glu, use_norm, op1, op2, mask1, mask2, eps, base};
-  if (t[0].scalar_type() == at::kDouble) run<double>(t, k, a, rows, backward);
-  else run<float>(t, k, a, rows, backward);
+  const Tensors t(tensors);
+  const Args a{glu, use_norm, op1, op2, mask1, mask2, eps, base, rows, backward};
+  if (t.q.scalar_type() == at::kDouble) run<double>(t, a);
+  else run<float>(t, a);
 }
-"""
 
-_ext = None
-
-
-def load():
-    """The compiled extension, or None where it cannot be built."""
-    global _ext
-    if _ext is None:
-        _ext = False
-        cap = torch.backends.cpu.get_cpu_capability()  # vectorise exp/log for what this CPU has
-        flags = {"AVX512": ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma",
-                            "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"],
-                 "AVX2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]}.get(cap, [])
-        name = f"hyperglu_middle_{cap.lower()}"
-        try:
-            from torch.utils.cpp_extension import _get_build_directory, load_inline
-            if not os.path.exists(os.path.join(_get_build_directory(name, False), f"{name}.so")):
-                print("kernels.py: building the fused HyperGLU CPU kernel (first use, about 30 s; then cached)",
-                      file=sys.stderr, flush=True)
-            _ext = load_inline(name=name, cpp_sources=SOURCE, functions=["middle"],
-                               extra_cflags=["-O3", "-fopenmp", *flags], extra_ldflags=["-fopenmp"], verbose=False)
-        except Exception as e:  # no compiler, no ninja, ...: the eager path computes the same thing
-            warnings.warn(f"kernels.py: the fused CPU kernel could not be built ({type(e).__name__}: {e}); "
-                          f"HyperGLU runs its eager steps", RuntimeWarning)
-    return _ext or None
-
-
-def enabled():
-    """Whether the kernel is on: HYPERGLU_FUSED is not "0" and it builds."""
-    return os.environ.get("HYPERGLU_FUSED", "1") != "0" and load() is not None
-
-
-def usable(cfg, q):
-    """Whether the fused middle takes this chunk: CPU, fp32 or fp64, lag layout, not compiling, and enabled()."""
-    return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64) and cfg.aligner_kind == "offset"
-            and not torch.compiler.is_compiling() and enabled())
-
-
-def middle(cfg, glu, q, k, c1, c2, mix1, mix2, base, gA2=None):
-    """The fused middle of one chunk: q (B,H1,M,dk) and k (B,H1,W,dk), whose product in lag order is op1's input;
-    mix1 = (U1 (H1,W,r1), Vt1 (H1,r1,W), scale (H1,W)) and mix2 likewise for op2, each cut to the chunk's W lags
-    (None when the mixer is off); base = W-1-row_start.
-    Returns Ab (B,h,M,W+base), op2's output in lag order with `base` zero columns after it (key_view reads it),
-    and inv = 1/max(n, eps) (B,h,M) (None for attn_norm="none"). With gA2 (B,h,M,W), the gradient of op2's
-    output, it also returns dq (B,H1,M,dk), dk (B,H1,W,dk), dc1, dc2 and the mixers' (dU, dVt, dd) summed over
-    the batch.
-    gA2 is taken as dout v^T, before the norm's per-row inv, and is scaled in place."""
-    (B, H1, M, _), W = q.shape, k.shape[2]
-    q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
-    Z = q  # for new_empty/new_zeros below: same dtype and device
-    h = H1 // 2 if glu else H1
-    use_norm = cfg.attn_norm != "none"
-    Ab = Z.new_empty(B, h, M, W + base)
-    Ab[..., W:].zero_()
-    n, inv = Z.new_empty(B, h, M), Z.new_empty(B, h, M)
-    empty = Z.new_empty(0)
-    U1, Vt1, s1 = mix1 or (empty, empty, empty)
-    U2, Vt2, s2 = mix2 or (empty, empty, empty)
-    c1, c2 = (c.contiguous() if c is not None and c.stride(-1) != 1 else c for c in (c1, c2))
-    t = [q, c1 if mix1 else empty, c2 if mix2 else empty, U1, Vt1, s1, U2, Vt2, s2, Ab[..., :W], n, inv]
-    out = dict(Ab=Ab, inv=inv if use_norm else None)  # n stays inside: the backward's norm step reads it
-    if gA2 is not None:
-        r1, r2 = (U1.shape[2] if mix1 else 0), (U2.shape[2] if mix2 else 0)
-        nb = -(-M // ROWS)  # the mixers' and k's gradients accumulate per (block of rows, batch, head)
-        gq, gk = q.new_empty(B, H1, M, q.shape[3]), q.new_zeros(nb, B, H1, W, q.shape[3])
-        g = dict(gc1=Z.new_empty(B, H1, M, r1), gc2=Z.new_empty(B, h, M, r2),
-                 gVt1=Z.new_zeros(nb, B, H1, r1, W), gU1T=Z.new_zeros(nb, B, H1, r1, W), gd1=Z.new_zeros(nb, B, H1, W),
-                 gVt2=Z.new_zeros(nb, B, h, r2, W), gU2T=Z.new_zeros(nb, B, h, r2, W), gd2=Z.new_zeros(nb, B, h, W))
-        t += [gA2, gq, *g.values(), gk]
-    masks = cfg.do_masking
-    load().middle(t, k, glu, use_norm, mix1 is not None, mix2 is not None, masks and cfg.op1_do_masking,
-                  masks and cfg.op2_do_masking, cfg.norm_eps, base, ROWS, gA2 is not None)
-    if gA2 is not None:
-        out.update(gq=gq, gk=gk.sum(0), gc1=g["gc1"] if mix1 else None, gc2=g["gc2"] if mix2 else None,
-                   mix1=(g["gU1T"].sum((0, 1)).transpose(1, 2), g["gVt1"].sum((0, 1)), g["gd1"].sum((0, 1)))
-                   if mix1 else None,
-                   mix2=(g["gU2T"].sum((0, 1)).transpose(1, 2), g["gVt2"].sum((0, 1)), g["gd2"].sum((0, 1)))
-                   if mix2 else None)
-    return out
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("middle", &middle, py::arg("tensors"), py::kw_only(), py::arg("glu"), py::arg("use_norm"), py::arg("op1"),
+        py::arg("op2"), py::arg("mask1"), py::arg("mask2"), py::arg("eps"), py::arg("base"), py::arg("rows"),
+        py::arg("backward"));
+}

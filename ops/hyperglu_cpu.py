@@ -1,0 +1,99 @@
+"""
+The fused C++ CPU kernel for the middle of HyperGLU's training path (ops/hyperglu.py): per chunk of query rows in the
+lag layout, q k^T, op1, the GLU and the norm, and op2, forward and backward, on blocks of ROWS rows that stay in
+cache. The source is ops/csrc/hyperglu_cpu.cpp.
+
+It is compiled on first use with torch.utils.cpp_extension (a C++ compiler with OpenMP, and ninja; about 30 s,
+then cached) for fp32 and fp64 CPU tensors. Where it cannot be built, for other dtypes (bf16 autocast), under
+torch.compile and on GPUs, ops/hyperglu.py runs its eager steps, which compute the same numbers.
+HYPERGLU_FUSED=0 in the environment turns it off.
+"""
+
+import os
+import sys
+import warnings
+
+import torch
+
+ROWS = 64  # query rows per block: a block's maps stay in L2 (32, 64 and 128 within 2% of each other at T=1024)
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "hyperglu_cpu.cpp")
+
+_ext = None
+
+
+def load():
+    """The compiled extension, or None where it cannot be built."""
+    global _ext
+    if _ext is None:
+        _ext = False
+        cap = torch.backends.cpu.get_cpu_capability()  # vectorise exp/log for what this CPU has
+        flags = {"AVX512": ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma",
+                            "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"],
+                 "AVX2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]}.get(cap, [])
+        name = f"hyperglu_cpu_{cap.lower()}"
+        # a build folder of our own, per torch version (the extension links against its ABI)
+        root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                      "torch_extensions")
+        build = os.path.join(root, f"{name}_torch{torch.__version__.replace('+', '_')}")
+        try:
+            from torch.utils.cpp_extension import load as build_extension
+            os.makedirs(build, exist_ok=True)
+            if not os.path.exists(os.path.join(build, f"{name}.so")):
+                print("ops/hyperglu_cpu.py: building the fused HyperGLU CPU kernel (first use, about 30 s; then "
+                      "cached)", file=sys.stderr, flush=True)
+            _ext = build_extension(name=name, sources=[SOURCE], build_directory=build, verbose=False,
+                                   extra_cflags=["-O3", "-fopenmp", *flags], extra_ldflags=["-fopenmp"])
+        except Exception as e:  # no compiler, no ninja, ...: the eager path computes the same thing
+            warnings.warn(f"ops/hyperglu_cpu.py: the fused CPU kernel could not be built ({type(e).__name__}: {e}); "
+                          f"HyperGLU runs its eager steps", RuntimeWarning)
+    return _ext or None
+
+
+def enabled():
+    """Whether the kernel is on: HYPERGLU_FUSED is not "0" and it builds."""
+    return os.environ.get("HYPERGLU_FUSED", "1") != "0" and load() is not None
+
+
+def usable(cfg, q):
+    """Whether the kernel takes this chunk: CPU, fp32 or fp64, lag layout, not compiling, and enabled()."""
+    return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64) and cfg.aligner_kind == "offset"
+            and not torch.compiler.is_compiling() and enabled())
+
+
+def middle(cfg, q, k, c1, c2, mix1, mix2, base, gA2=None):
+    """The fused middle of one chunk: q (B,H1,M,dk) and k (B,H1,W,dk), whose product in lag order is op1's input;
+    mix1 = (U1 (H1,W,r1), Vt1 (H1,r1,W), scale (H1,W)) and mix2 likewise for op2, each cut to the chunk's W lags
+    (None when the mixer is off); base = W-1-row_start.
+    Returns Ab (B,h,M,W+base), op2's output in lag order with `base` zero columns after it (key_view reads it),
+    and inv = 1/max(n, eps) (B,h,M) (None for attn_norm="none"). With gA2 (B,h,M,W), the gradient of op2's
+    output, it also returns dq (B,H1,M,dk), dk (B,H1,W,dk), dc1, dc2 and the mixers' (dU, dVt, dd) summed over
+    the batch. gA2 is taken as dout v^T, before the norm's per-row inv, and is scaled in place."""
+    (B, H1, M, _), W = q.shape, k.shape[2]
+    glu = cfg.attn_kind == "glu"
+    h = H1 // 2 if glu else H1
+    use_norm = cfg.attn_norm != "none"
+    q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
+    Ab = q.new_empty(B, h, M, W + base)
+    Ab[..., W:].zero_()
+    t = dict(q=q, k=k, A2=Ab[..., :W], n=q.new_empty(B, h, M), inv=q.new_empty(B, h, M))
+    for i, (mix, c) in enumerate(((mix1, c1), (mix2, c2)), 1):
+        if mix is not None:
+            t.update({f"U{i}": mix[0], f"Vt{i}": mix[1], f"s{i}": mix[2],
+                      f"c{i}": c if c.stride(-1) == 1 else c.contiguous()})
+    if gA2 is not None:
+        r1, r2 = (mix1[0].shape[2] if mix1 else 0), (mix2[0].shape[2] if mix2 else 0)
+        nb = -(-M // ROWS)  # the mixers' and k's gradients accumulate per (block of rows, batch, head)
+        z = lambda *shape: q.new_zeros(nb, B, *shape)
+        t.update(gA2=gA2, gq=q.new_empty(q.shape), gk=z(H1, W, q.shape[3]),
+                 gc1=q.new_empty(B, H1, M, r1), gVt1=z(H1, r1, W), gU1T=z(H1, r1, W), gd1=z(H1, W),
+                 gc2=q.new_empty(B, h, M, r2), gVt2=z(h, r2, W), gU2T=z(h, r2, W), gd2=z(h, W))
+    masks = cfg.do_masking
+    load().middle(t, glu=glu, use_norm=use_norm, op1=mix1 is not None, op2=mix2 is not None,
+                  mask1=masks and cfg.op1_do_masking, mask2=masks and cfg.op2_do_masking, eps=cfg.norm_eps,
+                  base=base, rows=ROWS, backward=gA2 is not None)
+    out = dict(Ab=Ab, inv=t["inv"] if use_norm else None)
+    if gA2 is not None:
+        grads = lambda i: (t[f"gU{i}T"].sum((0, 1)).transpose(1, 2), t[f"gVt{i}"].sum((0, 1)), t[f"gd{i}"].sum((0, 1)))
+        out.update(gq=t["gq"], gk=t["gk"].sum(0), gc1=t["gc1"] if mix1 else None, gc2=t["gc2"] if mix2 else None,
+                   mix1=grads(1) if mix1 else None, mix2=grads(2) if mix2 else None)
+    return out

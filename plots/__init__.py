@@ -1,0 +1,1 @@
+"""Plotting and analysis scripts: loss curves, MAD scores, hyper-connection matrices."""

@@ -1,0 +1,323 @@
+"""Every fast path of ops/ against its reference in model.py: forward and every gradient, in float64 (and float32
+where the fast path reorders sums), over the variants each op supports. GPT-level: impl="fast" equals
+impl="reference" for all 9 attention x residual combinations."""
+import itertools
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ops.conv
+import ops.hyperglu
+import ops.hyperglu_cpu
+import ops.sinkhorn
+import ops.streams
+from model import GPT, HyperGLU, sinkhorn
+from test_model import ATTNS, RESIDUALS, layer_cfg, randomize, run_layer, tiny
+
+
+def close(a, b, tol):
+    """max |a - b| relative to max(1, max |b|)."""
+    return (a - b).abs().max().item() <= tol * max(1.0, b.abs().max().item())
+
+
+def cpu_kernel(monkeypatch, on):
+    """Run ops.hyperglu with the fused C++ kernel (ops/hyperglu_cpu.py) or with its eager steps. The kernel gets
+    blocks of 2 rows, so a chunk spans several blocks, the last one partial."""
+    if on and ops.hyperglu_cpu.load() is None:
+        pytest.skip("the fused CPU kernel could not be built here")
+    monkeypatch.setenv("HYPERGLU_FUSED", "1" if on else "0")
+    monkeypatch.setattr(ops.hyperglu_cpu, "ROWS", 2)
+
+
+# ---------------------------------------------------------------- HyperGLU: ops.hyperglu.attend
+
+SWITCHES = list(itertools.product([(True, True), (True, False), (False, True), (False, False)],  # op1, op2
+                                  [True, False],                                                 # shortcut
+                                  [True, False],                                                 # use_diag
+                                  [True, False],                                                 # op masks
+                                  [True, False],                                                 # do_masking
+                                  ["out_scale", "none"]))
+
+
+@pytest.mark.parametrize("kind,layout,kernel", [(k, la, ke) for k in ("glu", "relu") for la in ("offset", "identity")
+                                               for ke in (True, False) if la == "offset" or not ke])
+def test_hyperglu_matches_reference_for_every_switch(kind, layout, kernel, monkeypatch):
+    """The fast rows (hand-written backward; the C++ kernel or its eager steps) against autograd over the reference
+    rows with the same chunks, float64, for every combination of the mixer switches, masks and norms; forward
+    under no_grad too (the decoding path)."""
+    cpu_kernel(monkeypatch, kernel)
+    for op, shortcut, diag, op_mask, do_mask, norm in SWITCHES:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # do_masking=False with the lag layout warns
+            cfg = layer_cfg(attn_kind=kind, aligner_kind=layout, attn_norm=norm, use_op1=op[0], use_op2=op[1],
+                            op1_shortcut=shortcut, op2_shortcut=not shortcut, op1_use_diag=diag,
+                            op2_use_diag=not diag, op1_do_masking=op_mask, op2_do_masking=not op_mask,
+                            do_masking=do_mask)
+        torch.manual_seed(0)
+        layer = randomize(HyperGLU(cfg)).double()
+        x = torch.randn(2, 13, 24, dtype=torch.float64)
+        y0, g0 = run_layer(layer, x, impl="chunked", chunk_T=5)
+        y1, g1 = run_layer(layer, x, impl="fast", chunk_T=5)
+        with torch.no_grad():
+            y2 = layer(x, impl="fast", chunk_T=5)
+        case = (op, shortcut, diag, op_mask, do_mask, norm)
+        assert (y0 - y1).abs().max() < 1e-12 and (y0 - y2).abs().max() < 1e-12, case
+        for n in g0:
+            assert (g0[n] - g1[n]).abs().max() < 1e-11, (case, n)
+
+
+@pytest.mark.parametrize("kind,norm,layout", list(itertools.product(["glu", "relu"], ["l2", "out_scale", "none"],
+                                                                    ["offset", "identity"])))
+def test_hyperglu_fast_equals_dense_for_any_chunking(kind, norm, layout, monkeypatch):
+    """Fast rows with chunks of 4 and of all 17 rows against the dense reference, float64; l2 included."""
+    cpu_kernel(monkeypatch, layout == "offset" and ops.hyperglu_cpu.load() is not None)
+    torch.manual_seed(0)
+    layer = randomize(HyperGLU(layer_cfg(attn_kind=kind, attn_norm=norm, aligner_kind=layout))).double()
+    x = torch.randn(2, 17, 24, dtype=torch.float64)
+    y0, g0 = run_layer(layer, x, impl="dense")
+    for chunk in (4, 17):
+        y1, g1 = run_layer(layer, x, impl="fast", chunk_T=chunk)
+        assert (y0 - y1).abs().max() < 1e-12
+        for n in g0:
+            assert (g0[n] - g1[n]).abs().max() < 1e-12, (chunk, n)
+
+
+@pytest.mark.parametrize("kind,norm,op1,op2,layout,kernel", [
+    ("glu", "out_scale", True, True, "offset", True), ("glu", "out_scale", True, True, "offset", False),
+    ("relu", "l2", True, False, "offset", True), ("relu", "l2", True, False, "offset", False),
+    ("glu", "none", False, True, "offset", True), ("glu", "none", False, True, "identity", False),
+    ("relu", "out_scale", False, False, "identity", False)])
+def test_hyperglu_fast_matches_reference_fp32(kind, norm, op1, op2, layout, kernel, monkeypatch):
+    """float32, where the fast path sums in another order: 1e-5 relative, forward and every gradient."""
+    cpu_kernel(monkeypatch, kernel)
+    torch.manual_seed(0)
+    layer = randomize(HyperGLU(layer_cfg(attn_kind=kind, attn_norm=norm, use_op1=op1, use_op2=op2,
+                                         aligner_kind=layout)), 0.1)
+    x = torch.randn(2, 19, 24)
+    y0, g0 = run_layer(layer, x, impl="dense")
+    y1, g1 = run_layer(layer, x, impl="fast", chunk_T=6)
+    rel = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()
+    assert rel(y1, y0) < 1e-5
+    for n in g0:
+        assert rel(g1[n], g0[n]) < 1e-5, n
+
+
+@pytest.mark.parametrize("kind,rope", list(itertools.product(["glu", "relu"], [False, True])))
+def test_hyperglu_fast_decoding_equals_full_forward(kind, rope, monkeypatch):
+    """The fast rows continuing a cache (one new row against n_past keys) equal the reference full forward."""
+    cpu_kernel(monkeypatch, ops.hyperglu_cpu.load() is not None)
+    torch.manual_seed(0)
+    layer = randomize(HyperGLU(layer_cfg(attn_kind=kind, use_rope=rope), fast=True)).double()
+    x = torch.randn(2, 20, 24, dtype=torch.float64)
+    full = layer(x, impl="dense")
+    cache = {}
+    with torch.no_grad():
+        steps = [layer(x[:, :6], cache=cache)] + [layer(x[:, t:t + 1], cache=cache) for t in range(6, 20)]
+    assert (torch.cat(steps, 1) - full).abs().max() < 1e-12
+
+
+def test_the_cpu_kernel_takes_the_lag_layout_in_fp32_and_fp64_only(monkeypatch):
+    """Where the kernel builds, the fast rows go through it for fp32/fp64 CPU chunks in the lag layout, forward
+    and backward, and not for bf16 or the identity layout; HYPERGLU_FUSED=0 turns it off."""
+    cpu_kernel(monkeypatch, True)
+    calls = []
+    middle = ops.hyperglu_cpu.middle
+    monkeypatch.setattr(ops.hyperglu_cpu, "middle", lambda *a, **kw: calls.append(
+        "bwd" if kw.get("gA2") is not None else "fwd") or middle(*a, **kw))
+    torch.manual_seed(0)
+    x = torch.randn(2, 13, 24, requires_grad=True)
+    HyperGLU(layer_cfg(), fast=True)(x, chunk_T=5).sum().backward()
+    assert calls == ["fwd"] * 3 + ["bwd"] * 3
+    calls.clear()
+    HyperGLU(layer_cfg(aligner_kind="identity"), fast=True)(x, chunk_T=5).sum().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        HyperGLU(layer_cfg(), fast=True)(x, chunk_T=5).float().sum().backward()
+    monkeypatch.setenv("HYPERGLU_FUSED", "0")
+    HyperGLU(layer_cfg(), fast=True)(x, chunk_T=5).sum().backward()
+    assert calls == []
+
+
+def test_chunk_T_none_takes_the_device_default(monkeypatch):
+    """chunk_T=None: ops.hyperglu.default_chunk(device) rows per chunk (128 on CPU, 1024 on a GPU), same outputs."""
+    assert (ops.hyperglu.default_chunk("cpu"), ops.hyperglu.default_chunk("cuda")) == (128, 1024)
+    seen = []
+    monkeypatch.setattr(ops.hyperglu, "default_chunk", lambda device: seen.append(torch.device(device).type) or 5)
+    monkeypatch.setattr(ops.hyperglu, "chunks", lambda step, *a, _c=ops.hyperglu.chunks: seen.append(step) or _c(
+        step, *a))
+    torch.manual_seed(0)
+    layer = randomize(HyperGLU(layer_cfg(chunk_T=None)), 0.1).double()
+    x = torch.randn(2, 17, 24, dtype=torch.float64)
+    y0, _ = run_layer(layer, x, impl="dense")
+    y1, _ = run_layer(layer, x, impl="fast")
+    assert "cpu" in seen and 5 in seen and (y0 - y1).abs().max() < 1e-12
+    assert tiny(chunk_T=None).hyperglu_config().chunk_T is None
+
+
+def saved_bytes(fn):
+    """Bytes of the unique storages autograd keeps for backward."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def test_fast_memory_grows_linearly_in_T():
+    layer = HyperGLU(layer_cfg(n_embd=32, block_size=512, qk_rank=16, vo_rank=32, chunk_T=32), fast=True)
+    mem = {}
+    for T in (128, 256, 512):
+        x = torch.randn(1, T, 32, requires_grad=True)
+        mem[T] = {impl: saved_bytes(lambda: layer(x, impl=impl)) for impl in ("fast", "dense")}
+    assert mem[512]["fast"] / mem[256]["fast"] < 2.1  # linear: twice the tokens, twice the bytes
+    assert mem[256]["fast"] / mem[128]["fast"] < 2.1
+    assert mem[512]["dense"] / mem[256]["dense"] > 3.0  # the reference keeps T x T maps
+
+
+@pytest.mark.parametrize("kind", ["glu", "relu"])
+def test_hyperglu_fast_under_bf16_autocast_tracks_fp32(kind):
+    """The hand-written backward under bf16 autocast with fp32 parameters: fp32 gradients, close to fp32's."""
+    torch.manual_seed(0)
+    layer = randomize(HyperGLU(layer_cfg(attn_kind=kind, block_size=32, chunk_T=7)), 0.1)
+    x = torch.randn(2, 32, 24)
+    y0, g0 = run_layer(layer, x, impl="dense")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y1, g1 = run_layer(layer, x, impl="fast")
+    assert y1.dtype == torch.bfloat16
+    assert ((y1.float() - y0).norm() / y0.norm()) < 2e-2
+    for n in g0:
+        assert g1[n].dtype == torch.float32
+        cos = F.cosine_similarity(g1[n].flatten(), g0[n].flatten(), dim=0)
+        assert cos > 0.995, (n, cos.item())  # autograd over the reference rows under bf16 gets 0.998-0.999 here too
+
+
+# ---------------------------------------------------------------- the KV conv: ops.conv
+
+def test_shift_conv_equals_conv1d_and_passes_gradcheck():
+    torch.manual_seed(0)
+    xp = torch.randn(2, 9 + 3, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 1, 4, dtype=torch.float64, requires_grad=True)
+    ref = F.conv1d(xp.transpose(1, 2), w, groups=5).transpose(1, 2)  # model.CausalConv1d's reference
+    out = ops.conv.shift_conv(xp, w[:, 0])
+    assert (out - ref).abs().max() < 1e-12
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, [xp, w], g), torch.autograd.grad(ref, [xp, w], g)):
+        assert (a - b).abs().max() < 1e-12
+    assert torch.autograd.gradcheck(ops.conv.shift_conv, (xp, w[:, 0]), atol=1e-9, rtol=1e-7)
+
+
+# ---------------------------------------------------------------- Sinkhorn: ops.sinkhorn
+
+def test_sinkhorn_matches_the_reference_and_passes_gradcheck():
+    logits = torch.randn(3, 4, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: ops.sinkhorn.sinkhorn(t, 20), (logits,))
+    for n, dtype, tol in ((4, torch.float64, 1e-12), (2, torch.float64, 1e-12), (4, torch.float32, 1e-6)):
+        x = (2 * (2 * torch.eye(n) - 1) + torch.randn(64, n, n)).to(dtype).requires_grad_(True)
+        w = torch.randn(n, n, dtype=dtype)
+        fast, ref = ops.sinkhorn.sinkhorn(x, 20), sinkhorn(x, 20)
+        assert (fast - ref).abs().max() <= tol
+        ga, gb = torch.autograd.grad((fast * w).sum(), x)[0], torch.autograd.grad((ref * w).sum(), x)[0]
+        assert (ga - gb).abs().max() <= tol * 10
+
+
+# ---------------------------------------------------------------- hyper-connections: ops.streams
+
+@pytest.mark.parametrize("kind", ["layernorm", "layernorm_nobias", "rmsnorm", "none"])
+def test_norm_proj_equals_norm_then_matmul(kind):
+    """norm_proj applies the norm after the matmul [mHC Eqs. 14-16]: its output and every gradient equal
+    norm(x) @ W through autograd (float64), and in float32 stay within 1e-5 even for rows with a large mean."""
+    torch.manual_seed(0)
+    D, K = 40, 7
+    norm = {"layernorm": torch.nn.LayerNorm(D), "layernorm_nobias": torch.nn.LayerNorm(D, bias=False),
+            "rmsnorm": torch.nn.RMSNorm(D, eps=1e-6), "none": None}[kind]
+    if norm is not None:
+        randomize(norm, 0.5)
+    want_fn = ((lambda x, W: (x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()) @ W) if norm is None
+               else (lambda x, W: norm(x) @ W))
+    params = [] if norm is None else list(norm.parameters())
+    for dtype, offset, tol in ((torch.float64, 0.0, 1e-12), (torch.float32, 3.0, 1e-5)):
+        if norm is not None:
+            norm.to(dtype)
+        args = ((None, None, True, 1e-6) if norm is None else
+                (norm.weight, getattr(norm, "bias", None), kind == "rmsnorm", norm.eps))
+        x = (offset + torch.randn(3, 5, D, dtype=dtype)).requires_grad_(True)
+        W = torch.randn(D, K, dtype=dtype, requires_grad=True)
+        out, want = ops.streams.norm_proj(x, W, *args), want_fn(x, W)
+        assert out.shape == want.shape == (3, 5, K)
+        assert (out - want).abs().max() < tol * want.abs().max()
+        g = torch.randn_like(out)
+        for a, b in zip(torch.autograd.grad(out, [x, W, *params], g), torch.autograd.grad(want, [x, W, *params], g)):
+            assert close(a, b, tol)
+
+
+def test_add_outer_equals_the_out_of_place_update():
+    torch.manual_seed(0)
+    res = torch.randn(2, 5, 4, 8, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    for w in (torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True),   # dynamic: per token
+              torch.randn(4, dtype=torch.float64, requires_grad=True)):        # static HC: shared
+        want = res + w[..., None] * y[..., None, :]
+        out = ops.streams.add_outer(res * 1.0, w, y)  # a fresh tensor: add_outer writes into it
+        assert (out - want).abs().max() < 1e-12
+        g = torch.randn_like(out).expand(2, 5, 4, 8)
+        for a, b in zip(torch.autograd.grad(out, [res, w, y], g), torch.autograd.grad(want, [res, w, y], g)):
+            assert (a - b).abs().max() < 1e-12
+
+
+def stream_grads(module, H, f, fast):
+    """(output, gradients of H, the module's and f's parameters) of module(H, f), with the fast or reference path."""
+    module.fast = fast
+    params = [H, *module.parameters(), *f.parameters()]
+    out = module(H, f)
+    g = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    return out, torch.autograd.grad(out, params, g, allow_unused=True)
+
+
+@pytest.mark.parametrize("residual,dynamic,tanh,norm", [
+    ("hc", True, True, "layernorm"), ("hc", True, False, "layernorm"), ("hc", True, True, "rmsnorm"),
+    ("hc", False, True, "layernorm"), ("mhc", True, True, "layernorm")])
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_stream_connections_match_the_reference(residual, dynamic, tanh, norm, n):
+    """HC (dynamic and static, tanh on and off) and mHC away from init: the fast path (StreamPre, norm_proj,
+    ops.sinkhorn, add_outer) equals the module's reference equations, output and every gradient, float64, with and
+    without grad (the no-grad fast path is the plain-op form)."""
+    torch.manual_seed(0)
+    model = randomize(GPT(tiny(residual=residual, hc_dynamic=dynamic, hc_tanh=tanh, norm=norm, bias=True,
+                               hc_streams=n)), 0.3).double()
+    m = model.transformer.h[0].res_attn
+    f = torch.nn.Linear(32, 32).double()
+    H = torch.randn(2, 5, n, 32, dtype=torch.float64, requires_grad=True)
+    out1, g1 = stream_grads(m, H, f, True)
+    out0, g0 = stream_grads(m, H, f, False)
+    assert (out1 - out0).abs().max() < 1e-12
+    for a, b in zip(g1, g0):
+        assert (a is None) == (b is None) and (a is None or close(a, b, 1e-11))
+    m.fast = True
+    with torch.no_grad():
+        assert (m(H, f) - out0).abs().max() < 1e-12
+
+
+# ---------------------------------------------------------------- the whole model
+
+@pytest.mark.parametrize("attn,residual", list(itertools.product(ATTNS, RESIDUALS)))
+def test_gpt_fast_equals_reference(attn, residual):
+    """impl="fast" against impl="reference": the same weights give the same loss and every gradient, float64."""
+    torch.manual_seed(0)
+    ref = randomize(GPT(tiny(attn=attn, residual=residual, use_kv_conv=True, impl="reference")), 0.05).double()
+    fast = GPT(tiny(attn=attn, residual=residual, use_kv_conv=True, impl="fast")).double()
+    fast.load_state_dict(ref.state_dict())
+    idx = torch.randint(0, 61, (2, 24))
+    losses, grads = [], []
+    for model in (ref, fast):
+        _, loss = model(idx, idx)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert abs(losses[0] - losses[1]) < 1e-12
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        assert close(grads[1][n], grads[0][n], 1e-10), n
