@@ -1,6 +1,6 @@
 """The causal depthwise KV conv as shifted multiply-adds with a hand-written backward (model.CausalConv1d's
 reference is F.conv1d). On a CPU this is much faster than conv1d, and autograd over the shifted slices would
-zero-fill a full-size gradient for every tap (docs/performance.md)."""
+zero-fill a full-size gradient for every tap (docs/log.md)."""
 
 import torch
 
