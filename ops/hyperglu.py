@@ -25,7 +25,11 @@ from ops import hyperglu_cpu
 def attend(cfg, q, k, v, c1, c2, params, n_past=0, chunk_T=None):
     """The attention output before the VO gate for the new query rows (B,h,T,dv), as model.HyperGLU computes it.
     q (B,H1,T,dqk), k (B,H1,n_past+T,dqk), v (B,h,n_past+T,dv), c1 (B,H1,T,r1), c2 (B,h,T,r2) (None when a
-    mixer is off), params = (U1, Vt1, d1, U2, Vt2, d2); chunk_T rows per chunk (None: default_chunk)."""
+    mixer is off), params = (U1, Vt1, d1, U2, Vt2, d2); chunk_T rows per chunk (None: default_chunk).
+    On a GPU the Triton kernels of ops/hyperglu_triton.py take it where they cover the variant."""
+    if use_triton(cfg, q):
+        from ops import hyperglu_triton
+        return hyperglu_triton.attend(cfg, q, k, v, c1, c2, params, n_past)
     step = chunk_T or default_chunk(q.device)
     prune = cfg.aligner_kind == "offset" and cfg.do_masking  # a row only needs keys up to itself
     # contiguous per head: every chunk's k[:, :, :W] and v[:, :, :W] then fold (B, heads) into one GEMM batch
@@ -35,6 +39,26 @@ def attend(cfg, q, k, v, c1, c2, params, n_past=0, chunk_T=None):
     outs = [rows_forward(cfg, *args, row_start, params) for _, row_start, args in chunks(step, n_past, prune, q, k,
                                                                                          v, c1, c2)]
     return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+
+
+_said = set()
+
+
+def use_triton(cfg, q):
+    """The Triton kernels: on CUDA, in fp16/bf16/fp32, where Triton imports and the kernels cover the variant (the
+    causal lag layout with masked mixers); one log line for a variant that stays on this file's path."""
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False
+    try:
+        from ops import hyperglu_triton
+    except ImportError:
+        return False
+    ok = hyperglu_triton.supports(cfg)
+    if not ok and cfg.aligner_kind not in _said:
+        _said.add(cfg.aligner_kind)
+        print(f"HyperGLU: aligner_kind={cfg.aligner_kind!r}, do_masking={cfg.do_masking} runs the chunked PyTorch "
+              f"path on CUDA; the Triton kernels cover the causal lag layout")
+    return ok
 
 
 def invalid_mask(M, W, row_start, lag, device):
