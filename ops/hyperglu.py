@@ -15,6 +15,7 @@ Maps are (B, H, M, W): H heads (H1 = 2h qk-heads for GLU), M rows, W keys/lags.
 """
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -46,8 +47,11 @@ _said = set()
 
 def use_triton(cfg, q):
     """The Triton kernels: on CUDA, in fp16/bf16/fp32, where Triton imports and the kernels cover the variant (the
-    causal lag layout with masked mixers); one log line for a variant that stays on this file's path."""
+    causal lag layout with masked mixers); one log line for a variant that stays on this file's path.
+    HYPERGLU_TRITON=0 in the environment turns them off (A/B against this file's chunked path)."""
     if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False
+    if os.environ.get("HYPERGLU_TRITON", "1") == "0":
         return False
     try:
         from ops import hyperglu_triton

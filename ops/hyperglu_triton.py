@@ -13,14 +13,18 @@ l = t - i, the lag-indexed parameters read at l (U[l] is the row L-1-l of model.
   out[t]  = inv sum_i a2[i] v[i]
 Every row needs its whole row of z before op1's low-rank term and its whole row of a before op2's, so the kernels
 sweep the key tiles more than once, recomputing the scores, and keep only per-row vectors between the sweeps.
-Kernels, each over tiles of BM query rows x BN keys in key order (tensor-core dots for q k^T, A V and their
-gradients; the lag-indexed parameters gathered per element from the L1/L2-resident parameter vectors):
+Kernels, over tiles of BM query rows x BN keys in key order (tensor-core dots for q k^T, A V and their gradients;
+the lag-indexed parameters gathered per element from the L1/L2-resident parameter vectors):
   _fwd_stats  per row block: sweep 1 P_e (op1), sweep 2 n and Q (op2)             -> P1, Q2, n     (saved)
   _fwd_out    per row block and block of DV value channels: a2 and A V            -> out           (saved)
   _bwd_rows   per row block: dQc (op2), dPc_e (op1), then dq                       -> dq, dc1, dc2, dP1, dQ2
-  _bwd_keys   per key block: dk, and the lag-parameter gradients as diagonal sums of the tile (skewed through a
-              per-program scratch tile), added with fp32 atomics: not bitwise deterministic
+  _bwd_keys   per key block: dk
   _bwd_values per key block and block of DV channels: dv = A2^T dy
+and one over tiles of BM rows x BN lags, where a column is one lag, so the lag-indexed parameters are plain
+vectors and their gradients column sums and small dots (the tile's scores come from a 2 BN-key window, skewed
+through a per-program scratch tile):
+  _bwd_params per lag block: dU, dVt, dd of both mixers, one partial per batch element, summed afterwards.
+No atomics anywhere: the results are the same bits on every run.
 Saved for backward: q, k, v, c1, c2 (the inputs), out, n, P1 (B,H1,T,r1) and Q2 (B,h,T,r2): O(T d) per head.
 Backward with dy = dout inv and the row constant coef = -(dout . out) inv^2 (the norm's gradient, as the
 FlashAttention Delta): da2 = dy v^T, dQc = sum_i da2 Vt2, da = da2 S2 + (dQc c2) . U2, dz1 from the activation
@@ -32,26 +36,31 @@ GPU, and on the CPU under TRITON_INTERPRET=1 (the tests). Supports glu/relu, out
 off, use_diag and the shortcut on or off, the lag layout with causal masking (ops/hyperglu.py takes the rest).
 """
 
+import os
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-BLOCK = dict(BM=64, BN=64, DVB=64, num_warps=4)  # tile sizes; the tests use 16 x 16 tiles
+# tile sizes, BM == BN (the tests use 16 x 16); HYPERGLU_BLOCK="BM,BN,DVB,num_warps" in the environment overrides
+# them. 32 x 32 with 4 warps spills least on sm_90 (scripts/kernel_report.py); not yet timed on a GPU.
+BLOCK = dict(BM=32, BN=32, DVB=32, num_warps=4)
+if os.environ.get("HYPERGLU_BLOCK"):
+    BLOCK.update(zip(("BM", "BN", "DVB", "num_warps"), map(int, os.environ["HYPERGLU_BLOCK"].split(","))))
 
 
 # ----------------------------------------------------------------------------- device helpers
 
 @triton.jit
-def _rows(ptr, m, mmask, D: tl.constexpr, DP: tl.constexpr):
+def _rows(ptr, m, mmask, D, DP: tl.constexpr):
     """Rows m of a (T, D) matrix at ptr, as a (BM, DP) block (columns >= D and rows outside mmask are 0)."""
     d = tl.arange(0, DP)
     return tl.load(ptr + m[:, None] * D + d[None, :], mask=mmask[:, None] & (d[None, :] < D), other=0.0)
 
 
 @triton.jit
-def _store_rows(ptr, x, m, mmask, D: tl.constexpr, DP: tl.constexpr):
+def _store_rows(ptr, x, m, mmask, D, DP: tl.constexpr):
     d = tl.arange(0, DP)
     tl.store(ptr + m[:, None] * D + d[None, :], x, mask=mmask[:, None] & (d[None, :] < D))
 
@@ -64,22 +73,22 @@ def _softplus(x):
 
 
 @triton.jit
-def _lowrank(x, par, lag, valid, W, R: tl.constexpr, RP: tl.constexpr):
+def _lowrank(x, par, lag, valid, W, R, RP: tl.constexpr):
     """(BM, BN): sum_r x[m, r] par[r, lag[m, n]] for a per-row (BM, RP) x and a lag-major (R, W) parameter."""
     cols = tl.arange(0, RP)
     acc = tl.zeros(lag.shape, dtype=x.dtype)
-    for r in tl.static_range(R):
+    for r in range(R):
         xr = tl.sum(tl.where(cols[None, :] == r, x, 0.0), 1)
         acc += xr[:, None] * tl.load(par + r * W + lag, mask=valid, other=0.0)
     return acc
 
 
 @triton.jit
-def _rowsum(y, par, lag, valid, W, R: tl.constexpr, RP: tl.constexpr):
+def _rowsum(y, par, lag, valid, W, R, RP: tl.constexpr):
     """(BM, RP): column r = sum_n y[m, n] par[r, lag[m, n]], a row reduction against a lag-major parameter."""
     cols = tl.arange(0, RP)
     out = tl.zeros((y.shape[0], RP), dtype=y.dtype)
-    for r in tl.static_range(R):
+    for r in range(R):
         s = tl.sum(y * tl.load(par + r * W + lag, mask=valid, other=0.0), 1)
         out += tl.where(cols[None, :] == r, s[:, None], 0.0)
     return out
@@ -87,7 +96,7 @@ def _rowsum(y, par, lag, valid, W, R: tl.constexpr, RP: tl.constexpr):
 
 @triton.jit
 def _tile(qg, qs, kg, ks, t, mmask, i0, TK, pcg, pcs, S1g, S1s, Vt1g, Vt1s, W,
-          DK: tl.constexpr, DKP: tl.constexpr, R1: tl.constexpr, R1P: tl.constexpr,
+          DK, DKP: tl.constexpr, R1, R1P: tl.constexpr,
           GLU: tl.constexpr, OP1: tl.constexpr, ACC: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
     """The forward chain on the tile (rows t, keys i0..i0+BN): lag, valid, the key blocks (BN, DKP), z, z1 and a.
     Entries outside `valid` (future or missing keys, rows past the end) are 0."""
@@ -115,11 +124,11 @@ def _tile(qg, qs, kg, ks, t, mmask, i0, TK, pcg, pcs, S1g, S1s, Vt1g, Vt1s, W,
 
 
 @triton.jit
-def _dav(dy, v, m, mmask, n, nmask, DV: tl.constexpr, DVB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+def _dav(dy, v, m, mmask, n, nmask, DV, DVB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
          ACC: tl.constexpr, PREC: tl.constexpr):
     """(BM, BN) dy[m] . v[n] over all DV channels, DVB at a time: the gradient of the map before the norm."""
     acc = tl.zeros((BM, BN), dtype=ACC)
-    for c in tl.static_range(0, DV, DVB):
+    for c in range(0, DV, DVB):
         d = c + tl.arange(0, DVB)
         dyc = tl.load(dy + m[:, None] * DV + d[None, :], mask=mmask[:, None] & (d[None, :] < DV), other=0.0)
         vc = tl.load(v + n[:, None] * DV + d[None, :], mask=nmask[:, None] & (d[None, :] < DV), other=0.0)
@@ -139,34 +148,11 @@ def _act_bwd(da, z1g, z1s, coef, GLU: tl.constexpr):
     return dz1g, dz1s
 
 
-@triton.jit
-def _skew(x, scr, BM: tl.constexpr, BN: tl.constexpr):
-    """(BM, BM+BN) y[m, w] = x[m, m + BN-1 - w] (0 where that is outside x): row m's entry at key column n lands
-    at w = m - n + BN-1, so a column of y holds one lag, and its sum is a diagonal sum of x. Through a
-    per-program scratch tile; the barriers keep the program's threads from reading before all have written."""
-    mm = tl.arange(0, BM)
-    nn = tl.arange(0, BN)
-    tl.debug_barrier()
-    tl.store(scr + mm[:, None] * BN + nn[None, :], x)
-    tl.debug_barrier()
-    w = tl.arange(0, BM + BN)
-    src = mm[:, None] + (BN - 1) - w[None, :]
-    return tl.load(scr + mm[:, None] * BN + src, mask=(src >= 0) & (src < BN), other=0.0)
-
-
-@triton.jit
-def _add_lags(ptr, x, lags, W, R: tl.constexpr, RP: tl.constexpr):
-    """Atomically add x (RP, WIN) into a lag-major (R, W) gradient at columns lags (WIN,)."""
-    r = tl.arange(0, RP)
-    ok = (r[:, None] < R) & (lags[None, :] >= 0) & (lags[None, :] < W)
-    tl.atomic_add(ptr + r[:, None] * W + lags[None, :], x, mask=ok)
-
-
 # ----------------------------------------------------------------------------- kernels
 
 @triton.jit
 def _fwd_stats(q, k, c1, c2, U1T, Vt1T, S1, U2T, P1, Q2, NRM, h, TQ, TK, W, row0,
-               DK: tl.constexpr, DKP: tl.constexpr, R1: tl.constexpr, R1P: tl.constexpr, R2: tl.constexpr,
+               DK, DKP: tl.constexpr, R1, R1P: tl.constexpr, R2,
                R2P: tl.constexpr, GLU: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr, NORM: tl.constexpr,
                ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
     rb, bh = tl.program_id(0), tl.program_id(1)
@@ -219,8 +205,8 @@ def _fwd_stats(q, k, c1, c2, U1T, Vt1T, S1, U2T, P1, Q2, NRM, h, TQ, TK, W, row0
 
 @triton.jit
 def _fwd_out(q, k, v, c1, c2, Vt1T, S1, Vt2T, S2, P1, Q2, NRM, OUT, h, TQ, TK, W, row0, eps,
-             DK: tl.constexpr, DKP: tl.constexpr, DV: tl.constexpr, DVB: tl.constexpr, R1: tl.constexpr,
-             R1P: tl.constexpr, R2: tl.constexpr, R2P: tl.constexpr, GLU: tl.constexpr, OP1: tl.constexpr,
+             DK, DKP: tl.constexpr, DV, DVB: tl.constexpr, R1,
+             R1P: tl.constexpr, R2, R2P: tl.constexpr, GLU: tl.constexpr, OP1: tl.constexpr,
              OP2: tl.constexpr, NORM: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
              PREC: tl.constexpr):
     rb, bh, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -266,8 +252,8 @@ def _fwd_out(q, k, v, c1, c2, Vt1T, S1, Vt2T, S2, P1, Q2, NRM, OUT, h, TQ, TK, W
 @triton.jit
 def _bwd_rows(q, k, v, c1, c2, U1T, Vt1T, S1, U2T, Vt2T, S2, P1, Q2, DY, COEF, DQ, DC1, DC2, DP1, DQ2,
               h, TQ, TK, W, row0,
-              DK: tl.constexpr, DKP: tl.constexpr, DV: tl.constexpr, DVB: tl.constexpr, R1: tl.constexpr,
-              R1P: tl.constexpr, R2: tl.constexpr, R2P: tl.constexpr, GLU: tl.constexpr, OP1: tl.constexpr,
+              DK, DKP: tl.constexpr, DV, DVB: tl.constexpr, R1,
+              R1P: tl.constexpr, R2, R2P: tl.constexpr, GLU: tl.constexpr, OP1: tl.constexpr,
               OP2: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
     rb, bh = tl.program_id(0), tl.program_id(1)
     b, j = bh // h, bh % h
@@ -359,11 +345,10 @@ def _bwd_rows(q, k, v, c1, c2, U1T, Vt1T, S1, U2T, Vt2T, S2, P1, Q2, DY, COEF, D
 
 
 @triton.jit
-def _bwd_keys(q, k, v, c1, c2, U1T, Vt1T, S1, U2T, Vt2T, S2, P1, Q2, DY, COEF, DP1, DQ2, DK_, SCR,
-              DU1T, DVT1T, DS1, DU2T, DVT2T, DS2, h, TQ, TK, W, row0,
-              DK: tl.constexpr, DKP: tl.constexpr, DV: tl.constexpr, DVB: tl.constexpr, R1: tl.constexpr,
-              R1P: tl.constexpr, R2: tl.constexpr, R2P: tl.constexpr, GLU: tl.constexpr, OP1: tl.constexpr,
-              OP2: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+def _bwd_keys(q, k, v, c1, c2, U1T, Vt1T, S1, U2T, S2, P1, DY, COEF, DP1, DQ2, DK_, h, TQ, TK, W, row0,
+              DK, DKP: tl.constexpr, DV, DVB: tl.constexpr, R1, R1P: tl.constexpr, R2, R2P: tl.constexpr,
+              GLU: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr,
+              BN: tl.constexpr, PREC: tl.constexpr):
     kb, bh = tl.program_id(0), tl.program_id(1)
     b, j = bh // h, bh % h
     H1 = 2 * h if GLU else h
@@ -371,12 +356,10 @@ def _bwd_keys(q, k, v, c1, c2, U1T, Vt1T, S1, U2T, Vt2T, S2, P1, Q2, DY, COEF, D
     i0 = kb * BN
     kg, ks, vj, dy = k + g * TK * DK, k + s * TK * DK, v + bh * TK * DV, DY + bh * TQ * DV
     U1g, U1s, Vt1g, Vt1s = U1T + j * R1 * W, U1T + (h + j) * R1 * W, Vt1T + j * R1 * W, Vt1T + (h + j) * R1 * W
-    S1g, S1s, U2j, Vt2j, S2j = S1 + j * W, S1 + (h + j) * W, U2T + j * R2 * W, Vt2T + j * R2 * W, S2 + j * W
-    scr = SCR + (kb * tl.num_programs(1) + bh) * BM * BN
+    S1g, S1s, U2j, S2j = S1 + j * W, S1 + (h + j) * W, U2T + j * R2 * W, S2 + j * W
     dkg = tl.zeros((BN, DKP), dtype=ACC)
     dks = dkg
-    nb = tl.cdiv(TQ, BM)
-    for rb in range(tl.maximum(i0 - row0, 0) // BM, nb):  # the row blocks with a row t >= i0
+    for rb in range(tl.maximum(i0 - row0, 0) // BM, tl.cdiv(TQ, BM)):  # the row blocks with a row t >= i0
         m = rb * BM + tl.arange(0, BM)
         mmask = m < TQ
         t = row0 + m
@@ -396,36 +379,19 @@ def _bwd_keys(q, k, v, c1, c2, U1T, Vt1T, S1, U2T, Vt2T, S2, P1, Q2, DY, COEF, D
         n, nmask, lag, valid, kgt, kst, zg, zs, z1g, z1s, a = _tile(
             qg, qs, kg, ks, t, mmask, i0, TK, pcg, pcs, S1g, S1s, Vt1g, Vt1s, W, DK, DKP, R1, R1P, GLU, OP1, ACC,
             BN, PREC)
-        da2 = tl.where(valid, _dav(dy, vj, m, mmask, n, nmask, DV, DVB, BM, BN, ACC, PREC), 0.0)
-        da = da2
-        lags = row0 + rb * BM - i0 - (BN - 1) + tl.arange(0, BM + BN)  # the lag of each skewed column
+        da = tl.where(valid, _dav(dy, vj, m, mmask, n, nmask, DV, DVB, BM, BN, ACC, PREC), 0.0)
         if OP2:
-            qc = _rows(Q2 + bh * TQ * R2, m, mmask, R2, R2P) * _rows(c2 + bh * TQ * R2, m, mmask, R2, R2P).to(ACC)
             dQ = _rows(DQ2 + bh * TQ * R2, m, mmask, R2, R2P)
-            da = da2 * tl.load(S2j + lag, mask=valid, other=0.0) + _lowrank(dQ, U2j, lag, valid, W, R2, R2P)
-            ya, yda2 = _skew(a, scr, BM, BN), _skew(da2, scr, BM, BN)  # op2's gradients, by lag
-            _add_lags(DVT2T + j * R2 * W, tl.dot(tl.trans(qc), yda2, input_precision="ieee"), lags, W, R2, R2P)
-            _add_lags(DU2T + j * R2 * W, tl.dot(tl.trans(dQ), ya, input_precision="ieee"), lags, W, R2, R2P)
-            _add_lags(DS2 + j * W, tl.sum(ya * yda2, 0)[None, :], lags, W, 1, 1)
+            da = da * tl.load(S2j + lag, mask=valid, other=0.0) + _lowrank(dQ, U2j, lag, valid, W, R2, R2P)
         dz1g, dz1s = _act_bwd(da, z1g, z1s, coef, GLU)
         dzg = dz1g
         if OP1:
             dzg = dz1g * tl.load(S1g + lag, mask=valid, other=0.0) + _lowrank(dPg, U1g, lag, valid, W, R1, R1P)
-            yz, ydz = _skew(zg, scr, BM, BN), _skew(dz1g, scr, BM, BN)  # op1's gradients, by lag
-            _add_lags(DVT1T + j * R1 * W, tl.dot(tl.trans(pcg), ydz, input_precision="ieee"), lags, W, R1, R1P)
-            _add_lags(DU1T + j * R1 * W, tl.dot(tl.trans(dPg), yz, input_precision="ieee"), lags, W, R1, R1P)
-            _add_lags(DS1 + j * W, tl.sum(yz * ydz, 0)[None, :], lags, W, 1, 1)
         dkg += tl.dot(tl.trans(dzg).to(qg.dtype), qg, input_precision=PREC).to(ACC)
         if GLU:
             dzs = dz1s
             if OP1:
                 dzs = dz1s * tl.load(S1s + lag, mask=valid, other=0.0) + _lowrank(dPs, U1s, lag, valid, W, R1, R1P)
-                yz, ydz = _skew(zs, scr, BM, BN), _skew(dz1s, scr, BM, BN)
-                _add_lags(DVT1T + (h + j) * R1 * W, tl.dot(tl.trans(pcs), ydz, input_precision="ieee"), lags, W, R1,
-                          R1P)
-                _add_lags(DU1T + (h + j) * R1 * W, tl.dot(tl.trans(dPs), yz, input_precision="ieee"), lags, W, R1,
-                          R1P)
-                _add_lags(DS1 + (h + j) * W, tl.sum(yz * ydz, 0)[None, :], lags, W, 1, 1)
             dks += tl.dot(tl.trans(dzs).to(qs.dtype), qs, input_precision=PREC).to(ACC)
     n = i0 + tl.arange(0, BN)
     _store_rows(DK_ + g * TK * DK, dkg, n, n < TK, DK, DKP)
@@ -434,9 +400,141 @@ def _bwd_keys(q, k, v, c1, c2, U1T, Vt1T, S1, U2T, Vt2T, S2, P1, Q2, DY, COEF, D
 
 
 @triton.jit
+def _lag_block(par, l, lmask, W, R, RP: tl.constexpr):
+    """(RP, BN) block of a lag-major (R, W) parameter at lags l."""
+    r = tl.arange(0, RP)
+    return tl.load(par + r[:, None] * W + l[None, :], mask=(r[:, None] < R) & lmask[None, :], other=0.0)
+
+
+@triton.jit
+def _window_dot(x, y, m, mmask, w, wmask, D, DP: tl.constexpr, BM: tl.constexpr, ACC: tl.constexpr,
+                PREC: tl.constexpr):
+    """(BM, len(w)) x[m] . y[w] over D channels (DP at a time): rows m of x against a window w of y's rows."""
+    acc = tl.zeros((BM, w.shape[0]), dtype=ACC)
+    for c in range(0, D, DP):
+        d = c + tl.arange(0, DP)
+        xc = tl.load(x + m[:, None] * D + d[None, :], mask=mmask[:, None] & (d[None, :] < D), other=0.0)
+        yc = tl.load(y + w[:, None] * D + d[None, :], mask=wmask[:, None] & (d[None, :] < D), other=0.0)
+        acc += tl.dot(xc, tl.trans(yc), input_precision=PREC).to(ACC)
+    return acc
+
+
+@triton.jit
+def _to_lag(win, scr, BM: tl.constexpr, BN: tl.constexpr):
+    """(BM, BN) lag tile y[m, n] = win[m, m + BN-1 - n] of a (BM, 2 BN) key window whose column w holds key
+    t0 + w - (l0 + BN-1), t0 the first row and l0 the first lag: row m's key at lag l0 + n. Through a per-program
+    scratch tile; the barriers keep the program's threads from reading before all have written."""
+    mm = tl.arange(0, BM)
+    ww = tl.arange(0, 2 * BN)
+    tl.debug_barrier()
+    tl.store(scr + mm[:, None] * (2 * BN) + ww[None, :], win)
+    tl.debug_barrier()
+    nn = tl.arange(0, BN)
+    return tl.load(scr + mm[:, None] * (2 * BN) + mm[:, None] + (BN - 1) - nn[None, :])
+
+
+@triton.jit
+def _bwd_params(q, k, v, c1, c2, U1T, Vt1T, S1, U2T, Vt2T, S2, P1, Q2, DY, COEF, DP1, DQ2, SCR,
+                DU1T, DVT1T, DS1, DU2T, DVT2T, DS2, h, TQ, TK, W, row0,
+                DK, DKP: tl.constexpr, DV, DVB: tl.constexpr, R1, R1P: tl.constexpr, R2, R2P: tl.constexpr,
+                GLU: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr,
+                BN: tl.constexpr, PREC: tl.constexpr):
+    """The lag-indexed parameters' gradients, per (block of BN lags, batch, head), in lag tiles: a tile's columns
+    share one lag, so each gradient is a column sum or a small dot, kept in registers over all row blocks and
+    written once per batch element (summed over the batch afterwards): deterministic, no atomics."""
+    lb, bh = tl.program_id(0), tl.program_id(1)
+    b, j = bh // h, bh % h
+    H1 = 2 * h if GLU else h
+    g, s = b * H1 + j, b * H1 + h + j
+    l0 = lb * BN
+    lg = l0 + tl.arange(0, BN)
+    lmask = lg < W
+    scr = SCR + (lb * tl.num_programs(1) + bh) * BM * 2 * BN
+    U1g, U1s, Vt1g, Vt1s = U1T + j * R1 * W, U1T + (h + j) * R1 * W, Vt1T + j * R1 * W, Vt1T + (h + j) * R1 * W
+    S1g = tl.zeros((BN,), dtype=ACC)
+    S1s, S2j = S1g, S1g
+    if OP1:
+        S1g = tl.load(S1 + j * W + lg, mask=lmask, other=0.0)
+        if GLU:
+            S1s = tl.load(S1 + (h + j) * W + lg, mask=lmask, other=0.0)
+    if OP2:
+        S2j = tl.load(S2 + j * W + lg, mask=lmask, other=0.0)
+    gVt1g = tl.zeros((R1P, BN), dtype=ACC)
+    gU1g, gVt1s, gU1s = gVt1g, gVt1g, gVt1g
+    gS1g = tl.zeros((BN,), dtype=ACC)
+    gS1s, gS2 = gS1g, gS1g
+    gVt2 = tl.zeros((R2P, BN), dtype=ACC)
+    gU2 = gVt2
+    for rb in range(tl.maximum(l0 - row0, 0) // BM, tl.cdiv(TQ, BM)):  # the row blocks with a row t >= l0
+        m = rb * BM + tl.arange(0, BM)
+        mmask = m < TQ
+        t = row0 + m
+        valid = mmask[:, None] & lmask[None, :] & (lg[None, :] <= t[:, None])
+        w = row0 + rb * BM - l0 - (BN - 1) + tl.arange(0, 2 * BN)  # the keys of the tile's rows at these lags
+        wmask = (w >= 0) & (w < TK)
+        zg = tl.where(valid, _to_lag(_window_dot(q + g * TQ * DK, k + g * TK * DK, m, mmask, w, wmask, DK, DKP,
+                                                  BM, ACC, PREC), scr, BM, BN), 0.0)
+        z1g = zg
+        coef = tl.load(COEF + bh * TQ + m, mask=mmask, other=0.0)
+        if OP1:
+            Pg = _rows(P1 + g * TQ * R1, m, mmask, R1, R1P)
+            pcg = Pg * _rows(c1 + g * TQ * R1, m, mmask, R1, R1P).to(ACC)
+            z1g = zg * S1g[None, :] + tl.dot(pcg, _lag_block(Vt1g, lg, lmask, W, R1, R1P), input_precision="ieee")
+        zs, z1s = zg, z1g
+        if GLU:
+            zs = tl.where(valid, _to_lag(_window_dot(q + s * TQ * DK, k + s * TK * DK, m, mmask, w, wmask, DK,
+                                                      DKP, BM, ACC, PREC), scr, BM, BN), 0.0)
+            z1s = zs
+            if OP1:
+                pcs = _rows(P1 + s * TQ * R1, m, mmask, R1, R1P) * _rows(c1 + s * TQ * R1, m, mmask, R1, R1P).to(ACC)
+                z1s = zs * S1s[None, :] + tl.dot(pcs, _lag_block(Vt1s, lg, lmask, W, R1, R1P), input_precision="ieee")
+            a = tl.where(valid, _softplus(z1s) * tl.maximum(z1g, 0.0), 0.0)
+        else:
+            a = tl.where(valid, tl.maximum(z1g, 0.0), 0.0)
+        z1g = tl.where(valid, z1g, 0.0)
+        da2 = tl.where(valid, _to_lag(_window_dot(DY + bh * TQ * DV, v + bh * TK * DV, m, mmask, w, wmask, DV,
+                                                   DVB, BM, ACC, PREC), scr, BM, BN), 0.0)
+        da = da2
+        if OP2:
+            qc = _rows(Q2 + bh * TQ * R2, m, mmask, R2, R2P) * _rows(c2 + bh * TQ * R2, m, mmask, R2, R2P).to(ACC)
+            dQ = _rows(DQ2 + bh * TQ * R2, m, mmask, R2, R2P)
+            da = tl.where(valid, da2 * S2j[None, :] + tl.dot(dQ, _lag_block(U2T + j * R2 * W, lg, lmask, W, R2, R2P),
+                                                             input_precision="ieee"), 0.0)
+            gVt2 += tl.dot(tl.trans(qc), da2, input_precision="ieee")
+            gU2 += tl.dot(tl.trans(dQ), a, input_precision="ieee")
+            gS2 += tl.sum(a * da2, 0)
+        if OP1:
+            dz1g, dz1s = _act_bwd(da, z1g, z1s, coef, GLU)
+            gVt1g += tl.dot(tl.trans(pcg), dz1g, input_precision="ieee")
+            gU1g += tl.dot(tl.trans(_rows(DP1 + g * TQ * R1, m, mmask, R1, R1P)), zg, input_precision="ieee")
+            gS1g += tl.sum(zg * dz1g, 0)
+            if GLU:
+                gVt1s += tl.dot(tl.trans(pcs), dz1s, input_precision="ieee")
+                gU1s += tl.dot(tl.trans(_rows(DP1 + s * TQ * R1, m, mmask, R1, R1P)), zs, input_precision="ieee")
+                gS1s += tl.sum(zs * dz1s, 0)
+    r1 = tl.arange(0, R1P)
+    r2 = tl.arange(0, R2P)
+    ok1 = (r1[:, None] < R1) & lmask[None, :]
+    ok2 = (r2[:, None] < R2) & lmask[None, :]
+    if OP1:
+        at = r1[:, None] * W + lg[None, :]
+        tl.store(DVT1T + g * R1 * W + at, gVt1g, mask=ok1)
+        tl.store(DU1T + g * R1 * W + at, gU1g, mask=ok1)
+        tl.store(DS1 + g * W + lg, gS1g, mask=lmask)
+        if GLU:
+            tl.store(DVT1T + s * R1 * W + at, gVt1s, mask=ok1)
+            tl.store(DU1T + s * R1 * W + at, gU1s, mask=ok1)
+            tl.store(DS1 + s * W + lg, gS1s, mask=lmask)
+    if OP2:
+        tl.store(DVT2T + bh * R2 * W + r2[:, None] * W + lg[None, :], gVt2, mask=ok2)
+        tl.store(DU2T + bh * R2 * W + r2[:, None] * W + lg[None, :], gU2, mask=ok2)
+        tl.store(DS2 + bh * W + lg, gS2, mask=lmask)
+
+
+@triton.jit
 def _bwd_values(q, k, c1, c2, Vt1T, S1, Vt2T, S2, P1, Q2, DY, DV_, h, TQ, TK, W, row0,
-                DK: tl.constexpr, DKP: tl.constexpr, DV: tl.constexpr, DVB: tl.constexpr, R1: tl.constexpr,
-                R1P: tl.constexpr, R2: tl.constexpr, R2P: tl.constexpr, GLU: tl.constexpr, OP1: tl.constexpr,
+                DK, DKP: tl.constexpr, DV, DVB: tl.constexpr, R1,
+                R1P: tl.constexpr, R2, R2P: tl.constexpr, GLU: tl.constexpr, OP1: tl.constexpr,
                 OP2: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
     kb, bh, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, j = bh // h, bh % h
@@ -569,15 +667,22 @@ def _bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     dq, dk, dv = torch.empty_like(q, dtype=acc), torch.empty_like(k, dtype=acc), torch.empty_like(v, dtype=acc)
     dc1, dP1 = (z(B, H1, TQ, sh["R1"]), z(B, H1, TQ, sh["R1"])) if op1 else (z(0), z(0))
     dc2, dQ2 = (z(B, h, TQ, sh["R2"]), z(B, h, TQ, sh["R2"])) if op2 else (z(0), z(0))
-    dU1T, dVt1T, dS1 = (z(H1, sh["R1"], W), z(H1, sh["R1"], W), z(H1, W)) if op1 else (z(0), z(0), z(0))
-    dU2T, dVt2T, dS2 = (z(h, sh["R2"], W), z(h, sh["R2"], W), z(h, W)) if op2 else (z(0), z(0), z(0))
+    # the lag parameters' gradients per batch element (summed below): no atomics, the same sum every run
+    none = lambda: (z(0), z(0), z(0))  # noqa: E731 (distinct tensors: outputs of a custom op may not alias)
+    dU1T, dVt1T, dS1 = (z(B, H1, sh["R1"], W), z(B, H1, sh["R1"], W), z(B, H1, W)) if op1 else none()
+    dU2T, dVt2T, dS2 = (z(B, h, sh["R2"], W), z(B, h, sh["R2"], W), z(B, h, W)) if op2 else none()
     flags = dict(OP1=op1, OP2=op2, num_warps=BLOCK["num_warps"])
     rows, keys = (triton.cdiv(TQ, sh["BM"]), B * h), (triton.cdiv(TK, sh["BN"]), B * h)
     _bwd_rows[rows](q, k, v, c1, c2, U1T, Vt1T, S1, U2T, Vt2T, S2, P1, Q2, dy, coef, dq, dc1, dc2, dP1, dQ2,
                     h, TQ, TK, W, row0, DV=DV, DVB=md["DVB"], **sh, **flags)
-    scratch = q.new_empty(keys[0] * keys[1] * sh["BM"] * sh["BN"], dtype=acc)
-    _bwd_keys[keys](q, k, v, c1, c2, U1T, Vt1T, S1, U2T, Vt2T, S2, P1, Q2, dy, coef, dP1, dQ2, dk, scratch,
-                    dU1T, dVt1T, dS1, dU2T, dVt2T, dS2, h, TQ, TK, W, row0, DV=DV, DVB=md["DVB"], **sh, **flags)
+    _bwd_keys[keys](q, k, v, c1, c2, U1T, Vt1T, S1, U2T, S2, P1, dy, coef, dP1, dQ2, dk, h, TQ, TK, W, row0,
+                    DV=DV, DVB=md["DVB"], **sh, **flags)
+    if op1 or op2:
+        lags = (triton.cdiv(W, sh["BN"]), B * h)
+        scratch = q.new_empty(lags[0] * lags[1] * sh["BM"] * 2 * sh["BN"], dtype=acc)
+        _bwd_params[lags](q, k, v, c1, c2, U1T, Vt1T, S1, U2T, Vt2T, S2, P1, Q2, dy, coef, dP1, dQ2, scratch,
+                          dU1T, dVt1T, dS1, dU2T, dVt2T, dS2, h, TQ, TK, W, row0, DV=DV, DVB=md["DVB"], **sh, **flags)
+        dU1T, dVt1T, dS1, dU2T, dVt2T, dS2 = (x.sum(0) for x in (dU1T, dVt1T, dS1, dU2T, dVt2T, dS2))
     _bwd_values[keys + (triton.cdiv(DV, md["DVB"]),)](
         q, k, c1, c2, Vt1T, S1, Vt2T, S2, P1, Q2, dy, dv, h, TQ, TK, W, row0, DV=DV, DVB=md["DVB"], **sh, **flags)
     return dq, dk, dv, dc1, dc2, dU1T, dVt1T, dS1, dU2T, dVt2T, dS2
