@@ -10,6 +10,9 @@ $ python bench.py --device=cuda --dtype=bfloat16 --compile=True --batch_size=8 -
       --model_layers=12 --model_embd=768 --model_heads=12 --model_T=1024  # 124M scale on a GPU
 
 Sections:
+  core    the attention core (everything between the projections and c_proj), forward + backward: SDPA (flash on a
+          GPU) with n_head heads against HyperGLU's op (ops.hyperglu.attend: the Triton kernels on a GPU) with
+          hyper_heads heads at the ranks match_budget gives a model of this width; ms, peak memory, TFLOP/s.
   layer   one attention layer, forward + backward: ms, and memory. Memory is the bytes of the unique storages
           autograd saves for backward on CPU (saved_tensors_hooks), torch.cuda.max_memory_allocated on GPU.
           Softmax is causal SDPA with n_head heads; HyperGLU / HyperMLP use hyper_heads heads.
@@ -38,7 +41,7 @@ from dataclasses import replace
 from model import GPT, CausalSelfAttention, GPTConfig, HyperGLU, KVCache, match_budget, peak_flops
 
 # -----------------------------------------------------------------------------
-sections = "layer,model,decode"
+sections = "layer,model,decode"  # and "core" (the attention core alone)
 device = None                # None = cuda, else mps, else cpu
 dtype = "float32"            # "float32" | "bfloat16" (autocast, fp32 parameters)
 threads = 2                  # torch threads on CPU (0 = leave as is)
@@ -58,8 +61,10 @@ decode_T = 1024              # context length for decode timing
 decode_tokens = 8            # tokens timed per decode measurement
 warmup = 1
 compile = False              # torch.compile layers and models (timings, GPU memory)
+compile_mode = "default"     # torch.compile's mode: "reduce-overhead" adds CUDA graphs
 impl = "fast"                # "fast" (ops/) | "reference" (model.py alone), as GPTConfig.impl
 repeats = 7
+json = ""                    # also write every table to this JSON file
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))]
 try:
@@ -73,9 +78,9 @@ if dev == "cpu" and threads:
     torch.set_num_threads(threads)
 ctx = nullcontext() if dtype == "float32" else torch.autocast(dev, dtype=getattr(torch, dtype))
 wanted = set(sections.split(","))
-unknown = wanted - {"layer", "model", "decode"}
+unknown = wanted - {"core", "layer", "model", "decode"}
 if unknown:
-    sys.exit(f"error: sections={sections!r}: unknown {sorted(unknown)}; expected layer, model, decode")
+    sys.exit(f"error: sections={sections!r}: unknown {sorted(unknown)}; expected core, layer, model, decode")
 if impl not in ("fast", "reference"):
     sys.exit(f"error: impl={impl!r} is not valid; expected 'fast' or 'reference'")
 torch.manual_seed(0)
@@ -134,7 +139,16 @@ def memory(fn):
     return sum(seen.values())
 
 
+tables = []
+
+
 def table(title, cols, rows):
+    tables.append(dict(title=title, columns=cols, rows=rows))
+    if json:  # rewritten after every table, so a run cut short keeps what it measured
+        import json as json_
+        with open(json, "w") as f:
+            json_.dump(dict(device=gpu, dtype=dtype, torch=torch.__version__, impl=impl, compile=compile,
+                            argv=sys.argv[1:], tables=tables), f, indent=1)
     print(f"\n### {title}\n")
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
@@ -148,7 +162,51 @@ gpu = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
 fused = dev == "cpu" and impl == "fast" and ops.hyperglu_cpu.enabled()
 print(f"bench on {gpu}, {dtype}, torch {torch.__version__}, impl={impl}"
       + (f", {torch.get_num_threads()} threads, HyperGLU fused CPU kernel {'on' if fused else 'off'}" if dev == "cpu"
-         else "") + (", torch.compile" if compile else ""))
+         else "") + (f", torch.compile (mode {compile_mode})" if compile else ""))
+
+# ----------------------------------------------------------------------------- attention core
+if "core" in wanted:
+    import torch.nn.functional as F
+
+    import ops.hyperglu
+    rows = []
+    dt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    peak = peak_flops(device)
+    for T in [int(t) for t in T_list.split(",")]:
+        base = GPTConfig(n_layer=model_layers, n_head=n_head, n_embd=n_embd, block_size=T, bias=False)
+        hcfg = matched(base, "hyperglu").hyperglu_config()
+        H1, h, r1, r2, qk = 2 * hyper_heads, hyper_heads, hcfg.op1_rank, hcfg.op2_rank, hcfg.qk_rank or n_embd // 4
+        rnd = lambda *shape, scale=1.0: (torch.randn(*shape, device=device) * scale).to(dt).requires_grad_()
+        hd = n_embd // n_head
+        soft = [rnd(batch_size, n_head, T, hd) for _ in range(3)]
+        hyper = [rnd(batch_size, H1, T, qk // H1), rnd(batch_size, H1, T, qk // H1),
+                 rnd(batch_size, h, T, n_embd // h), torch.rand(batch_size, H1, T, r1, device=device).to(dt),
+                 torch.rand(batch_size, h, T, r2, device=device).to(dt)]
+        params = [torch.randn(H1, T, r1, device=device) * 0.02, torch.randn(H1, r1, T, device=device) * 0.02,
+                  torch.zeros(H1, T, device=device), torch.randn(h, T, r2, device=device) * 0.02,
+                  torch.randn(h, r2, T, device=device) * 0.02, torch.zeros(h, T, device=device)]
+        params = [p.requires_grad_() for p in params]
+
+        def sdpa():
+            y = F.scaled_dot_product_attention(*soft, is_causal=True)
+            y.backward(torch.ones_like(y))
+
+        def hyperglu():
+            y = ops.hyperglu.attend(hcfg, *hyper, params)
+            y.backward(torch.ones_like(y))
+        fns = [sdpa, hyperglu]
+        secs, ratios = timed(fns)
+        mbs = [memory(fn) / 2 ** 20 for fn in fns]
+        # forward FLOPs of the score maps as GPT.flops_per_token counts them (full rows), times 3 for fwd + bwd
+        maps = [4 * T * n_embd, T * (2 * qk + 4 * H1 * r1 + 4 * h * r2 + 2 * n_embd)]
+        for name, t, r, mb, f in zip(("softmax (SDPA)", "hyperglu"), secs, ratios, mbs, maps):
+            tflops = 3 * f * batch_size * T / t / 1e12
+            rows.append([str(T), name, f"{t * 1e3:.2f}", f"{r:.2f}x", f"{mb:.0f}", f"{mb / mbs[0]:.2f}x",
+                         f"{tflops:.1f}", f"{tflops * 1e12 / peak * 100:.1f}%" if peak else "n/a"])
+        del soft, hyper, params
+    table(f"attention core, forward + backward (B={batch_size}, width {n_embd}, {dtype}; softmax {n_head} heads, "
+          f"hyperglu {hyper_heads} heads, budget matched)",
+          ["T", "attn", "ms", "time vs softmax", mem_name, "memory vs softmax", "TFLOP/s", "MFU"], rows)
 
 # ----------------------------------------------------------------------------- one layer
 if "layer" in wanted:
@@ -171,7 +229,7 @@ if "layer" in wanted:
 
         def step(layer):
             fwd(layer).float().sum().backward()
-        runs = [torch.compile(layer) if compile else layer for layer in layers]
+        runs = [torch.compile(layer, mode=compile_mode) if compile else layer for layer in layers]
         secs, ratios = timed([lambda r=r: step(r) for r in runs])
         mbs = [(memory(lambda: fwd(layer)) if dev != "cuda" else memory(lambda: step(r))) / 2 ** 20
                for layer, r in zip(layers, runs)]
@@ -193,7 +251,7 @@ if "model" in wanted:
             cfg = matched(soft, attn)
             model = GPT(replace(cfg, residual=res)).to(device)
             runs.append((attn, res, model, torch.optim.AdamW(model.parameters(), lr=1e-4)))
-    runners = [torch.compile(model) if compile else model for _, _, model, _ in runs]
+    runners = [torch.compile(model, mode=compile_mode) if compile else model for _, _, model, _ in runs]
 
     def step(model, opt):
         with ctx:
