@@ -11,6 +11,7 @@ HYPERGLU_FUSED=0 in the environment turns it off.
 
 import os
 import sys
+import time
 import warnings
 
 import torch
@@ -38,6 +39,11 @@ def load():
         try:
             from torch.utils.cpp_extension import load as build_extension
             os.makedirs(build, exist_ok=True)
+            lock = os.path.join(build, "lock")  # torch's build lock; a build killed midway leaves it behind, and
+            if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > 300:  # every later load would wait
+                print(f"ops/hyperglu_cpu.py: removing a stale build lock {lock} (a build killed midway)",
+                      file=sys.stderr, flush=True)
+                os.remove(lock)
             if not os.path.exists(os.path.join(build, f"{name}.so")):
                 print("ops/hyperglu_cpu.py: building the fused HyperGLU CPU kernel (first use, about 30 s; then "
                       "cached)", file=sys.stderr, flush=True)

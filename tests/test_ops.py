@@ -321,3 +321,26 @@ def test_gpt_fast_equals_reference(attn, residual):
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         assert close(grads[1][n], grads[0][n], 1e-10), n
+
+
+def test_a_stale_build_lock_does_not_hang_the_cpu_kernel_build(tmp_path, monkeypatch):
+    """torch's extension build holds a lock file; a build killed midway leaves it, and every later load would wait
+    on it forever. An old lock is removed (with a message) before loading."""
+    import os
+    import time
+    import torch.utils.cpp_extension
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    dirs = []
+
+    def fake_build(name, sources, build_directory, **kw):
+        dirs.append((build_directory, os.path.exists(os.path.join(build_directory, "lock"))))
+        return "extension"
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", fake_build)
+    monkeypatch.setattr(ops.hyperglu_cpu, "_ext", None)
+    assert ops.hyperglu_cpu.load() == "extension"
+    lock = os.path.join(dirs[0][0], "lock")
+    open(lock, "w").close()
+    os.utime(lock, (time.time() - 3600, time.time() - 3600))
+    monkeypatch.setattr(ops.hyperglu_cpu, "_ext", None)
+    assert ops.hyperglu_cpu.load() == "extension"
+    assert dirs[1] == (dirs[0][0], False)
