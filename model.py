@@ -25,7 +25,6 @@ import torch.utils.checkpoint
 
 import ops.conv
 import ops.hyperglu
-import ops.sinkhorn
 import ops.streams
 
 
@@ -439,14 +438,13 @@ class Streams(nn.Module):
     then H' = res + post^T f(u) [HC Eq. 2, mHC Eq. 3], all in fp32 outside autocast."""
 
     def forward(self, x, f):
+        if self.fast:  # the same equations: fused Triton kernels on CUDA, else StreamPre and an in-place update
+            return ops.streams.connect(x, f, **self.fast_args())
         with torch.autocast(x.device.type, enabled=False):
             u, res, post = self.streams(_up(x))
         y = f(u.to(x.dtype))
         with torch.autocast(x.device.type, enabled=False):
-            y = _up(y)
-            if self.fast:  # added into res in place, no (B,T,n,C) temporary
-                return ops.streams.add_outer(res, post, y).to(x.dtype)
-            return (res + post[..., None] * y[..., None, :]).to(x.dtype)
+            return (res + post[..., None] * _up(y)[..., None, :]).to(x.dtype)
 
 
 class HyperConnection(Streams):
@@ -464,8 +462,7 @@ class HyperConnection(Streams):
         alpha[:, 1:] = torch.eye(n)
         self.static_alpha = nn.Parameter(alpha)          # [A_m | A_r]  (n, n+1)
         self.static_beta = nn.Parameter(torch.ones(n))   # B            (n,)
-        self.dynamic, self.tanh = config.hc_dynamic, config.hc_tanh
-        self.fast = config.impl == "fast"  # ops.streams for the dynamic coefficients and the update
+        self.dynamic, self.tanh, self.fast = config.hc_dynamic, config.hc_tanh, config.impl == "fast"  # ops.streams
         if self.dynamic:
             self.norm = make_norm(config)
             self.W_alpha = nn.Parameter(torch.zeros(C, n + 1))  # [W_m | W_r]
@@ -492,12 +489,14 @@ class HyperConnection(Streams):
         d = self.norm(x) @ torch.cat([self.W_alpha, self.W_beta], 1)  # each stream's own normalised vector
         return self.mix(d, *self.mix_params())
 
+    def fast_args(self):  # ops.streams.connect's inputs: the shared coefficients, or the projection, norm and mix
+        if not self.dynamic:
+            return dict(kind="hc", static=self.coefficients(None))
+        g, b, rms = self.norm.weight, getattr(self.norm, "bias", None), isinstance(self.norm, nn.RMSNorm)
+        return dict(kind="hc", W=torch.cat([self.W_alpha, self.W_beta], 1), norm=(g, b, rms, self.norm.eps),
+                    mix=self.mix, params=self.mix_params(), tanh=self.tanh)
+
     def streams(self, H):
-        if self.fast and self.dynamic:  # the norm applied after the matmul, one op before the sublayer
-            W = torch.cat([self.W_alpha, self.W_beta], 1)
-            rms = isinstance(self.norm, nn.RMSNorm)
-            norm = (self.norm.weight, getattr(self.norm, "bias", None), rms, self.norm.eps)
-            return ops.streams.pre(self.mix, H, W, norm, False, self.mix_params())
         w_in, w_res, post = self.coefficients(H)
         u = torch.einsum("...j,...jc->...c", w_in, H)     # H^T A_m, the sublayer input (B,T,C)
         res = torch.einsum("...ij,...jc->...ic", w_res, H)  # A_r^T H (B,T,n,C)
@@ -524,8 +523,7 @@ class ManifoldHC(Streams):
     def __init__(self, config, site):
         super().__init__()
         n, C = config.hc_streams, config.n_embd
-        self.n, self.iters = n, config.mhc_iters
-        self.fast = config.impl == "fast"  # ops.streams (the norm after the matmul [Eqs. 14-16]) and ops.sinkhorn
+        self.n, self.iters, self.fast = n, config.mhc_iters, config.impl == "fast"  # ops.streams
         self.phi = nn.Parameter(torch.zeros(n * C, n * n + 2 * n))  # [phi_pre | phi_post | phi_res]
         self.alpha_pre = nn.Parameter(torch.tensor(0.01))
         self.alpha_post = nn.Parameter(torch.tensor(0.01))
@@ -539,13 +537,13 @@ class ManifoldHC(Streams):
     def mix_params(self):
         return self.alpha_pre, self.alpha_post, self.alpha_res, self.b_pre, self.b_post, self.b_res
 
-    def mix(self, h, alpha_pre, alpha_post, alpha_res, b_pre, b_post, b_res):
+    def mix(self, h, alpha_pre, alpha_post, alpha_res, b_pre, b_post, b_res, sinkhorn=sinkhorn):
         """h = RMSNorm(flat streams) phi (B,T,n^2+2n) -> H_pre (B,T,n), H_res (B,T,n,n), H_post (B,T,n) [Eqs. 7-9]."""
         n = self.n
         pre = torch.sigmoid(alpha_pre * h[..., :n] + b_pre)
         post = 2 * torch.sigmoid(alpha_post * h[..., n:2 * n] + b_post)
         logits = alpha_res * h[..., 2 * n:].unflatten(-1, (n, n)) + b_res
-        res = ops.sinkhorn.sinkhorn(logits, self.iters) if self.fast else sinkhorn(logits, self.iters)
+        res = sinkhorn(logits, self.iters)
         return pre, res, post
 
     def coefficients(self, x):
@@ -554,9 +552,11 @@ class ManifoldHC(Streams):
         h = (flat * torch.rsqrt(flat.pow(2).mean(-1, keepdim=True) + 1e-6)) @ self.phi  # RMSNorm (gain in phi)
         return self.mix(h, *self.mix_params())
 
+    def fast_args(self):  # the weightless RMSNorm of coefficients (phi holds the gain)
+        return dict(kind="mhc", W=self.phi, norm=(None, None, True, 1e-6), mix=self.mix, params=self.mix_params(),
+                    iters=self.iters)
+
     def streams(self, H):
-        if self.fast:
-            return ops.streams.pre(self.mix, H, self.phi, (None, None, True, 1e-6), True, self.mix_params())
         pre, res, post = self.coefficients(H)
         return torch.einsum("...j,...jc->...c", pre, H), res @ H, post  # H_pre x (B,T,C), H_res x (B,T,n,C)
 

@@ -1,11 +1,64 @@
 """
 Fast forms of the hyper-connection stream ops (model.HyperConnection and model.ManifoldHC hold the reference
-equations): the coefficient projection with the norm applied after the matmul [mHC Eqs. 14-16], everything before
-the sublayer as one autograd op with a hand-written backward (StreamPre), and the update after it added in place
-(add_outer). pre() chooses among them.
+equations). connect() runs one residual site and chooses among them: on CUDA the fused Triton kernels of
+ops/streams_triton.py; elsewhere the coefficient projection with the norm applied after the matmul
+[mHC Eqs. 14-16], everything before the sublayer as one autograd op with a hand-written backward (StreamPre),
+and the update after it added in place (add_outer).
 """
 
+import functools
+import os
+
 import torch
+
+import ops.sinkhorn
+
+
+def _load_triton():
+    """ops.streams_triton where it can run: a CUDA device, triton importable, STREAMS_TRITON not "0". Imported
+    here once (not on CPU-only machines, so tests can turn on TRITON_INTERPRET=1 before they import it)."""
+    if os.environ.get("STREAMS_TRITON", "1") == "0" or not torch.cuda.is_available():
+        return None
+    try:
+        import ops.streams_triton
+    except ImportError:
+        return None
+    return ops.streams_triton
+
+
+TRITON = _load_triton()
+
+
+def triton_usable(x, kind):
+    """Whether connect takes the Triton kernels for streams x (B,T,n,C): CUDA, fp32 / bf16 / fp16, n <= 8 for HC
+    and n <= 4 for mHC (whose register tiles grow as n^4; wider runs take StreamPre)."""
+    return (TRITON is not None and x.is_cuda and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and x.shape[2] <= (4 if kind == "mhc" else 8))
+
+
+def connect(x, f, kind, params=(), mix=None, W=None, norm=None, tanh=True, iters=20, static=None):
+    """One HC / mHC site, H' = res + post^T f(u) [HC Eq. 2, mHC Eq. 3], for streams x (B,T,n,C) and the sublayer
+    f (B,T,C) -> (B,T,C), with the coefficients and the update in fp32 outside autocast. kind: "hc" or "mhc".
+    Static HC passes its shared coefficients static = (A_m (n,), A_r^T (n,n), B (n,)); dynamic HC and mHC pass the
+    projection W, the norm (g, b, rms, eps) applied after the matmul, and the module's coefficient map mix with
+    its params (mHC's takes a sinkhorn= keyword); tanh: HC's dynamic part goes through tanh; iters: Sinkhorn's.
+    triton_usable: ops.streams_triton's kernels; else StreamPre (or, static, two einsums) and add_outer."""
+    if triton_usable(x, kind):
+        return TRITON.connect(x, f, kind, params, W, norm, tanh, iters, static)
+    dev = x.device.type
+    with torch.autocast(dev, enabled=False):
+        h = x.to(torch.promote_types(x.dtype, torch.float32))
+        if static is not None:
+            w_in, w_res, post = static
+            u = torch.einsum("...j,...jc->...c", w_in, h)       # H^T A_m (B,T,C)
+            res = torch.einsum("...ij,...jc->...ic", w_res, h)  # A_r^T H (B,T,n,C), fresh: add_outer adds into it
+        else:
+            if kind == "mhc":
+                mix = functools.partial(mix, sinkhorn=ops.sinkhorn.sinkhorn)
+            u, res, post = pre(mix, h, W, norm, kind == "mhc", params)
+    y = f(u.to(x.dtype))
+    with torch.autocast(dev, enabled=False):
+        return add_outer(res, post, y.to(torch.promote_types(y.dtype, torch.float32))).to(x.dtype)
 
 
 def pre(mix, x, W, norm, flat, params):

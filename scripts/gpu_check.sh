@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks and measurements in one call, for a lent GPU (sized to stay under 8 minutes on a bare H200):
 #   1. the Triton kernels' CUDA tests (bf16 and fp32 against float64 at T = 1024 and 4096, decoding, T = 16384);
-#   2. the attention core against SDPA/flash at the 124M width (bf16, B=8, T = 1024 and 4096), and at B=1, T=16384;
+#   2. the attention core against SDPA/flash at the 124M width (bf16, B=8, T = 1024 and 4096), one whole layer's
+#      time and peak memory at T=4096, and the core at B=1, T=16384;
 #   3. the compiled 12 x 768 model step, T=1024: softmax against HyperGLU, then plain / HC / mHC with softmax
 #      (fast kernels, the compiled reference forms, and CUDA graphs through torch.compile's reduce-overhead);
 #   4. the rest of tests/test_cuda.py.
@@ -53,6 +54,7 @@ stage env 30 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total --
 stage kernel_tests 150 python -m pytest -q -x tests/test_cuda.py -k triton
 bench core 60 --sections=core --batch_size=8 --n_embd=768 --n_head=12 --hyper_heads=2 --model_layers=12 \
     --T_list=1024,4096 --repeats=5
+bench layer 60 --sections=layer --batch_size=8 --n_embd=768 --n_head=12 --hyper_heads=2 --T_list=4096 --repeats=3
 bench core_long 45 --sections=core --batch_size=1 --n_embd=768 --n_head=12 --hyper_heads=2 --model_layers=12 \
     --T_list=16384 --repeats=3
 common=(--sections=model --compile=True --batch_size=8 --model_layers=12 --model_embd=768 --model_heads=12

@@ -176,7 +176,7 @@ def test_stream_kernels_match_float64(residual, dynamic, norm, monkeypatch):
     """The HC / mHC Triton kernels (ops/streams_triton.py, what impl="fast" runs for CUDA streams) against the
     module's float64 reference, n = 4, C = 96, 1,200 tokens, output and every gradient: fp32 with TF32 off within
     twice the reference's own fp32 error (+1e-5); bf16 autocast (the sublayer in bf16) fp32 results, close."""
-    if not ops.streams.triton_usable(torch.empty(1, 1, 4, 1, device=DEV)):
+    if not ops.streams.triton_usable(torch.empty(1, 1, 4, 1, device=DEV), residual):
         pytest.skip("the Triton stream kernels do not run on this device")
     calls = []
     kernels = ops.streams.TRITON
