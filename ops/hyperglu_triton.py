@@ -95,6 +95,40 @@ def _rowsum(y, par, lag, valid, W, R, RP: tl.constexpr):
 
 
 @triton.jit
+def _heads(bh, h, GLU: tl.constexpr):
+    """(j, g, s) for program bh = b h + j: the output head j and the flat (batch, qk-head) indices of its gate and
+    scale qk-heads (s unused for HyperMLP)."""
+    b, j = bh // h, bh % h
+    H1 = 2 * h if GLU else h
+    return j, b * H1 + j, b * H1 + h + j
+
+
+@triton.jit
+def _row_block(q, g, s, rb, TQ, row0, DK, DKP: tl.constexpr, GLU: tl.constexpr, BM: tl.constexpr):
+    """Row block rb of the new queries: m, its mask, the absolute positions t and the gate / scale query rows."""
+    m = rb * BM + tl.arange(0, BM)
+    mmask = m < TQ
+    qg = _rows(q + g * TQ * DK, m, mmask, DK, DKP)
+    qs = qg
+    if GLU:
+        qs = _rows(q + s * TQ * DK, m, mmask, DK, DKP)
+    return m, mmask, row0 + m, qg, qs
+
+
+@triton.jit
+def _controlled(P1, c1, g, s, m, mmask, TQ, R1, R1P: tl.constexpr, GLU: tl.constexpr, OP1: tl.constexpr,
+                ACC: tl.constexpr, BM: tl.constexpr):
+    """P_e c1_e (BM, R1P) of the gate and scale heads: op1's per-row low-rank coefficients (0 with op1 off)."""
+    pcg = tl.zeros((BM, R1P), dtype=ACC)
+    pcs = pcg
+    if OP1:
+        pcg = _rows(P1 + g * TQ * R1, m, mmask, R1, R1P) * _rows(c1 + g * TQ * R1, m, mmask, R1, R1P).to(ACC)
+        if GLU:
+            pcs = _rows(P1 + s * TQ * R1, m, mmask, R1, R1P) * _rows(c1 + s * TQ * R1, m, mmask, R1, R1P).to(ACC)
+    return pcg, pcs
+
+
+@triton.jit
 def _tile(qg, qs, kg, ks, t, mmask, i0, TK, pcg, pcs, S1g, S1s, Vt1g, Vt1s, W,
           DK, DKP: tl.constexpr, R1, R1P: tl.constexpr,
           GLU: tl.constexpr, OP1: tl.constexpr, ACC: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
@@ -156,17 +190,9 @@ def _fwd_stats(q, k, c1, c2, U1T, Vt1T, S1, U2T, P1, Q2, NRM, h, TQ, TK, W, row0
                R2P: tl.constexpr, GLU: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr, NORM: tl.constexpr,
                ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
     rb, bh = tl.program_id(0), tl.program_id(1)
-    b, j = bh // h, bh % h
-    H1 = 2 * h if GLU else h
-    g, s = b * H1 + j, b * H1 + h + j  # the gate and scale qk-heads (s unused for HyperMLP)
-    m = rb * BM + tl.arange(0, BM)
-    mmask = m < TQ
-    t = row0 + m
+    j, g, s = _heads(bh, h, GLU)
+    m, mmask, t, qg, qs = _row_block(q, g, s, rb, TQ, row0, DK, DKP, GLU, BM)
     hi = tl.minimum(TK, row0 + rb * BM + BM)  # keys a row of this block can see
-    qg = _rows(q + g * TQ * DK, m, mmask, DK, DKP)
-    qs = qg
-    if GLU:
-        qs = _rows(q + s * TQ * DK, m, mmask, DK, DKP)
     kg, ks = k + g * TK * DK, k + s * TK * DK
     U1g, U1s, Vt1g, Vt1s = U1T + j * R1 * W, U1T + (h + j) * R1 * W, Vt1T + j * R1 * W, Vt1T + (h + j) * R1 * W
     S1g, S1s = S1 + j * W, S1 + (h + j) * W
@@ -210,23 +236,10 @@ def _fwd_out(q, k, v, c1, c2, Vt1T, S1, Vt2T, S2, P1, Q2, NRM, OUT, h, TQ, TK, W
              OP2: tl.constexpr, NORM: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
              PREC: tl.constexpr):
     rb, bh, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b, j = bh // h, bh % h
-    H1 = 2 * h if GLU else h
-    g, s = b * H1 + j, b * H1 + h + j
-    m = rb * BM + tl.arange(0, BM)
-    mmask = m < TQ
-    t = row0 + m
+    j, g, s = _heads(bh, h, GLU)
+    m, mmask, t, qg, qs = _row_block(q, g, s, rb, TQ, row0, DK, DKP, GLU, BM)
     hi = tl.minimum(TK, row0 + rb * BM + BM)
-    qg = _rows(q + g * TQ * DK, m, mmask, DK, DKP)
-    qs = qg
-    if GLU:
-        qs = _rows(q + s * TQ * DK, m, mmask, DK, DKP)
-    pcg = tl.zeros((BM, R1P), dtype=ACC)
-    pcs = pcg
-    if OP1:
-        pcg = _rows(P1 + g * TQ * R1, m, mmask, R1, R1P) * _rows(c1 + g * TQ * R1, m, mmask, R1, R1P).to(ACC)
-        if GLU:
-            pcs = _rows(P1 + s * TQ * R1, m, mmask, R1, R1P) * _rows(c1 + s * TQ * R1, m, mmask, R1, R1P).to(ACC)
+    pcg, pcs = _controlled(P1, c1, g, s, m, mmask, TQ, R1, R1P, GLU, OP1, ACC, BM)
     qc = tl.zeros((BM, R2P), dtype=ACC)
     if OP2:
         qc = _rows(Q2 + bh * TQ * R2, m, mmask, R2, R2P) * _rows(c2 + bh * TQ * R2, m, mmask, R2, R2P).to(ACC)
@@ -256,17 +269,9 @@ def _bwd_rows(q, k, v, c1, c2, U1T, Vt1T, S1, U2T, Vt2T, S2, P1, Q2, DY, COEF, D
               R1P: tl.constexpr, R2, R2P: tl.constexpr, GLU: tl.constexpr, OP1: tl.constexpr,
               OP2: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
     rb, bh = tl.program_id(0), tl.program_id(1)
-    b, j = bh // h, bh % h
-    H1 = 2 * h if GLU else h
-    g, s = b * H1 + j, b * H1 + h + j
-    m = rb * BM + tl.arange(0, BM)
-    mmask = m < TQ
-    t = row0 + m
+    j, g, s = _heads(bh, h, GLU)
+    m, mmask, t, qg, qs = _row_block(q, g, s, rb, TQ, row0, DK, DKP, GLU, BM)
     hi = tl.minimum(TK, row0 + rb * BM + BM)
-    qg = _rows(q + g * TQ * DK, m, mmask, DK, DKP)
-    qs = qg
-    if GLU:
-        qs = _rows(q + s * TQ * DK, m, mmask, DK, DKP)
     kg, ks, vj, dy = k + g * TK * DK, k + s * TK * DK, v + bh * TK * DV, DY + bh * TQ * DV
     U1g, U1s, Vt1g, Vt1s = U1T + j * R1 * W, U1T + (h + j) * R1 * W, Vt1T + j * R1 * W, Vt1T + (h + j) * R1 * W
     S1g, S1s, U2j, Vt2j, S2j = S1 + j * W, S1 + (h + j) * W, U2T + j * R2 * W, Vt2T + j * R2 * W, S2 + j * W
@@ -350,9 +355,7 @@ def _bwd_keys(q, k, v, c1, c2, U1T, Vt1T, S1, U2T, S2, P1, DY, COEF, DP1, DQ2, D
               GLU: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr,
               BN: tl.constexpr, PREC: tl.constexpr):
     kb, bh = tl.program_id(0), tl.program_id(1)
-    b, j = bh // h, bh % h
-    H1 = 2 * h if GLU else h
-    g, s = b * H1 + j, b * H1 + h + j
+    j, g, s = _heads(bh, h, GLU)
     i0 = kb * BN
     kg, ks, vj, dy = k + g * TK * DK, k + s * TK * DK, v + bh * TK * DV, DY + bh * TQ * DV
     U1g, U1s, Vt1g, Vt1s = U1T + j * R1 * W, U1T + (h + j) * R1 * W, Vt1T + j * R1 * W, Vt1T + (h + j) * R1 * W
@@ -360,21 +363,14 @@ def _bwd_keys(q, k, v, c1, c2, U1T, Vt1T, S1, U2T, S2, P1, DY, COEF, DP1, DQ2, D
     dkg = tl.zeros((BN, DKP), dtype=ACC)
     dks = dkg
     for rb in range(tl.maximum(i0 - row0, 0) // BM, tl.cdiv(TQ, BM)):  # the row blocks with a row t >= i0
-        m = rb * BM + tl.arange(0, BM)
-        mmask = m < TQ
-        t = row0 + m
-        qg = _rows(q + g * TQ * DK, m, mmask, DK, DKP)
-        qs = qg
-        if GLU:
-            qs = _rows(q + s * TQ * DK, m, mmask, DK, DKP)
+        m, mmask, t, qg, qs = _row_block(q, g, s, rb, TQ, row0, DK, DKP, GLU, BM)
         coef = tl.load(COEF + bh * TQ + m, mask=mmask, other=0.0)
-        pcg = tl.zeros((BM, R1P), dtype=ACC)
-        pcs, dPg, dPs = pcg, pcg, pcg
+        pcg, pcs = _controlled(P1, c1, g, s, m, mmask, TQ, R1, R1P, GLU, OP1, ACC, BM)
+        dPg = tl.zeros((BM, R1P), dtype=ACC)
+        dPs = dPg
         if OP1:
-            pcg = _rows(P1 + g * TQ * R1, m, mmask, R1, R1P) * _rows(c1 + g * TQ * R1, m, mmask, R1, R1P).to(ACC)
             dPg = _rows(DP1 + g * TQ * R1, m, mmask, R1, R1P)
             if GLU:
-                pcs = _rows(P1 + s * TQ * R1, m, mmask, R1, R1P) * _rows(c1 + s * TQ * R1, m, mmask, R1, R1P).to(ACC)
                 dPs = _rows(DP1 + s * TQ * R1, m, mmask, R1, R1P)
         n, nmask, lag, valid, kgt, kst, zg, zs, z1g, z1s, a = _tile(
             qg, qs, kg, ks, t, mmask, i0, TK, pcg, pcs, S1g, S1s, Vt1g, Vt1s, W, DK, DKP, R1, R1P, GLU, OP1, ACC,
@@ -443,9 +439,7 @@ def _bwd_params(q, k, v, c1, c2, U1T, Vt1T, S1, U2T, Vt2T, S2, P1, Q2, DY, COEF,
     share one lag, so each gradient is a column sum or a small dot, kept in registers over all row blocks and
     written once per batch element (summed over the batch afterwards): deterministic, no atomics."""
     lb, bh = tl.program_id(0), tl.program_id(1)
-    b, j = bh // h, bh % h
-    H1 = 2 * h if GLU else h
-    g, s = b * H1 + j, b * H1 + h + j
+    j, g, s = _heads(bh, h, GLU)
     l0 = lb * BN
     lg = l0 + tl.arange(0, BN)
     lmask = lg < W
@@ -476,9 +470,8 @@ def _bwd_params(q, k, v, c1, c2, U1T, Vt1T, S1, U2T, Vt2T, S2, P1, Q2, DY, COEF,
                                                   BM, ACC, PREC), scr, BM, BN), 0.0)
         z1g = zg
         coef = tl.load(COEF + bh * TQ + m, mask=mmask, other=0.0)
+        pcg, pcs = _controlled(P1, c1, g, s, m, mmask, TQ, R1, R1P, GLU, OP1, ACC, BM)
         if OP1:
-            Pg = _rows(P1 + g * TQ * R1, m, mmask, R1, R1P)
-            pcg = Pg * _rows(c1 + g * TQ * R1, m, mmask, R1, R1P).to(ACC)
             z1g = zg * S1g[None, :] + tl.dot(pcg, _lag_block(Vt1g, lg, lmask, W, R1, R1P), input_precision="ieee")
         zs, z1s = zg, z1g
         if GLU:
@@ -486,7 +479,6 @@ def _bwd_params(q, k, v, c1, c2, U1T, Vt1T, S1, U2T, Vt2T, S2, P1, Q2, DY, COEF,
                                                       DKP, BM, ACC, PREC), scr, BM, BN), 0.0)
             z1s = zs
             if OP1:
-                pcs = _rows(P1 + s * TQ * R1, m, mmask, R1, R1P) * _rows(c1 + s * TQ * R1, m, mmask, R1, R1P).to(ACC)
                 z1s = zs * S1s[None, :] + tl.dot(pcs, _lag_block(Vt1s, lg, lmask, W, R1, R1P), input_precision="ieee")
             a = tl.where(valid, _softplus(z1s) * tl.maximum(z1g, 0.0), 0.0)
         else:
@@ -537,28 +529,15 @@ def _bwd_values(q, k, c1, c2, Vt1T, S1, Vt2T, S2, P1, Q2, DY, DV_, h, TQ, TK, W,
                 R1P: tl.constexpr, R2, R2P: tl.constexpr, GLU: tl.constexpr, OP1: tl.constexpr,
                 OP2: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
     kb, bh, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b, j = bh // h, bh % h
-    H1 = 2 * h if GLU else h
-    g, s = b * H1 + j, b * H1 + h + j
+    j, g, s = _heads(bh, h, GLU)
     i0 = kb * BN
     d = cb * DVB + tl.arange(0, DVB)
     dmask = d < DV
     dv = tl.zeros((BN, DVB), dtype=ACC)
     nb = tl.cdiv(TQ, BM)
     for rb in range(tl.maximum(i0 - row0, 0) // BM, nb):
-        m = rb * BM + tl.arange(0, BM)
-        mmask = m < TQ
-        t = row0 + m
-        qg = _rows(q + g * TQ * DK, m, mmask, DK, DKP)
-        qs = qg
-        if GLU:
-            qs = _rows(q + s * TQ * DK, m, mmask, DK, DKP)
-        pcg = tl.zeros((BM, R1P), dtype=ACC)
-        pcs = pcg
-        if OP1:
-            pcg = _rows(P1 + g * TQ * R1, m, mmask, R1, R1P) * _rows(c1 + g * TQ * R1, m, mmask, R1, R1P).to(ACC)
-            if GLU:
-                pcs = _rows(P1 + s * TQ * R1, m, mmask, R1, R1P) * _rows(c1 + s * TQ * R1, m, mmask, R1, R1P).to(ACC)
+        m, mmask, t, qg, qs = _row_block(q, g, s, rb, TQ, row0, DK, DKP, GLU, BM)
+        pcg, pcs = _controlled(P1, c1, g, s, m, mmask, TQ, R1, R1P, GLU, OP1, ACC, BM)
         n, nmask, lag, valid, kgt, kst, zg, zs, z1g, z1s, a = _tile(
             qg, qs, k + g * TK * DK, k + s * TK * DK, t, mmask, i0, TK, pcg, pcs, S1 + j * W, S1 + (h + j) * W,
             Vt1T + j * R1 * W, Vt1T + (h + j) * R1 * W, W, DK, DKP, R1, R1P, GLU, OP1, ACC, BN, PREC)
