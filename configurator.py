@@ -12,10 +12,16 @@ and functions, are left alone, so a config file may compute its values (e.g. wit
 Checks: an unknown key is an error listing the closest valid keys; a value of the wrong type is an error
 naming the key and the expected type. An int is accepted for a float (--dropout=0), and None for a
 setting whose default is None (None means "auto").
+
+--help (or -h) prints the script's docstring and its settings with their defaults and comments, read from
+the settings block of its source (the lines between the first two "# ---" lines), and exits.
 """
 
 import ast
+import dataclasses
 import difflib
+import inspect
+import re
 import types
 
 
@@ -34,11 +40,42 @@ def _check(key, value, defaults, expected, source):
     return value
 
 
+def usage(g, keys):
+    """The --help text: the script's docstring, its settings block as written, then any other settings (train.py's
+    GPTConfig fields) with the comment beside the field in its dataclass."""
+    with open(g["__file__"]) as f:
+        src = f.read().splitlines()
+    marks = [i for i, line in enumerate(src) if line.startswith("# ---")] + [0, 0]
+    out = [(g.get("__doc__") or "").strip(), "", "settings and their defaults (a config file or --key=value overrides them):"]
+    shown = set()
+    for line in src[marks[0] + 1:marks[1]]:
+        m = re.match(r"(\w+)\s*=", line)
+        if m and m.group(1) in keys or line.startswith("#"):
+            out.append(line)
+            shown.add(m and m.group(1))
+    notes = {}  # field -> the comment beside it in a dataclass the script uses (the subclass's wins)
+    for cls in [c for v in list(g.values()) if isinstance(v, type) and dataclasses.is_dataclass(v) for c in v.__mro__]:
+        try:
+            for line in inspect.getsource(cls).splitlines():
+                if m := re.match(r"\s+(\w+):[^=#]*=[^#]*#\s*(.*)", line):
+                    notes.setdefault(m.group(1), m.group(2))
+        except (OSError, TypeError):  # a class without source (a builtin)
+            pass
+    rest = [k for k in keys if k not in shown]
+    if rest:
+        out.append("# the other settings")
+        out += [f"{k} = {g[k]!r}" + (f"  # {notes[k]}" if k in notes else "") for k in rest]
+    return "\n".join(out)
+
+
 def configure(g, keys, argv, annotations=None):
     """Apply config files and --key=value overrides in argv to the dict g (a script's globals()).
 
     keys: the names that are settings. annotations: {key: type} for settings whose default is None
     (their type cannot be read from the value). Returns the list of (key, value) applied, in order."""
+    if "--help" in argv or "-h" in argv:
+        print(usage(g, keys))
+        raise SystemExit(0)
     annotations = annotations or {}
     current = {k: g[k] for k in keys}
     expected = {k: (type(v) if v is not None else annotations.get(k)) for k, v in current.items()}

@@ -4,6 +4,7 @@ Sample from a trained model, with the KV-cache generate and the tokenizer record
 $ python sample.py --out_dir=out/quickstart                      # ckpt_best.pt there, else ckpt_last.pt
 $ python sample.py --ckpt=out/run/ckpt_last.pt --start="def " --num_samples=3 --max_new_tokens=200
 $ python sample.py --out_dir=out/run --start=FILE:prompt.txt --temperature=0.8 --top_k=200 --seed=7
+$ python sample.py --help                                        # every setting, its default and what it does
 """
 
 import os
@@ -12,6 +13,7 @@ from contextlib import nullcontext
 
 import torch
 
+from checkpoint import load_checkpoint
 from configurator import configure
 from data.tokenizer import encoder
 from model import GPT
@@ -23,18 +25,33 @@ start = "\n"              # the prompt, or FILE:path to read it from a file
 num_samples = 3
 max_new_tokens = 500
 temperature = 0.8         # 0 = greedy
-top_k = 200               # None = no top-k filtering
+top_k = 200               # None = no top-k filtering, else >= 1
 seed = 1337
 device = None             # None = cuda, else mps, else cpu
 dtype = None              # None = bfloat16 on cuda where supported, else float32
 use_cache = True          # KV-cache decoding (exact); False recomputes the window every token
 tokenizer_file = ""       # GPT-2 BPE offline: path to r50k_base.tiktoken
+trust_checkpoint = False  # load a checkpoint older than safe loading (a full unpickle: your own files only)
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))]
 try:
     configure(globals(), config_keys, sys.argv[1:], dict(top_k=int, device=str, dtype=str))
+    _checks = [("num_samples", num_samples >= 1, "an int >= 1"),
+               ("max_new_tokens", max_new_tokens >= 0, "an int >= 0"),
+               ("temperature", temperature >= 0, "a number >= 0 (0 = greedy)"),
+               ("top_k", top_k is None or top_k >= 1, "None or an int >= 1"),
+               ("dtype", dtype in (None, "float32", "bfloat16", "float16"), "None, float32, bfloat16 or float16")]
+    for _k, _ok, _want in _checks:
+        if not _ok:
+            raise ValueError(f"{_k}={globals()[_k]!r} is not valid; expected {_want}")
 except ValueError as e:
     sys.exit(f"error: {e}")
+if start.startswith("FILE:"):
+    try:
+        with open(start[5:], encoding="utf-8") as f:
+            start = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        sys.exit(f"error: --start={start}: the prompt file cannot be read ({getattr(e, 'strerror', None) or e})")
 
 if not ckpt:
     for name in ("ckpt_best.pt", "ckpt_last.pt"):
@@ -47,14 +64,24 @@ if not os.path.isfile(ckpt):
     sys.exit(f"error: checkpoint '{ckpt}' not found")
 if device is None:
     device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-device_type = torch.device(device).type
+try:
+    device_type = torch.device(device).type
+except RuntimeError:
+    device_type = None
+if device_type not in ("cpu", "cuda", "mps"):
+    sys.exit(f"error: device={device!r} is not valid; expected 'cpu', 'cuda', 'cuda:N' or 'mps'")
+if not {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}[device_type]:
+    sys.exit(f"error: device={device!r} is not available here; expected --device=cpu")
 if dtype is None:
     dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
 ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
 torch.manual_seed(seed)
 
-state = torch.load(ckpt, map_location="cpu", weights_only=False)
+try:
+    state = load_checkpoint(ckpt, trust_checkpoint)
+except ValueError as e:
+    sys.exit(f"error: {e}")
 model = GPT.from_checkpoint(state).eval().to(device)
 tokenizer = state["tokenizer"]
 try:
@@ -62,9 +89,6 @@ try:
 except ValueError as e:
     sys.exit(f"error: {ckpt}: {e}")
 
-if start.startswith("FILE:"):
-    with open(start[5:], encoding="utf-8") as f:
-        start = f.read()
 try:
     ids = encode(start)
 except ValueError as e:

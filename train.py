@@ -13,17 +13,26 @@ Two CPU processes (DDP over gloo):
 $ torchrun --standalone --nproc_per_node=2 train.py config/quickstart.py
 Resume a run from its last checkpoint (also after a crash or a kill):
 $ python train.py config/quickstart.py --init_from=resume
+Every setting, its default and what it does:
+$ python train.py --help
+
+The run folder belongs to one run: a scratch run refuses an out_dir that holds checkpoints (resume it, pick a new
+out_dir, or --overwrite=True to move the old run aside), and a run holds a lock on its folder while it lives.
 """
 
+import atexit
+import glob
+import io
 import json
 import math
 import os
 import platform
 import random
+import socket
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, redirect_stdout
 from dataclasses import asdict, fields
 
 import numpy as np
@@ -31,9 +40,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from checkpoint import load_checkpoint
 from configurator import configure
 from data import mad
-from data.shards import Loader, val_batches
+from data.shards import Loader, find_shards, val_batches
 from data.tokenizer import load_meta
 from model import GPT, GPTConfig
 from plots.plot_connections import amax_gain, connection_matrices
@@ -46,7 +56,9 @@ eval_interval = 250              # evaluate on the fixed val set (and checkpoint
 log_interval = 10                # print and write a metrics.csv row every this many steps
 eval_iters = 20                  # batches in the fixed val set (its first eval_iters * batch_size windows)
 eval_only = False                # evaluate once and exit
-init_from = "scratch"            # "scratch" or "resume" (from out_dir/ckpt_last.pt)
+init_from = "scratch"            # "scratch" (refused where out_dir holds checkpoints) or "resume" (its ckpt_last.pt)
+overwrite = False                # scratch into an out_dir with checkpoints: move that run aside to <out_dir>.old-<time>
+trust_checkpoint = False         # resume from a checkpoint older than safe loading (full unpickle: own files only)
 seed = 1337
 wandb_log = False                # needs `pip install wandb`
 wandb_project = "hypergpt"
@@ -57,10 +69,10 @@ mad_size = "lite"                # mad:<task> datasets: "lite" or "original" tas
 mad_args = ""                    # mad:<task> overrides, e.g. "seq_len=256,frac_noise=0.4"
 data_order = "random"            # "random" (nanoGPT's sampling) or "sequential" (one pass, llm.c style)
 gradient_accumulation_steps = 1  # global micro-steps per optimizer step, divided over the processes
-batch_size = 12                  # sequences per micro-step per process
+batch_size = 12                  # sequences per micro-step per process (split if processes outnumber micro-steps)
 block_size = 256
 # model: every GPTConfig field in model.py is a setting too; these are the common ones
-vocab_size = None                # None = from the dataset (meta.pkl), GPT-2's 50257 padded to 50304
+vocab_size = None                # None = from the dataset (meta.json), GPT-2's 50257 padded to 50304
 n_layer = 6
 n_head = 6
 n_embd = 384
@@ -94,18 +106,53 @@ for _f in fields(GPTConfig):  # the rest of GPTConfig (HyperGLU options, HC knob
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))]
 _types = {f.name: f.type for f in fields(GPTConfig)}
 _types.update(lr_decay_iters=int, device=str, dtype=str, compile=bool, backend=str)
+
+
+def finish(code=0, wait=True):
+    """End the process with exit code `code`. Under DDP: wait for every rank (wait=False where all ranks stop at the
+    same error), destroy the group, run the exit handlers (the run folder's lock, wandb), flush, and leave without
+    finalizing the interpreter. gloo's worker threads outlive destroy_process_group, because the DDP wrapper keeps
+    the group alive even once it is freed, so the interpreter would be finalized with them running, and a thread
+    torn down in that window aborts the process (reported: "terminate called without an active exception" from
+    rank 1 after done:, in 1 of 8 two-process CPU runs)."""
+    if dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def fail(msg):
+    """Stop with one `error:` line and exit code 1. Every process meets a settings, data or checkpoint error at the
+    same point, and the processes of a node share its terminal, so each node's first process alone prints it."""
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+    finish(1, wait=False)
+
+
 try:
     configure(globals(), config_keys, sys.argv[1:], _types)
     _checks = [("init_from", ("scratch", "resume")), ("lr_schedule", ("cosine", "linear")),
-               ("dtype", (None, "float32", "bfloat16", "float16"))]
+               ("data_order", ("random", "sequential")), ("dtype", (None, "float32", "bfloat16", "float16"))]
     for _k, _allowed in _checks:
         if globals()[_k] not in _allowed:
             raise ValueError(f"{_k}={globals()[_k]!r} is not valid; expected one of {list(_allowed)}")
-    for _k in ("eval_interval", "log_interval", "eval_iters", "batch_size", "block_size", "gradient_accumulation_steps"):
+    for _k in ("eval_interval", "log_interval", "eval_iters", "batch_size", "block_size", "gradient_accumulation_steps",
+               "learning_rate") + (("lr_decay_iters",) if lr_decay_iters is not None else ()):
         if globals()[_k] <= 0:
-            raise ValueError(f"{_k}={globals()[_k]} is not valid; expected a positive int")
+            raise ValueError(f"{_k}={globals()[_k]} is not valid; expected a positive number")
+    for _k in ("max_iters", "warmup_iters", "min_lr", "weight_decay", "grad_clip"):
+        if globals()[_k] < 0:
+            raise ValueError(f"{_k}={globals()[_k]} is not valid; expected a number >= 0")
+    for _k in ("beta1", "beta2"):
+        if not 0 <= globals()[_k] < 1:
+            raise ValueError(f"{_k}={globals()[_k]} is not valid; expected 0 <= {_k} < 1")
 except ValueError as _e:
-    sys.exit(f"error: {_e}")
+    fail(_e)
 config = {k: globals()[k] for k in config_keys}
 # -----------------------------------------------------------------------------
 # processes and devices. A process group exists only under torchrun (RANK set).
@@ -115,7 +162,16 @@ rank, local_rank, world = (int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]
 master = rank == 0
 if device is None:
     device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-device_type = torch.device(device).type
+try:
+    device_type = torch.device(device).type
+except RuntimeError:
+    device_type = None
+if device_type not in ("cpu", "cuda", "mps"):
+    fail(f"device={device!r} is not valid; expected 'cpu', 'cuda', 'cuda:N' or 'mps'")
+if device_type == "cuda" and not torch.cuda.is_available():
+    fail(f"device={device!r} but CUDA is not available here (torch {torch.__version__}); expected --device=cpu")
+if device_type == "mps" and not torch.backends.mps.is_available():
+    fail(f"device={device!r} but MPS is not available here; expected --device=cpu")
 if ddp:
     if device_type == "cuda":
         device = f"cuda:{local_rank}"
@@ -124,10 +180,17 @@ if ddp:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     dist.init_process_group(backend=backend or ("nccl" if device_type == "cuda" else "gloo"))
 log = print if master else (lambda *a, **k: None)
-if gradient_accumulation_steps % world:
-    sys.exit(f"error: gradient_accumulation_steps={gradient_accumulation_steps} is global and must divide by the "
-             f"world size {world}")
-accum = gradient_accumulation_steps // world
+# gradient_accumulation_steps * batch_size rows make a step, for any number of processes. Each process runs
+# accum micro-steps of proc_batch rows: the micro-steps are divided over the processes, or, where the processes
+# outnumber them, each micro-step's rows are.
+if gradient_accumulation_steps % world == 0:
+    accum, proc_batch = gradient_accumulation_steps // world, batch_size
+elif world % gradient_accumulation_steps == 0 and batch_size % (world // gradient_accumulation_steps) == 0:
+    accum, proc_batch = 1, batch_size * gradient_accumulation_steps // world
+else:
+    fail(f"gradient_accumulation_steps={gradient_accumulation_steps} (global) does not split over the world size "
+         f"{world}; expected a multiple of {world}, or a divisor of {world} with batch_size={batch_size} a multiple "
+         f"of {world} / gradient_accumulation_steps")
 
 if dtype is None:
     dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device_type == "cuda" else "float32"
@@ -145,78 +208,238 @@ if compile is None:
     if not compile:
         log(f"warning: torch.compile is off (auto: needs CUDA and Triton; device is {device_type}); --compile=True forces it")
 
+
+def on_master(action):
+    """Run action() on rank 0 alone (it prepares data, or claims the run folder) and stop every rank when it
+    returns an error message: the other ranks must neither go on nor wait for rank 0 forever."""
+    error = action() if master else None
+    if ddp:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        fail(error)
+
+
 # -----------------------------------------------------------------------------
-# data, model, optimizer, or all of them from the last checkpoint
+# data, model, optimizer, or all of them from the last checkpoint. Everything here only reads: the run folder is
+# claimed after every setting, the data and the checkpoint have been checked.
+
+def unprepared(data_dir):
+    """Why data_dir holds no dataset yet (a split without shards), or None."""
+    try:
+        find_shards(data_dir, "train"), find_shards(data_dir, "val")
+    except ValueError as e:
+        return str(e)
+
+
+def prepare_pystdlib():
+    """The embedded corpus needs no download, so a missing one is prepared here rather than being an error."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "pystdlib", "prepare.py")
+    print("dataset pystdlib is not prepared yet; preparing it now (python data/pystdlib/prepare.py)", flush=True)
+    r = subprocess.run([sys.executable, script, f"--out_dir={data_dir}"])
+    return f"preparing the dataset pystdlib into {data_dir} failed (exit code {r.returncode})" if r.returncode else None
+
+
+def data_folder(name):
+    """A dataset's folder: a path to one, else the folder of that name under data/."""
+    return name if os.path.isdir(name) else os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", name)
+
 
 task = None  # a MAD task (data/mad.py) instead of token shards
 if dataset.startswith("mad:"):
     try:
         task = mad.make_task(dataset[4:], mad_size, mad_args)
     except ValueError as e:
-        sys.exit(f"error: {e}")
+        fail(e)
     if block_size < task.length:
-        sys.exit(f"error: block_size={block_size} is shorter than the {dataset} examples (length {task.length}); "
-                 f"pass --block_size={task.length}")
+        fail(f"block_size={block_size} is shorter than the {dataset} examples (length {task.length}); "
+             f"pass --block_size={task.length}")
     tokenizer = {"kind": "mad", "vocab_size": task.vocab_size, "task": asdict(task)}
 else:
-    data_dir = dataset if os.path.isdir(dataset) else os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
+    data_dir = data_folder(dataset)
     if not os.path.isdir(data_dir):
-        sys.exit(f"error: dataset '{dataset}' not found: expected a folder data/{dataset}/ with train and val shards "
-                 f"(python data/{dataset}/prepare.py), a path to one, or mad:<task> ({', '.join(mad.TASKS)})")
-    tokenizer = load_meta(data_dir)
+        fail(f"dataset '{dataset}' not found: expected a folder data/{dataset}/ with train and val shards "
+             f"(python data/{dataset}/prepare.py), a path to one, or mad:<task> ({', '.join(mad.TASKS)})")
+    if dataset == "pystdlib" and unprepared(data_dir):
+        on_master(prepare_pystdlib)
+    if missing := unprepared(data_dir):
+        fail(f"dataset '{dataset}' is not prepared: {missing}")
+    try:
+        tokenizer = load_meta(data_dir)
+    except ValueError as e:
+        fail(e)
 seq_len = task.length if task else block_size  # tokens per training row
 tokens_per_step = gradient_accumulation_steps * batch_size * seq_len
 log(f"world size {world} | grad accum {accum} per process ({gradient_accumulation_steps} global) | "
     f"batch {batch_size} x {seq_len} | tokens per step {tokens_per_step:,}")
-os.makedirs(out_dir, exist_ok=True)
+if proc_batch != batch_size:
+    log(f"note: {world} processes outnumber the {gradient_accumulation_steps} micro-steps, so each micro-step's "
+        f"batch_size={batch_size} rows are split over them: {proc_batch} rows per process")
 ckpt_last, ckpt_best = os.path.join(out_dir, "ckpt_last.pt"), os.path.join(out_dir, "ckpt_best.pt")
+
+model_args = {f.name: globals()[f.name] for f in fields(GPTConfig)}
+model_args["vocab_size"] = vocab_size or (50304 if tokenizer["kind"] == "gpt2" else tokenizer["vocab_size"])
+if model_args["vocab_size"] < tokenizer["vocab_size"]:
+    fail(f"vocab_size={vocab_size} is smaller than the dataset's vocabulary ({tokenizer['vocab_size']})")
+try:
+    model_args = asdict(GPTConfig.from_dict(model_args))  # validated, with the auto fields resolved
+except ValueError as e:
+    fail(e)
+
+# On resume, the model, the data stream and the tokenizer must be the checkpoint's; anything else may change.
+COMPUTE_ONLY = ("impl", "chunk_T")  # GPTConfig fields that change how the same model is computed, not what it is
+DATA = ("dataset", "mad_size", "mad_args", "data_order", "seed", "batch_size", "gradient_accumulation_steps",
+        "eval_iters")
+
+
+def resume_differences(ckpt):
+    """(fixed, applied): 'key: checkpoint -> command' for the settings that differ from the checkpoint's. fixed: the
+    model, the data stream (and with it the val set) and the tokenizer, which a resumed run cannot change. applied:
+    the others (schedule, intervals, max_iters, wandb, device, ...), which take effect."""
+    old, now = ckpt["config"], {**config, **model_args}
+    try:
+        old_model = asdict(GPTConfig.from_dict(ckpt["model_args"]))
+    except (TypeError, ValueError) as e:
+        fail(f"{ckpt_last}: its model_args do not fit this model.py ({e})")
+    fixed = [f"{k}: {old_model[k]!r} -> {v!r}" for k, v in model_args.items()
+             if k not in COMPUTE_ONLY and old_model.get(k) != v]
+    same = lambda k: old[k] == now[k] or (k == "dataset"  # the same folder, however it is written
+                                          and os.path.realpath(data_folder(old[k])) == os.path.realpath(data_dir))
+    fixed += [f"{k}: {old[k]!r} -> {now[k]!r}" for k in DATA if k in old and not same(k)]
+    spec = lambda t: {k: v for k, v in t.items() if k != "source"}  # pystdlib's note of the Python it came from
+    if spec(ckpt["tokenizer"]) != spec(tokenizer):
+        fixed.append(f"tokenizer: {ckpt['tokenizer']['kind']} (vocab {ckpt['tokenizer']['vocab_size']}) -> the "
+                     f"dataset's {tokenizer['kind']} (vocab {tokenizer['vocab_size']})")
+    applied = [f"{k}: {old[k]!r} -> {now[k]!r}" for k in config_keys
+               if k in old and old[k] != now[k] and k not in DATA and k != "init_from"
+               and (k not in model_args or k in COMPUTE_ONLY)]
+    return fixed, applied
+
 
 ckpt = None
 if init_from == "resume":
+    best_hint = (f"; {ckpt_best} is there: to resume from it, copy it over ckpt_last.pt (cp {ckpt_best} {ckpt_last})"
+                 f" and run again" if os.path.isfile(ckpt_best) else "")
     if not os.path.isfile(ckpt_last):
-        sys.exit(f"error: init_from=resume but {ckpt_last} does not exist")
-    ckpt = torch.load(ckpt_last, map_location="cpu", weights_only=False)
-    model_args = ckpt["model_args"]  # the architecture comes from the checkpoint
-else:
-    model_args = {f.name: globals()[f.name] for f in fields(GPTConfig)}
-    model_args["vocab_size"] = vocab_size or (50304 if tokenizer["kind"] == "gpt2" else tokenizer["vocab_size"])
-    if model_args["vocab_size"] < tokenizer["vocab_size"]:
-        sys.exit(f"error: vocab_size={vocab_size} is smaller than the dataset's vocabulary ({tokenizer['vocab_size']})")
-torch.manual_seed(seed)  # the same initial weights on every rank
-try:
-    gptconf = GPTConfig.from_dict(model_args)
+        fail(f"init_from=resume but {ckpt_last} does not exist{best_hint}")
+    try:
+        ckpt = load_checkpoint(ckpt_last, trust_checkpoint)
+    except ValueError as e:
+        fail(f"{e}{best_hint}")
+    fixed, applied = resume_differences(ckpt)
+    if fixed:
+        fail(f"resume: {ckpt_last} was trained with other model, data or tokenizer settings, which a resumed run "
+             f"cannot change (checkpoint -> command): {'; '.join(fixed)}. Resume with the run's own settings "
+             f"(its config.json records them and the command), or train from scratch into a new --out_dir")
+    if applied:
+        log(f"resume: these settings differ from the checkpoint's and take effect: {'; '.join(applied)}")
+
+row0 = ckpt["loader"]["next_row"] if ckpt is not None else 0
+order = ckpt["loader"]["order"] if ckpt is not None else data_order
+try:  # the shards are validated here (sizes, headers), and both splits must hold a block_size window
+    if task:
+        loader = mad.Loader(task, proc_batch, accum, rank, world, seed, device, row0)
+    else:
+        loader = Loader(data_dir, proc_batch, block_size, accum, rank, world, order, seed, device, row0)
+        next(val_batches(data_dir, batch_size, block_size, 1))
 except ValueError as e:
-    sys.exit(f"error: {e}")
-model_args = asdict(gptconf)  # with the auto fields resolved
-model = GPT(gptconf)
+    fail(e)
+
+torch.manual_seed(seed)  # the same initial weights on every rank
+model = GPT(GPTConfig.from_dict(model_args))
 if ckpt is not None:
     model.load_state_dict(ckpt["model"])
 model.grad_ckpt = grad_ckpt
 model.to(device)
 log(f"model: {attn} attention, {residual} residual, {model.get_num_params() / 1e6:.2f}M parameters")
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+with nullcontext() if master else redirect_stdout(io.StringIO()):  # model.py prints the groups: once, not per rank
+    optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
 start_step, best_val, elapsed0 = 0, float("inf"), 0.0
 if ckpt is not None:
+    fresh = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     optimizer.load_state_dict(ckpt["optimizer"])
+    for group, settings in zip(optimizer.param_groups, fresh):  # the moments are the checkpoint's, the
+        group.update(settings)                                   # hyperparameters (weight decay, betas) this command's
     scaler.load_state_dict(ckpt["scaler"])
     start_step, best_val, elapsed0 = ckpt["step"], ckpt["best_val_loss"], ckpt["elapsed_s"]
     rng = ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0]
     torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
+    kind, keys, pos, has_gauss, gauss = rng["numpy"]  # stored as a list (a tuple with an array before)
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = rng["python"]
+    random.setstate((version, tuple(internal), gauss_next))
     if device_type == "cuda" and rng["cuda"] is not None:
         torch.cuda.set_rng_state(rng["cuda"], device)
     log(f"resumed from {ckpt_last} at step {start_step} (best val {best_val:.4f})")
 else:
     torch.manual_seed(seed + rank)  # dropout differs per rank
-row0 = ckpt["loader"]["next_row"] if ckpt is not None else 0
-order = ckpt["loader"]["order"] if ckpt is not None else data_order
-if task:
-    loader = mad.Loader(task, batch_size, accum, rank, world, seed, device, row0)
-else:
-    loader = Loader(data_dir, batch_size, block_size, accum, rank, world, order, seed, device, row0)
 ckpt = None  # free the memory
+
+
+def lock_run_folder(path):
+    """Hold an advisory lock (flock) on the file at path for this process's life. The kernel drops it on any exit,
+    SIGKILL included, so a lock file that a killed run left behind is stale, and is taken over. Returns None once
+    locked, else who holds it (the pid and host the holder wrote into the file)."""
+    import fcntl
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip()
+            os.close(fd)
+            return holder or "a run that is starting"
+        except OSError as e:  # a file system without flock
+            os.close(fd)
+            print(f"warning: cannot lock {path} ({e.strerror}); nothing stops a second run from using this out_dir")
+            return None
+        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
+            break
+        os.close(fd)  # the holder removed the file between our open and flock: lock the new one
+    stale = os.read(fd, 200).decode(errors="replace").strip()
+    if stale:
+        print(f"note: {path} was left by a run that ended without releasing it ({stale}); taking it over")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    atexit.register(lambda: (os.remove(path), os.close(fd)))  # remove before unlocking: no one locks a dead file
+    return None
+
+
+def claim_run_folder():
+    """Rank 0: make out_dir and lock it for this run; refuse a scratch run where checkpoints are (or move them aside
+    with overwrite=True); clear what an interrupted run left: partial checkpoint files, and a DONE that this run
+    makes stale by training on (DONE means finished). Returns an error message, or None."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        return f"out_dir '{out_dir}' cannot be created: {e.strerror}"
+    holder = lock_run_folder(os.path.join(out_dir, "LOCK"))
+    if holder:
+        return f"out_dir '{out_dir}' is in use by another run ({holder}); wait for it to end, or pick another --out_dir"
+    if init_from == "scratch" and (os.path.exists(ckpt_last) or os.path.exists(ckpt_best)):
+        if not overwrite:
+            return (f"out_dir '{out_dir}' holds the checkpoints of an earlier run, which a scratch run would "
+                    f"overwrite; continue that run with --init_from=resume, train into a new --out_dir, or pass "
+                    f"--overwrite=True to move it aside")
+        aside = f"{os.path.normpath(out_dir)}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.makedirs(aside)
+        for name in os.listdir(out_dir):
+            if name != "LOCK":
+                os.replace(os.path.join(out_dir, name), os.path.join(aside, name))
+        print(f"overwrite: moved the earlier run in {out_dir} to {aside}")
+    for tmp in filter(os.path.isfile, glob.glob(os.path.join(glob.escape(out_dir), "ckpt_*.pt.tmp-*"))):
+        os.remove(tmp)
+        print(f"removed {tmp}, left by an interrupted checkpoint write")
+    done = os.path.join(out_dir, "DONE")
+    if os.path.exists(done) and not eval_only:
+        os.remove(done)
+        print(f"removed {done}: this run trains on, and writes it again when it finishes")
+    return None
+
+
+on_master(claim_run_folder)
 
 raw_model = model  # checkpoints and MFU use the plain module: no _orig_mod. prefix
 if compile:
@@ -279,13 +502,28 @@ def amax():
 
 
 def rng_state():
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+    """This process's RNG states in types the safe loader reads (tensors, lists, ints): no numpy objects."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+            "python": [version, list(internal), gauss_next],
             "cuda": torch.cuda.get_rng_state(device) if device_type == "cuda" else None}
 
 
+def write_atomic(path, write, mode="w", tmp=None):
+    """write(f) into a temp file, fsync it, rename it over path: a crash mid-write leaves the previous file."""
+    tmp = tmp or f"{path}.tmp-{os.getpid()}"
+    with open(tmp, mode) as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def save_checkpoint(paths, step, elapsed):
-    """Atomically write the full training state (temp file, fsync, rename): a crash mid-write leaves the
-    previous file intact. Every rank calls it (the RNG states are gathered); rank 0 writes."""
+    """Write the full training state to each of paths, atomically. Every rank calls it (the RNG states are
+    gathered); rank 0 writes. paths lists ckpt_best before ckpt_last, so a kill between the two never leaves
+    ckpt_last recording a best that ckpt_best.pt does not hold yet."""
     states = [None] * world
     if ddp:
         dist.all_gather_object(states, rng_state())
@@ -297,12 +535,7 @@ def save_checkpoint(paths, step, elapsed):
              "model_args": model_args, "config": config, "tokenizer": tokenizer, "step": step,
              "best_val_loss": best_val, "elapsed_s": elapsed, "loader": loader.state(step - start_step), "rng": states}
     for path in paths:
-        tmp = f"{path}.tmp-{step}"
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, lambda f: torch.save(state, f), "wb", f"{path}.tmp-{step}")
     dirfd = os.open(out_dir, os.O_RDONLY)
     os.fsync(dirfd)
     os.close(dirfd)
@@ -320,14 +553,13 @@ COLUMNS = ["step", "tokens", "train_loss", "val_loss", "lr", "grad_norm", "ms_pe
            "amax_fwd", "amax_bwd", "val_acc"]
 metrics_path = os.path.join(out_dir, "metrics.csv")
 if master:
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(dict(config, model_args=model_args, tokenizer_kind=tokenizer["kind"], world_size=world,
-                       tokens_per_step=tokens_per_step, device=device, dtype=dtype, compile=compile,
-                       git_commit=git_commit(), torch_version=torch.__version__,
-                       python_version=platform.python_version(), argv=sys.argv), f, indent=2)
-    if not os.path.isfile(metrics_path) or os.path.getsize(metrics_path) == 0:
-        with open(metrics_path, "w") as f:
-            f.write(",".join(COLUMNS) + "\n")
+    write_atomic(os.path.join(out_dir, "config.json"), lambda f: json.dump(
+        dict(config, model_args=model_args, tokenizer_kind=tokenizer["kind"], world_size=world,
+             tokens_per_step=tokens_per_step, device=device, dtype=dtype, compile=compile, git_commit=git_commit(),
+             torch_version=torch.__version__, python_version=platform.python_version(), argv=sys.argv), f, indent=2))
+    if init_from == "scratch" or not os.path.isfile(metrics_path) or os.path.getsize(metrics_path) == 0:
+        # a new run (the folder holds no checkpoint): rows of an attempt that never saved one do not carry over
+        write_atomic(metrics_path, lambda f: f.write(",".join(COLUMNS) + "\n"))
     else:  # resuming: keep the file's own columns, so the rows stay aligned with its header
         with open(metrics_path) as f:
             COLUMNS = f.readline().strip().split(",")
@@ -346,20 +578,11 @@ def write_row(row):
         wandb.log({k: v for k, v in row.items() if v is not None}, step=row["step"])
 
 
-def end_ddp():
-    """Wait for every rank before tearing down: a rank that destroys its gloo group while rank 0 is still
-    writing a checkpoint aborts the process ("terminate called without an active exception")."""
-    if ddp:
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 def stop_non_finite(what, value):
     last = f"{ckpt_last} is the last good checkpoint" if os.path.isfile(ckpt_last) else "no checkpoint was written yet"
     log(f"error: step {step}: the {what} loss is {value}; stopping. {last}. "
         f"Try a lower learning_rate, grad_clip, or dtype=bfloat16/float32.")
-    end_ddp()
-    sys.exit(1)
+    finish(1)
 
 
 def fmt_time(s):
@@ -380,8 +603,7 @@ if eval_only or start_step == 0:
     write_row(dict(step=start_step, tokens=start_step * tokens_per_step, val_loss=val, val_acc=val_acc,
                    elapsed_s=elapsed0))
     if eval_only:
-        end_ddp()
-        sys.exit(0)
+        finish(0)
 step, t_start, dt_avg = start_step, time.time() - elapsed0, None
 while step < max_iters:
     t0 = time.time()
@@ -415,7 +637,7 @@ while step < max_iters:
     dt_avg = dt if dt_avg is None else 0.9 * dt_avg + 0.1 * dt
     row = {}
     if step % log_interval == 0 or step == max_iters:
-        mfu = raw_model.estimate_mfu(batch_size * accum, dt, device)
+        mfu = raw_model.estimate_mfu(proc_batch * accum, dt, device)
         row = dict(train_loss=train_loss, lr=lr, grad_norm=grad_norm, ms_per_step=dt * 1000,
                    tok_per_s=tokens_per_step / dt, mfu=mfu)
         norm = f"{grad_norm:.3f}" if grad_norm is not None else "n/a"
@@ -430,13 +652,13 @@ while step < max_iters:
         row["amax_fwd"], row["amax_bwd"] = amax()
         improved = val < best_val
         best_val = min(best_val, val)
-        save_checkpoint([ckpt_last, ckpt_best] if improved else [ckpt_last], step, time.time() - t_start)
+        save_checkpoint([ckpt_best, ckpt_last] if improved else [ckpt_last], step, time.time() - t_start)
         log(f"step {step}: val loss {val:.4f} (best {best_val:.4f}){fmt_acc(val_acc)}; saved {'ckpt_last, ckpt_best' if improved else 'ckpt_last'}")
     if row:
         write_row(dict(row, step=step, tokens=step * tokens_per_step, elapsed_s=time.time() - t_start))
 
 if master:
-    with open(os.path.join(out_dir, "DONE"), "w") as f:
-        json.dump({"step": step, "best_val_loss": best_val, "val_acc": val_acc, "elapsed_s": time.time() - t_start}, f)
+    write_atomic(os.path.join(out_dir, "DONE"), lambda f: json.dump(
+        {"step": step, "best_val_loss": best_val, "val_acc": val_acc, "elapsed_s": time.time() - t_start}, f))
     log(f"done: {step} steps, best val loss {best_val:.4f}, {fmt_time(time.time() - t_start)}")
-end_ddp()
+finish(0)

@@ -1,5 +1,5 @@
 # Quick start: a small HyperGLU + mHC model on the embedded corpus (the Python standard library's source,
-# bytes), on a 2-core CPU in a few minutes. Prepare the data first: python data/pystdlib/prepare.py
+# bytes), on a 2-core CPU in a few minutes. The data: python data/pystdlib/prepare.py (train.py runs it when missing)
 out_dir = "out/quickstart"
 dataset = "pystdlib"
 attn = "hyperglu"

@@ -2,7 +2,7 @@
 Token shards on disk, and the deterministic loader train.py reads them with.
 
 Two formats, both uint16 token ids:
-  raw    nanoGPT's train.bin / val.bin: the tokens and nothing else (meta.pkl beside them for char vocabularies)
+  raw    nanoGPT's train.bin / val.bin: the tokens and nothing else (meta.json beside them names the tokenizer)
   header llm.c / modded-nanogpt shards: 256 x int32 header (magic 20240520, version 1, token count), then the
          tokens; train and val files are matched by glob (*_train_*.bin, *_val_*.bin)
 
@@ -29,7 +29,7 @@ def write_shard(path, tokens, header=True):
     tokens = np.asarray(tokens)
     if tokens.size and (tokens.min() < 0 or tokens.max() >= 2 ** 16):
         raise ValueError(f"{path}: token ids must fit in uint16 (0..65535), got {tokens.min()}..{tokens.max()}")
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.tmp-{os.getpid()}"  # per process: two prepares into one folder must not share a temp file
     with open(tmp, "wb") as f:
         if header:
             h = np.zeros(HEADER_INTS, dtype=np.int32)

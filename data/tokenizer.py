@@ -1,5 +1,5 @@
 """
-Tokenizers, described by a small dict that prepare.py writes into meta.pkl and train.py copies into every
+Tokenizers, described by a small dict that prepare.py writes into meta.json and train.py copies into every
 checkpoint, so sample.py decodes with the tokenizer the model was trained on:
 
   {"kind": "bytes", "vocab_size": 256}                      raw UTF-8 bytes
@@ -8,9 +8,14 @@ checkpoint, so sample.py decodes with the tokenizer the model was trained on:
 
 GPT-2 BPE offline: pass tokenizer_file=PATH to an r50k_base.tiktoken file (the ranks tiktoken downloads), or
 set TIKTOKEN_CACHE_DIR to a folder holding it under the name 0ea1e91bbb3a60f729a8dc8f777fd2fc07cd8df4.
+
+nanoGPT's meta.pkl (vocab_size, stoi, itos) is still read, by an unpickler that allows dict, list, str and int
+only: a pickle can run code when it is loaded, and a dataset folder may come from someone else.
 """
 
+import builtins
 import hashlib
+import json
 import os
 import pickle
 
@@ -51,21 +56,49 @@ def char_spec(text):
             "itos": {i: c for i, c in enumerate(chars)}}
 
 
+class _MetaUnpickler(pickle.Unpickler):
+    """Reads nanoGPT's meta.pkl (dicts of str and int) and refuses every other class: a pickle from someone else
+    could otherwise run code when it is loaded."""
+    SAFE = {"dict", "list", "str", "int"}
+
+    def find_class(self, module, name):
+        if module == "builtins" and name in self.SAFE:
+            return getattr(builtins, name)
+        raise pickle.UnpicklingError(f"it refers to {module}.{name}; only dict, list, str and int are allowed")
+
+
 def load_meta(data_dir):
-    """The tokenizer spec in data_dir/meta.pkl (nanoGPT's char meta.pkl works too); GPT-2 when there is none."""
-    path = os.path.join(data_dir, "meta.pkl")
-    if not os.path.isfile(path):
-        return {"kind": "gpt2", "vocab_size": 50257}
-    with open(path, "rb") as f:
-        meta = pickle.load(f)
+    """The tokenizer spec in data_dir/meta.json, else in nanoGPT's meta.pkl (read by a restricted unpickler); GPT-2
+    when there is neither. A file that is not a tokenizer spec is a ValueError naming it."""
+    path = os.path.join(data_dir, "meta.json")
+    try:
+        if os.path.isfile(path):
+            with open(path) as f:
+                meta = json.load(f)
+        elif os.path.isfile(path := os.path.join(data_dir, "meta.pkl")):
+            with open(path, "rb") as f:
+                meta = _MetaUnpickler(f).load()
+        else:
+            return {"kind": "gpt2", "vocab_size": 50257}
+        if not isinstance(meta, dict) or not isinstance(meta.get("vocab_size"), int):
+            raise ValueError("expected a dict with an int vocab_size (and kind, stoi, itos)")
+        if "itos" in meta:  # JSON keys are strings
+            meta["itos"] = {int(i): c for i, c in meta["itos"].items()}
+    except (ValueError, AttributeError, pickle.UnpicklingError, EOFError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path} is not a tokenizer spec that can be read safely: {e}") from None
     if "kind" not in meta:  # nanoGPT's own meta.pkl: vocab_size, stoi, itos
         meta = dict(meta, kind="char")
     return meta
 
 
 def save_meta(data_dir, spec):
-    with open(os.path.join(data_dir, "meta.pkl"), "wb") as f:
-        pickle.dump(spec, f)
+    """Write the spec as data_dir/meta.json (atomically), and drop a meta.pkl an older prepare left there."""
+    path = os.path.join(data_dir, "meta.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(spec, f)
+    os.replace(path + ".tmp", path)
+    if os.path.isfile(os.path.join(data_dir, "meta.pkl")):
+        os.remove(os.path.join(data_dir, "meta.pkl"))
 
 
 def encoder(spec, tokenizer_file=""):

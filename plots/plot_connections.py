@@ -17,6 +17,7 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from checkpoint import load_checkpoint  # noqa: E402
 from data.shards import val_batches  # noqa: E402
 from model import GPT  # noqa: E402
 
@@ -61,6 +62,8 @@ def main(argv=None):
     p.add_argument("--dataset", default="", help="data folder (default: the one the run trained on)")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--out", default=os.path.join(REPO, "plots", "connections"))
+    p.add_argument("--trust_checkpoint", action="store_true",
+                   help="load a checkpoint older than safe loading (a full unpickle: your own files only)")
     args = p.parse_args(argv)
 
     import matplotlib
@@ -69,7 +72,10 @@ def main(argv=None):
 
     if not os.path.isfile(args.ckpt):
         sys.exit(f"error: checkpoint '{args.ckpt}' not found")
-    state = torch.load(args.ckpt, map_location="cpu", weights_only=False)
+    try:
+        state = load_checkpoint(args.ckpt, args.trust_checkpoint)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     if state["model_args"]["residual"] == "plain":
         sys.exit(f"error: {args.ckpt} uses the plain residual: there are no connection matrices to plot")
     model = GPT.from_checkpoint(state).eval()

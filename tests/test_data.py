@@ -175,9 +175,10 @@ def test_prepare_shakespeare_char(tmp_path):
     (tmp_path / "in.txt").write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 20)
     r = run("data/shakespeare_char/prepare.py", f"--input={tmp_path / 'in.txt'}", f"--out_dir={tmp_path}")
     assert r.returncode == 0, r.stderr
-    meta = pickle.load(open(tmp_path / "meta.pkl", "rb"))
-    assert set(meta) >= {"vocab_size", "stoi", "itos"}  # nanoGPT's meta.pkl keys
-    encode, decode = encoder(meta)
+    assert not (tmp_path / "meta.pkl").exists()
+    meta = json.load(open(tmp_path / "meta.json"))
+    assert set(meta) >= {"vocab_size", "stoi", "itos"}  # nanoGPT's meta.pkl keys, as JSON
+    encode, decode = encoder(load_meta(str(tmp_path)))
     train = open_shard(str(tmp_path / "train.bin"), header=False)
     assert decode(train[:14].tolist()) == "First Citizen:"
     assert len(train) + len(open_shard(str(tmp_path / "val.bin"), header=False)) == 1220
@@ -220,3 +221,59 @@ def test_prepare_fineweb_tokenizes_local_jsonl(tmp_path):
     val = open_shard(str(tmp_path / "fw" / "fineweb_val_000000.bin"))
     assert len(val) == 2000 and val[0] == 50256  # every document starts with <|endoftext|>
     assert len(TokenStream(str(tmp_path / "fw"), "train").paths) >= 2
+
+
+def test_prepare_textfile_bytes_invalid_utf8_binary_files_and_reruns(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_bytes(b"caf\xe9 latin-1, not UTF-8\n" * 20)
+    (src / "b.txt").write_text("plain text\n" * 20)
+    (src / "c.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))  # a binary file
+    out = tmp_path / "out"
+    r = run("data/textfile/prepare.py", f"--input={src}", f"--out_dir={out}", "--tokenizer=bytes", "--shard_tokens=200")
+    assert r.returncode == 0, r.stderr
+    assert f"skipping {src / 'c.txt'}: it looks binary" in r.stderr
+    train, val = TokenStream(str(out), "train"), TokenStream(str(out), "val")
+    data = bytes(np.concatenate([train.read(0, train.total), val.read(0, val.total)]).astype(np.uint8))
+    assert data == b"caf\xe9 latin-1, not UTF-8\n" * 20 + b"\n" + b"plain text\n" * 20  # the bytes as they are
+    n_shards = len(train.paths) + len(val.paths)
+
+    r = run("data/textfile/prepare.py", f"--input={src}", f"--out_dir={out}", "--tokenizer=char")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert f"error: {src / 'a.txt'}: invalid UTF-8 at byte offset 3" in r.stderr and "--errors=replace" in r.stderr
+    assert len(os.listdir(out)) == n_shards + 1  # a failed prepare leaves the earlier one as it was
+
+    r = run("data/textfile/prepare.py", f"--input={src}", f"--out_dir={out}", "--tokenizer=char", "--errors=replace",
+            "--name=again")
+    assert r.returncode == 0, r.stderr
+    assert f"removed {n_shards} shards of an earlier prepare" in r.stdout
+    assert sorted(os.listdir(out)) == ["again_train_000000.bin", "again_val_000000.bin", "meta.json"]
+    meta = load_meta(str(out))
+    assert meta["kind"] == "char" and "\ufffd" in meta["stoi"] and meta["itos"][meta["stoi"]["\ufffd"]] == "\ufffd"
+
+
+def test_nanogpt_meta_pkl_is_read_and_anything_else_refused(tmp_path):
+    stoi = {c: i for i, c in enumerate("abc\n")}
+    with open(tmp_path / "meta.pkl", "wb") as f:  # what nanoGPT's shakespeare_char/prepare.py writes
+        pickle.dump({"vocab_size": 4, "itos": {i: c for c, i in stoi.items()}, "stoi": stoi}, f)
+    meta = load_meta(str(tmp_path))
+    assert meta["kind"] == "char" and encoder(meta)[1]([0, 1, 3]) == "ab\n"
+    with open(tmp_path / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": 4, "when": __import__("datetime").date(2024, 1, 1)}, f)
+    with pytest.raises(ValueError, match="meta.pkl is not a tokenizer spec that can be read safely.*datetime.date"):
+        load_meta(str(tmp_path))
+    (tmp_path / "meta.json").write_text("{not json")
+    with pytest.raises(ValueError, match="meta.json is not a tokenizer spec"):
+        load_meta(str(tmp_path))
+
+
+@pytest.mark.parametrize("script,flag,setting", [("train.py", "--help", "max_iters = 5000"),
+                                                 ("train.py", "-h", "hc_streams = 4  # n, residual streams for hc/mhc"),
+                                                 ("sample.py", "--help", "top_k = 200"),
+                                                 ("bench.py", "--help", "repeats = 7")])
+def test_help_lists_the_settings_with_defaults_and_comments(script, flag, setting):
+    r = run(script, flag, timeout=60)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert setting in r.stdout and "settings and their defaults" in r.stdout
+    if script == "train.py":
+        assert "out_dir = \"out\"                  # run folder" in r.stdout and "overwrite = False" in r.stdout

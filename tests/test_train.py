@@ -1,8 +1,11 @@
-"""train.py and sample.py end to end, as a user runs them: loss falls, DDP matches one process, a killed run
-resumes bit for bit, a failed checkpoint write keeps the last good one, sampling prints text."""
+"""train.py and sample.py end to end, as a user runs them: loss falls, DDP matches one process (README's command
+too), a killed run resumes bit for bit, kills mid-checkpoint leave consistent checkpoints and no leftovers, a failed
+checkpoint write keeps the last good one, a newcomer's first command prepares its data, sampling prints text."""
 import csv
+import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -68,10 +71,9 @@ def test_tiny_run_decreases_loss_and_writes_the_run_folder(dataset, tmp_path):
                                         "amax_fwd,amax_bwd,val_acc")
     assert abs(float(m[60]["amax_fwd"]) - 1) < 1e-4  # mHC: rows of every H_res sum to 1, so the composite's too
     assert "amax_fwd" not in m[0]  # logged at evals after training steps
-    import json
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["model_args"]["attn"] == "hyperglu" and cfg["torch_version"] == torch.__version__ and cfg["git_commit"]
-    ck = torch.load(os.path.join(out, "ckpt_last.pt"), weights_only=False)
+    ck = torch.load(os.path.join(out, "ckpt_last.pt"), weights_only=True)  # only types the safe loader reads
     assert not any(k.startswith("_orig_mod.") for k in ck["model"]) and ck["step"] == 60
     assert ck["tokenizer"]["kind"] == "char" and ck["loader"]["next_row"] == 60 * 4
 
@@ -149,7 +151,7 @@ def test_failed_checkpoint_write_keeps_the_last_good_one(dataset, tmp_path):
     (out / "ckpt_last.pt.tmp-20").mkdir()  # the step-20 save cannot create its temp file: a crash mid-save
     r = train(f"--dataset={dataset}", f"--out_dir={out}", "--max_iters=30", "--eval_interval=10")
     assert r.returncode != 0 and "ckpt_last.pt.tmp-20" in r.stderr
-    ck = torch.load(out / "ckpt_last.pt", weights_only=False)
+    ck = torch.load(out / "ckpt_last.pt", weights_only=True)
     assert ck["step"] == 10
     r = train(f"--dataset={dataset}", f"--out_dir={out}", "--max_iters=12", "--eval_interval=10", "--init_from=resume")
     assert r.returncode == 0 and "resumed from" in r.stdout and "at step 10" in r.stdout
@@ -164,12 +166,149 @@ def test_non_finite_loss_stops_with_a_clear_message(dataset, tmp_path):
     # the step-5 update breaks the weights; step 5's own loss was computed before it
     assert "step 6: the training loss is nan" in r.stdout or "step 6: the training loss is inf" in r.stdout
     assert "ckpt_last.pt is the last good checkpoint" in r.stdout
-    ck = torch.load(out / "ckpt_last.pt", weights_only=False)
+    ck = torch.load(out / "ckpt_last.pt", weights_only=True)
     assert ck["step"] == 4 and math.isfinite(ck["best_val_loss"])
     # an eval right after the breaking update (step 5) must not checkpoint the broken weights either
     r = train(f"--dataset={dataset}", f"--out_dir={out}", "--max_iters=200", "--eval_interval=1", "--init_from=resume",
               "--learning_rate=1e12", "--warmup_iters=0", "--grad_clip=0", "--weight_decay=0")
     assert r.returncode == 1 and "step 5: the validation loss is nan" in r.stdout
-    ck = torch.load(out / "ckpt_last.pt", weights_only=False)
+    ck = torch.load(out / "ckpt_last.pt", weights_only=True)
     assert ck["step"] == 4
     assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+# ---------------------------------------------------------------- README's commands, kills, leftovers
+
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+QUICK = ["--max_iters=2", "--eval_interval=2", "--eval_iters=1", "--log_interval=1", "--n_layer=1", "--block_size=32"]
+
+
+def test_readme_ddp_command_works_and_matches_one_process(tmp_path):
+    """README's CPU DDP command as written (gradient_accumulation_steps=1 under 2 processes: the micro-batch of 16 is
+    split 8 + 8), shortened by overrides; it reproduces one process and prints model.py's lines once."""
+    r = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", "train.py", "config/quickstart.py", *QUICK,
+                        f"--out_dir={tmp_path / 'two'}"], cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "each micro-step's batch_size=16 rows are split over them: 8 rows per process" in r.stdout
+    assert r.stdout.count("num decayed parameter tensors") == 1
+    assert "terminate called" not in r.stderr and os.path.isfile(tmp_path / "two" / "DONE")
+    one = subprocess.run([sys.executable, "train.py", "config/quickstart.py", *QUICK, f"--out_dir={tmp_path / 'one'}"],
+                         cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert one.returncode == 0, one.stderr
+    a, b = metrics(str(tmp_path / "one")), metrics(str(tmp_path / "two"))
+    assert sorted(a) == sorted(b) == [0, 1, 2]
+    for s in a:
+        for col in ("train_loss", "val_loss"):
+            if col in a[s]:
+                assert abs(float(a[s][col]) - float(b[s][col])) < 1e-5, (s, col, a[s][col], b[s][col])
+    # rank 0 refuses the folder (a scratch run over checkpoints): one error line, and rank 1 stops cleanly with it
+    r = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", "train.py", "config/quickstart.py", *QUICK,
+                        f"--out_dir={tmp_path / 'two'}"], cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: out_dir") and "holds the checkpoints" in errors[0]
+    assert 'train.py", line' not in r.stderr  # no traceback from either rank (torchrun prints its own summary)
+    # an accumulation that cannot split over 2 processes: one error line, not one per rank on a shared line
+    r = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", "train.py", "config/quickstart.py", *QUICK,
+                        "--gradient_accumulation_steps=3", f"--out_dir={tmp_path / 'three'}"], cwd=REPO,
+                       capture_output=True, text=True, timeout=240)
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert r.returncode != 0 and len(errors) == 1 and errors[0].startswith("error: gradient_accumulation_steps=3")
+    assert not os.path.exists(tmp_path / "three")
+
+
+def test_quickstart_prepares_the_embedded_dataset_when_missing(tmp_path):
+    """A newcomer's first command in a fresh checkout, without the prepare step."""
+    tree = tmp_path / "tree"
+    shutil.copytree(REPO, tree, ignore=shutil.ignore_patterns(".git", "out", "*.bin", "*.pkl", "meta.json", "results",
+                                                              "__pycache__", ".pytest_cache"))
+    assert not os.path.exists(tree / "data" / "pystdlib" / "train.bin")
+    r = subprocess.run([sys.executable, "train.py", "config/quickstart.py", *QUICK, "--out_dir=out/q"], cwd=tree,
+                       capture_output=True, text=True, timeout=240, env=dict(os.environ, HYPERGLU_FUSED="0"))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "dataset pystdlib is not prepared yet; preparing it now" in r.stdout
+    assert os.path.isfile(tree / "data" / "pystdlib" / "train.bin") and os.path.isfile(tree / "out" / "q" / "DONE")
+
+
+# Runs train.py and SIGKILLs it at a chosen moment of a checkpoint write: KILL_AT=save:N dies inside the N-th
+# torch.save, after half a file went to its temp file; KILL_AT=replace:N dies right after the N-th rename onto a .pt.
+KILLER = """
+import os, runpy, signal, sys, torch
+what, at = os.environ["KILL_AT"].split(":")
+seen = [0]
+def nth():
+    seen[0] += 1
+    return seen[0] == int(at)
+real_save, real_replace = torch.save, os.replace
+def save(obj, f, *a, **k):
+    if what == "save" and nth():
+        f.write(b"half a checkpoint")
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, f, *a, **k)
+def replace(src, dst, *a, **k):
+    real_replace(src, dst, *a, **k)
+    if what == "replace" and str(dst).endswith(".pt") and nth():
+        os.kill(os.getpid(), signal.SIGKILL)
+torch.save, os.replace = save, replace
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_kills_during_checkpoint_writes_leave_a_consistent_resumable_run(dataset, tmp_path):
+    out = tmp_path / "run"
+    args = [*TINY, f"--dataset={dataset}", f"--out_dir={out}", "--eval_interval=2"]
+
+    def killed(kill_at, *more):
+        r = subprocess.run([sys.executable, "-c", KILLER, "train.py", *args, *more], cwd=REPO, capture_output=True,
+                           text=True, timeout=180, env=dict(os.environ, KILL_AT=kill_at))
+        assert r.returncode == -signal.SIGKILL, r.stdout[-2000:] + r.stderr[-2000:]
+        return r
+
+    def ckpts():
+        return [torch.load(out / f"ckpt_{n}.pt", weights_only=True) for n in ("last", "best")]
+
+    def leftovers():
+        return sorted(n for n in os.listdir(out) if ".tmp-" in n or n in ("DONE", "LOCK"))
+
+    killed("save:3", "--max_iters=8")  # step 2 wrote best and last; step 4 dies writing ckpt_best
+    assert leftovers() == ["LOCK", "ckpt_best.pt.tmp-4"]  # a stale lock (its process is gone) and half a file
+    r = killed("replace:1", "--max_iters=8", "--init_from=resume")  # step 4: dies between ckpt_best and ckpt_last
+    assert f"removed {out}/ckpt_best.pt.tmp-4, left by an interrupted checkpoint write" in r.stdout
+    assert "was left by a run that ended without releasing it" in r.stdout
+    last, best = ckpts()
+    assert (last["step"], best["step"]) == (2, 4)
+    assert best["best_val_loss"] <= last["best_val_loss"]  # whatever ckpt_last records is already on disk
+
+    r = train(*args[len(TINY):], "--max_iters=8", "--init_from=resume")
+    assert r.returncode == 0 and "resumed from" in r.stdout and "at step 2" in r.stdout, r.stderr
+    assert leftovers() == ["DONE"]
+    last, best = ckpts()
+    assert last["step"] == 8 and last["best_val_loss"] == best["best_val_loss"]
+    vals = {s: float(row["val_loss"]) for s, row in metrics(str(out)).items() if "val_loss" in row}
+    assert best["step"] == min(vals, key=vals.get) and best["best_val_loss"] == min(vals.values())
+
+    r = killed("save:1", "--max_iters=12", "--init_from=resume")  # a finished run goes on, and dies at step 10
+    assert "max_iters: 8 -> 12" in r.stdout and "removed" in r.stdout and "DONE" in r.stdout
+    assert leftovers() in (["LOCK", "ckpt_best.pt.tmp-10"], ["LOCK", "ckpt_last.pt.tmp-10"])  # no stale DONE
+    r = train(*args[len(TINY):], "--max_iters=12", "--init_from=resume")
+    assert r.returncode == 0, r.stderr
+    assert leftovers() == ["DONE"] and json.load(open(out / "DONE"))["step"] == 12
+    last, best = ckpts()
+    assert last["step"] == 12 and last["best_val_loss"] == best["best_val_loss"]
+
+
+def test_overwrite_moves_the_earlier_run_aside(dataset, tmp_path):
+    out = tmp_path / "run"
+    args = [f"--dataset={dataset}", f"--out_dir={out}", "--max_iters=2", "--eval_interval=2"]
+    assert train(*args).returncode == 0
+    first = torch.load(out / "ckpt_last.pt", weights_only=True)["model"]
+    r = train(*args, "--seed=7", "--overwrite=True")
+    assert r.returncode == 0 and "overwrite: moved the earlier run" in r.stdout, r.stderr
+    aside = [p for p in os.listdir(tmp_path) if p.startswith("run.old-")]
+    assert len(aside) == 1 and sorted(os.listdir(tmp_path / aside[0])) == ["DONE", "ckpt_best.pt", "ckpt_last.pt",
+                                                                            "config.json", "metrics.csv"]
+    kept = torch.load(tmp_path / aside[0] / "ckpt_last.pt", weights_only=True)["model"]
+    assert all(torch.equal(first[k], kept[k]) for k in first)
+    assert sorted(metrics(str(out))) == [0, 1, 2]  # the new run's rows alone

@@ -3,10 +3,10 @@ The embedded default corpus: the source of the Python standard library of the ru
 UTF-8 bytes (vocab 256). It ships with every Python, so the quick start needs no download and no file
 from outside the project.
 
-$ python data/pystdlib/prepare.py                 # writes data/pystdlib/{train.bin, val.bin, meta.pkl}
+$ python data/pystdlib/prepare.py                 # writes data/pystdlib/{train.bin, val.bin, meta.json}
 
 The top-level Lib/*.py files, sorted by name, each after a "# file: NAME" line, up to --max_bytes; the
-last 10% of the bytes are val. Deterministic for a given Python version (recorded in meta.pkl), so
+last 10% of the bytes are val. Deterministic for a given Python version (recorded in meta.json), so
 compare runs made with the same Python.
 """
 import argparse

@@ -1,6 +1,6 @@
 """
 Tiny Shakespeare in GPT-2 BPE (tiktoken), nanoGPT's data/shakespeare: train.bin / val.bin (raw uint16) and
-meta.pkl (kind="gpt2").
+meta.json (kind="gpt2").
 
 $ python data/shakespeare/prepare.py
 $ python data/shakespeare/prepare.py --input=PATH --tokenizer_file=PATH/r50k_base.tiktoken    # fully offline

@@ -1,6 +1,6 @@
 """
-Tiny Shakespeare at character level, nanoGPT-compatible: train.bin / val.bin (raw uint16) and meta.pkl
-(vocab_size, stoi, itos; here also kind="char").
+Tiny Shakespeare at character level, as nanoGPT's: train.bin / val.bin (raw uint16) and meta.json
+(vocab_size, stoi, itos as nanoGPT's meta.pkl, and kind="char").
 
 $ python data/shakespeare_char/prepare.py                     # downloads input.txt when it is absent
 $ python data/shakespeare_char/prepare.py --input=PATH        # a local copy, no network

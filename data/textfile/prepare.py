@@ -1,5 +1,5 @@
 """
-Any text file, or a folder of them, to header shards (llm.c format) plus meta.pkl, for train.py --dataset=OUT_DIR.
+Any text file, or a folder of them, to header shards (llm.c format) plus meta.json, for train.py --dataset=OUT_DIR.
 
 $ python data/textfile/prepare.py --input=book.txt --out_dir=data/book                       # GPT-2 BPE
 $ python data/textfile/prepare.py --input=notes/ --pattern="**/*.md" --tokenizer=char --out_dir=data/notes
@@ -8,6 +8,11 @@ $ python data/textfile/prepare.py --input=book.txt --out_dir=data/book --tokeniz
 Files are read in sorted order. With GPT-2 BPE every file starts with <|endoftext|>; with char or bytes
 files are joined by a newline. The last --val_fraction of the tokens are val. Shards hold at most
 --shard_tokens tokens: NAME_val_000000.bin ..., NAME_train_000000.bin ...
+
+--tokenizer=bytes takes the files' bytes as they are. The other tokenizers decode UTF-8 and stop at invalid
+UTF-8 with the file and byte offset, unless --errors=replace (bad bytes become U+FFFD). Files that look binary
+(a NUL byte in the first 8 KB) are skipped with a warning. Shards already in OUT_DIR (any that train.py would
+read) are removed before the new ones are written, so a re-run never mixes old and new data.
 """
 import argparse
 import glob
@@ -27,6 +32,8 @@ parser.add_argument("--out_dir", required=True)
 parser.add_argument("--name", default="", help="shard name prefix (default: the out_dir's name)")
 parser.add_argument("--tokenizer", default="gpt2", choices=["gpt2", "char", "bytes"])
 parser.add_argument("--tokenizer_file", default="", help="r50k_base.tiktoken for offline GPT-2 BPE")
+parser.add_argument("--errors", default="strict", choices=["strict", "replace"],
+                    help="invalid UTF-8 (char, gpt2): stop with an error, or replace it with U+FFFD")
 parser.add_argument("--val_fraction", type=float, default=0.1)
 parser.add_argument("--shard_tokens", type=int, default=100_000_000)
 args = parser.parse_args()
@@ -41,8 +48,20 @@ if not files:
     sys.exit(f"error: no files match '{args.pattern}' in {args.input}")
 texts = []
 for path in files:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        texts.append(f.read())
+    with open(path, "rb") as f:
+        raw = f.read()
+    if b"\0" in raw[:8192]:
+        print(f"warning: skipping {path}: it looks binary (a NUL byte in its first 8 KB)", file=sys.stderr)
+        continue
+    if args.tokenizer != "bytes":
+        try:
+            raw = raw.decode("utf-8", errors=args.errors)
+        except UnicodeDecodeError as e:
+            sys.exit(f"error: {path}: invalid UTF-8 at byte offset {e.start}; fix the file, pass --errors=replace "
+                     f"(bad bytes become U+FFFD), or use --tokenizer=bytes")
+    texts.append(raw)
+if not texts:
+    sys.exit(f"error: every file in {args.input} looks binary; nothing to prepare")
 
 if args.tokenizer == "gpt2":
     enc = gpt2_encoding(args.tokenizer_file)
@@ -56,15 +75,21 @@ elif args.tokenizer == "char":
     ids = np.array([spec["stoi"][c] for c in text], dtype=np.uint16)
 else:
     spec = {"kind": "bytes", "vocab_size": 256}
-    ids = np.frombuffer("\n".join(texts).encode("utf-8"), dtype=np.uint8).astype(np.uint16)
+    ids = np.frombuffer(b"\n".join(texts), dtype=np.uint8).astype(np.uint16)
 
 n_val = max(1, int(len(ids) * args.val_fraction))
 if len(ids) - n_val < 2:
     sys.exit(f"error: {len(ids)} tokens are too few to split into train and val")
 name = args.name or os.path.basename(os.path.normpath(args.out_dir))
 os.makedirs(args.out_dir, exist_ok=True)
+old = [p for pat in ("*_train_*.bin", "*_val_*.bin", "train.bin", "val.bin")
+       for p in glob.glob(os.path.join(glob.escape(args.out_dir), pat))]
+for p in old:  # train.py reads every shard in the folder: an earlier prepare's must not stay beside the new ones
+    os.remove(p)
+if old:
+    print(f"removed {len(old)} shards of an earlier prepare from {args.out_dir}")
 for split, part in (("val", ids[-n_val:]), ("train", ids[:-n_val])):
     for i, lo in enumerate(range(0, len(part), args.shard_tokens)):
         write_shard(os.path.join(args.out_dir, f"{name}_{split}_{i:06d}.bin"), part[lo:lo + args.shard_tokens])
 save_meta(args.out_dir, spec)
-print(f"{len(files)} files, {args.tokenizer} tokens: {len(ids) - n_val:,} train and {n_val:,} val -> {args.out_dir}")
+print(f"{len(texts)} files, {args.tokenizer} tokens: {len(ids) - n_val:,} train and {n_val:,} val -> {args.out_dir}")

@@ -1,0 +1,30 @@
+"""
+Loading a train.py checkpoint without running code. A full unpickle (torch.load with weights_only=False) runs
+whatever a file from someone else asks for; weights_only=True reads tensors, numbers, strings, lists and dicts
+only. train.py stores everything in those types (the numpy and Python RNG states as lists). Checkpoints written
+before that hold numpy objects: they load only with trust=True (train.py and sample.py: --trust_checkpoint=True).
+"""
+import pickle
+import re
+
+import torch
+
+
+def load_checkpoint(path, trust=False):
+    """The checkpoint dict at path, on the CPU. Any problem is a ValueError naming the file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=not trust)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = found.group(1) if found else str(e).strip().splitlines()[-1]
+        if what.startswith("numpy"):
+            raise ValueError(f"{path} predates safe loading: it holds numpy objects ({what}). If you made it, or "
+                             f"trust where it came from, pass --trust_checkpoint=True to load it anyway") from None
+        raise ValueError(f"{path} holds {what}, which loading would have to run code for; refusing to load it "
+                         f"(a checkpoint holds only tensors, numbers, strings, lists and dicts)") from None
+    except Exception as e:  # truncated, empty, not a zip: torch raises RuntimeError, OSError, EOFError, KeyError...
+        raise ValueError(f"{path} cannot be read: it is truncated or not a checkpoint "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})") from None
+    if not isinstance(state, dict) or "model" not in state or "model_args" not in state:
+        raise ValueError(f"{path} is not a train.py checkpoint (expected a dict with model and model_args)")
+    return state
