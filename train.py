@@ -471,21 +471,27 @@ def val_set(n_batches=None, rank=0, world=1):
 
 @torch.no_grad()
 def evaluate():
-    """(loss, accuracy) over the fixed val set, split over the ranks and all-reduced. Both count the
-    targets that are not -1 only (all of them for text, the answer positions for MAD); accuracy is
-    the share of those the argmax predicts, reported for MAD tasks only (None otherwise)."""
+    """(loss, accuracy, macro accuracy) over the fixed val set, split over the ranks and all-reduced. All count
+    the targets that are not -1 only (all of them for text, the answer positions for MAD). Accuracy is the
+    share of those the argmax predicts; macro accuracy is mad-lab's score (data/mad.py macro_accuracy), per
+    batch and averaged weighted by batch size. Both are reported for MAD tasks only (None otherwise)."""
     model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # summed loss, correct, counted targets
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, correct, targets, macro x rows, rows
     for x, y in val_set(rank=rank, world=world):
         with ctx:
             logits, loss = model(x, y)
         n = (y != -1).sum()
-        correct = mad.answer_hits(logits, y)[0] if task else torch.zeros((), device=device)  # no argmax for text
-        sums += torch.stack([loss.double() * n, correct.double(), n.double()])
+        sums[0] += loss.double() * n
+        sums[2] += n
+        if task:  # no argmax for text
+            sums[1] += mad.answer_hits(logits, y)[0]
+            sums[3] += mad.macro_accuracy(logits, y) * len(x)
+            sums[4] += len(x)
     if ddp:
         dist.all_reduce(sums)
     model.train()
-    return (sums[0] / sums[2]).item(), ((sums[1] / sums[2]).item() if task else None)
+    loss = (sums[0] / sums[2]).item()
+    return (loss, (sums[1] / sums[2]).item(), (sums[3] / sums[4]).item()) if task else (loss, None, None)
 
 
 def amax():
@@ -550,7 +556,7 @@ def git_commit():
 
 
 COLUMNS = ["step", "tokens", "train_loss", "val_loss", "lr", "grad_norm", "ms_per_step", "tok_per_s", "mfu", "elapsed_s",
-           "amax_fwd", "amax_bwd", "val_acc"]
+           "amax_fwd", "amax_bwd", "val_acc", "val_acc_macro"]
 metrics_path = os.path.join(out_dir, "metrics.csv")
 if master:
     write_atomic(os.path.join(out_dir, "config.json"), lambda f: json.dump(
@@ -592,16 +598,16 @@ def fmt_time(s):
 # -----------------------------------------------------------------------------
 # the loop. "step s" is the state after s optimizer updates.
 
-def fmt_acc(acc):
-    return "" if acc is None else f", accuracy {acc:.4f}"
+def fmt_acc(acc, macro):
+    return "" if acc is None else f", accuracy {acc:.4f} (macro {macro:.4f})"
 
 
-val_acc = None
+val_acc = val_acc_macro = None
 if eval_only or start_step == 0:
-    val, val_acc = evaluate()
-    log(f"step {start_step}: val loss {val:.4f}{fmt_acc(val_acc)}")
+    val, val_acc, val_acc_macro = evaluate()
+    log(f"step {start_step}: val loss {val:.4f}{fmt_acc(val_acc, val_acc_macro)}")
     write_row(dict(step=start_step, tokens=start_step * tokens_per_step, val_loss=val, val_acc=val_acc,
-                   elapsed_s=elapsed0))
+                   val_acc_macro=val_acc_macro, elapsed_s=elapsed0))
     if eval_only:
         finish(0)
 step, t_start, dt_avg = start_step, time.time() - elapsed0, None
@@ -645,20 +651,21 @@ while step < max_iters:
             f"{tokens_per_step / dt:,.0f} tok/s | mfu {f'{mfu * 100:.1f}%' if mfu is not None else 'n/a'} | "
             f"eta {fmt_time(dt_avg * (max_iters - step))}")
     if step % eval_interval == 0 or step == max_iters:
-        val, val_acc = evaluate()
+        val, val_acc, val_acc_macro = evaluate()
         if not math.isfinite(val):  # the last update broke the weights: do not checkpoint them
             stop_non_finite("validation", val)
-        row["val_loss"], row["val_acc"] = val, val_acc
+        row["val_loss"], row["val_acc"], row["val_acc_macro"] = val, val_acc, val_acc_macro
         row["amax_fwd"], row["amax_bwd"] = amax()
         improved = val < best_val
         best_val = min(best_val, val)
         save_checkpoint([ckpt_best, ckpt_last] if improved else [ckpt_last], step, time.time() - t_start)
-        log(f"step {step}: val loss {val:.4f} (best {best_val:.4f}){fmt_acc(val_acc)}; saved {'ckpt_last, ckpt_best' if improved else 'ckpt_last'}")
+        log(f"step {step}: val loss {val:.4f} (best {best_val:.4f}){fmt_acc(val_acc, val_acc_macro)}; saved {'ckpt_last, ckpt_best' if improved else 'ckpt_last'}")
     if row:
         write_row(dict(row, step=step, tokens=step * tokens_per_step, elapsed_s=time.time() - t_start))
 
 if master:
     write_atomic(os.path.join(out_dir, "DONE"), lambda f: json.dump(
-        {"step": step, "best_val_loss": best_val, "val_acc": val_acc, "elapsed_s": time.time() - t_start}, f))
+        {"step": step, "best_val_loss": best_val, "val_acc": val_acc, "val_acc_macro": val_acc_macro,
+         "elapsed_s": time.time() - t_start}, f))
     log(f"done: {step} steps, best val loss {best_val:.4f}, {fmt_time(time.time() - t_start)}")
 finish(0)

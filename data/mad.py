@@ -34,7 +34,16 @@ measures exact retrieval of a whole random sequence by position, not compression
 Deliberate differences from mad-lab: the loss is on answer positions only (the original trains the recall
 tasks with the full next-token loss, whose other targets are unpredictable random keys and first values);
 every example has its own seeded generator (the original's selective copying draws its blank positions from
-numpy's global RNG); noisy recall always keeps one real pair among the first seq_len/2 - 1.
+numpy's global RNG); noisy recall always keeps one real pair among the first seq_len/2 - 1. Compression draws
+its tokens from V-2 symbols [0, V-2) where mad-lab uses V-1, [0, V-1): we need V-2 as the blank the model
+writes on, and mad-lab's autoencoder has no such positions. mad-lab also scores all seq_len positions of
+compression, the marker included (a trivial answer, and in the macro score a class of its own); here only
+the seq_len-1 tokens count.
+
+Scores. answer_hits gives the plain share of answers right (micro, train.py's val_acc). mad-lab reports
+torchmetrics' MulticlassAccuracy, whose default is the macro average over classes; macro_accuracy computes it
+per batch and train.py averages the batches weighted by their size, as mad-lab's Lightning logging does
+(val_acc_macro).
 """
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -277,6 +286,22 @@ def answer_hits(logits, y):
     """(correct, counted) as tensors: argmax hits among the answer positions (y != -1), and their number."""
     counted = y != IGNORE
     return (logits.argmax(-1) == y)[counted].sum(), counted.sum()
+
+
+def macro_accuracy(logits, y):
+    """mad-lab's score of one batch: torchmetrics' MulticlassAccuracy(num_classes=vocab, ignore_index=its ignored
+    target) with its default average="macro", as torchmetrics >= 1.0 computes it. Over the answer positions,
+    each class's recall tp / (tp + fn), averaged over the classes that are an answer or a prediction there (so
+    a class predicted but never an answer counts as 0, and classes absent from both are left out); 0 when the
+    batch has no answers."""
+    counted = y != IGNORE
+    pred, true = logits.argmax(-1)[counted], y[counted]
+    C = logits.size(-1)
+    support = torch.bincount(true, minlength=C)
+    hits = torch.bincount(true[pred == true], minlength=C)
+    present = (support + torch.bincount(pred, minlength=C)) > 0
+    recall = hits / support.clamp(min=1)
+    return recall[present].sum() / present.sum().clamp(min=1)
 
 
 def val_batches(task, batch_size, seed, rank=0, world=1, device="cpu", n_batches=None):

@@ -138,6 +138,26 @@ def test_answer_masking_on_a_hand_made_example():
     assert torch.equal(loss, loss2)
 
 
+def test_macro_accuracy_on_hand_made_batches():
+    """mad-lab's macro score against the plain (micro) one, both worked out by hand."""
+    def logits_for(pred, C=4):
+        return F.one_hot(torch.tensor(pred), C).float()[None]
+    # 100 answers: 99 of class 0, all right; the one answer of class 1 predicted as 0. Micro 99%; macro averages
+    # the recalls of classes 0 (1.0) and 1 (0.0): 50%. Classes 2 and 3 occur nowhere and are left out.
+    y = torch.tensor([[0] * 99 + [1]])
+    logits = logits_for([0] * 100)
+    correct, counted = mad.answer_hits(logits, y)
+    assert correct / counted == pytest.approx(0.99)
+    assert mad.macro_accuracy(logits, y).item() == pytest.approx(0.5)
+    # answers 2, 2, 3 (ignored positions in between, predicted wrong: they must not count), predictions 2, 1, 3:
+    # recall 1/2 for class 2, 1 for class 3, and 0 for class 1, predicted but never an answer: macro (0.5 + 1 + 0) / 3
+    y = torch.tensor([[2, -1, 2, -1, 3]])
+    logits = logits_for([2, 0, 1, 0, 3])
+    assert mad.macro_accuracy(logits, y).item() == pytest.approx(0.5)
+    assert mad.answer_hits(logits, y)[0].item() == 2
+    assert mad.macro_accuracy(logits, torch.full_like(y, -1)).item() == 0.0  # no answers: 0, as torchmetrics
+
+
 def test_loader_is_a_pure_function_of_the_row():
     t = small("in_context_recall")
     a = mad.Loader(t, batch_size=8, accum=1, seed=1)
@@ -181,8 +201,10 @@ def test_trivial_task_reaches_full_accuracy_and_is_logged(tmp_path):
         rows = [row for row in csv.DictReader(f) if row["val_acc"]]
     assert [int(row["step"]) for row in rows] == [0, 40, 80]
     assert float(rows[0]["val_acc"]) < 0.6 and float(rows[-1]["val_acc"]) == 1.0
+    assert float(rows[0]["val_acc_macro"]) < 0.6 and float(rows[-1]["val_acc_macro"]) == 1.0
+    assert "accuracy 1.0000 (macro 1.0000)" in r.stdout
     with open(os.path.join(out, "DONE")) as f:
-        assert json.load(f)["val_acc"] == 1.0
+        assert json.load(f)["val_acc_macro"] == 1.0
     bad = train("--dataset=mad:compression", "--block_size=8", f"--out_dir={tmp_path / 'bad'}")
     assert bad.returncode != 0 and "block_size=8 is shorter than the mad:compression examples (length 30)" in bad.stderr
     bad = train("--dataset=mad:copying", f"--out_dir={tmp_path / 'bad'}")
@@ -193,9 +215,11 @@ def test_trivial_task_reaches_full_accuracy_and_is_logged(tmp_path):
 
 
 def test_ddp_two_processes_match_one_on_a_mad_task(tmp_path):
-    common = ["--dataset=mad:compression", "--mad_args=seq_len=9,train_examples=64,test_examples=24", "--block_size=16",
+    # 22 test examples in batches of 4: the last batch holds 2, so the macro score's batch weights matter
+    common = ["--dataset=mad:compression", "--mad_args=seq_len=9,train_examples=64,test_examples=22", "--block_size=16",
               "--n_layer=1", "--n_embd=32", "--n_head=2", "--batch_size=4", "--gradient_accumulation_steps=2",
-              "--max_iters=6", "--eval_interval=3", "--attn=hyperglu", "--op1_rank=2", "--op2_rank=2"]
+              "--max_iters=6", "--eval_interval=3", "--attn=hyperglu", "--op1_rank=2", "--op2_rank=2",
+              "--warmup_iters=0", "--learning_rate=3e-2"]  # moved enough for scores above 0
     one = train(*common, f"--out_dir={tmp_path / 'one'}")
     assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -210,6 +234,17 @@ def test_ddp_two_processes_match_one_on_a_mad_task(tmp_path):
     for a, b in zip(*rows):
         assert abs(float(a["val_loss"]) - float(b["val_loss"])) < 1e-5
         assert abs(float(a["val_acc"]) - float(b["val_acc"])) < 1e-9
+        assert abs(float(a["val_acc_macro"]) - float(b["val_acc_macro"])) < 1e-9
+    # the logged macro score is the per-batch score averaged with batch-size weights (mad-lab's Lightning logging)
+    from checkpoint import load_checkpoint
+    model = GPT.from_checkpoint(load_checkpoint(str(tmp_path / "one" / "ckpt_last.pt"))).eval()
+    task = mad.make_task("compression", "lite", "seq_len=9,train_examples=64,test_examples=22")
+    with torch.no_grad():
+        scores = [(mad.macro_accuracy(model(x, y)[0], y).item(), len(x)) for x, y in mad.val_batches(task, 4, 1337)]
+    assert [n for _, n in scores] == [4, 4, 4, 4, 4, 2]
+    weighted = sum(m * n for m, n in scores) / 22
+    assert float(rows[0][-1]["val_acc_macro"]) == pytest.approx(weighted, abs=1e-6)
+    assert abs(sum(m for m, _ in scores) / len(scores) - weighted) > 1e-4  # the plain mean would differ
 
 
 def test_resumed_mad_run_matches_an_uninterrupted_one(tmp_path):
