@@ -19,8 +19,11 @@ The tasks (V = vocab_size; "aligned" = y[i] is what the model must output after 
                      1..motif distinct tokens (keys always `motif` long at test time); left-padded with V-1. Answers: every value token of a repeated key.
   noisy_recall       recall where a frac_noise share of the pairs is replaced by two tokens from a separate noise
                      vocabulary (the last noise_vocab ids); noise is never asked about.
-  selective_copying  copy_tokens tokens from [0, V-2) scattered among blanks (V-2), then a copy marker (V-1),
-                     then copy_tokens blanks at which the tokens must be written in order (aligned).
+  selective_copying  copy_tokens tokens from [0, V-2) among blanks (V-2), then a copy marker (V-1), then
+                     copy_tokens blanks at which the tokens must be written in order (aligned). copy_layout
+                     "madlab" (default) places them as mad-lab does: each blank goes in front of one of the
+                     tokens, chosen uniformly and independently, so the last token sits right before the marker;
+                     "scatter" puts the tokens at a uniformly random set of positions (our earlier layout).
   compression        causal variant (see below): seq_len-1 tokens from [0, V-2), a marker (V-1), then blanks
                      (V-2); from the marker on, the model writes the sequence back (aligned).
   memorization       a fixed key->value map over the vocabulary, the same for every example and split;
@@ -69,6 +72,7 @@ class Task:
     noise_vocab: int = 0         # noisy_recall: the last noise_vocab ids are noise tokens
     copy_tokens: int = 0         # selective_copying: tokens to copy
     motif: int = 1               # fuzzy_recall: keys and values are 1..motif tokens
+    copy_layout: str = "madlab"  # selective_copying: "madlab" (last token before the marker) | "scatter"
 
     @property
     def length(self):
@@ -120,7 +124,7 @@ def make_task(name, size="lite", args=""):
             raise ValueError(f"mad_args: '{item}' is not field=value with a field among "
                              f"{', '.join(k for k in types if k != 'name')}")
         try:
-            task = replace(task, **{key: (float if types[key] is float else int)(raw)})
+            task = replace(task, **{key: types[key](raw) if types[key] in (float, str) else int(raw)})
         except ValueError:
             raise ValueError(f"mad_args: {key}={raw!r} is not a number") from None
     check(task)
@@ -143,6 +147,7 @@ def check(t):
     if t.name == "selective_copying":
         need(t.vocab_size >= 3 and t.copy_tokens >= 1, "vocab_size must be at least 3 and copy_tokens at least 1")
         need(t.seq_len > 2 * t.copy_tokens + 1, "seq_len must exceed 2 * copy_tokens + 1")
+        need(t.copy_layout in ("madlab", "scatter"), "copy_layout must be 'madlab' or 'scatter'")
     if t.name == "compression":
         need(t.vocab_size >= 3 and t.seq_len >= 2, "vocab_size must be at least 3 and seq_len at least 2")
     if t.name == "memorization":
@@ -210,7 +215,10 @@ def selective_copying(t, rng, test=False):
     region = t.seq_len - n - 1                    # where the n tokens hide among blanks
     content = rng.integers(0, blank, n)
     x = np.full(t.seq_len, blank)
-    x[np.sort(rng.choice(region, n, replace=False))] = content
+    if t.copy_layout == "madlab":                 # each blank before a uniformly drawn token, none after the last
+        x[:region] = np.insert(content, rng.integers(0, n, region - n), blank)
+    else:
+        x[np.sort(rng.choice(region, n, replace=False))] = content
     x[region] = marker
     y = np.full(t.seq_len, IGNORE)
     y[region + 1:] = content                      # written on the n blanks after the marker, in order

@@ -86,16 +86,22 @@ def test_fuzzy_recall_answers_are_value_motifs_of_repeated_keys():
             assert " " + " ".join(map(str, key + value)) + " " in before, (key, value)
 
 
-def test_selective_copying_answers_are_the_tokens_in_order():
-    t = small("selective_copying")
-    blank, marker = t.vocab_size - 2, t.vocab_size - 1
+@pytest.mark.parametrize("layout", ["madlab", "scatter"])
+def test_selective_copying_answers_are_the_tokens_in_order(layout):
+    t = replace(small("selective_copying"), train_examples=200, copy_layout=layout)
+    blank, marker, n = t.vocab_size - 2, t.vocab_size - 1, t.copy_tokens
+    region = t.seq_len - n - 1
     x, y = mad.generate(t, "train", seed=2)
-    n = t.copy_tokens
     for xs, ys in zip(x, y):
-        assert xs[t.seq_len - n - 1] == marker and (xs[t.seq_len - n:] == blank).all()
-        content = xs[:t.seq_len - n - 1][xs[:t.seq_len - n - 1] != blank]
+        assert xs[region] == marker and (xs[region + 1:] == blank).all()
+        content = xs[:region][xs[:region] != blank]
         assert len(content) == n and (content < blank).all()
-        assert (ys[:t.seq_len - n] == mad.IGNORE).all() and np.array_equal(ys[t.seq_len - n:], content)
+        assert (ys[:region + 1] == mad.IGNORE).all() and np.array_equal(ys[region + 1:], content)
+    # mad-lab inserts every blank in front of one of the tokens, so the last token always precedes the marker
+    # (the uniform scatter puts a blank there with probability 1 - n / region, 85% at the lite size)
+    last_before_marker = x[:, region - 1] != blank
+    assert last_before_marker.all() if layout == "madlab" else last_before_marker.mean() < 0.3
+    assert mad.make_task("selective_copying", args=f"copy_layout={layout}").copy_layout == layout
 
 
 def test_compression_and_memorization_answers():
@@ -179,6 +185,8 @@ def test_bad_task_settings_are_clear_errors():
         mad.make_task("compression", args="seqlen=3")
     with pytest.raises(ValueError, match="seq_len must exceed 2 \\* copy_tokens \\+ 1"):
         mad.make_task("selective_copying", args="seq_len=16,copy_tokens=8")
+    with pytest.raises(ValueError, match="copy_layout must be 'madlab' or 'scatter'"):
+        mad.make_task("selective_copying", args="copy_layout=even")
     with pytest.raises(ValueError, match="mad_size='big'"):
         mad.make_task("compression", "big")
     assert mad.make_task("noisy_recall", "original", "frac_noise=0.4,seq_len=256").length == 255
