@@ -6,14 +6,17 @@ $ python scripts/run_mad.py                                        # the lite su
 $ python scripts/run_mad.py --variants="S-pc,G-cg-q-12o" --tasks=in_context_recall,memorization --jobs=2
 $ python scripts/run_mad.py --size=original --gpus=0,1,2,3         # mad-lab's settings and sweep, one run per GPU
 $ python scripts/run_mad.py --tasks=fuzzy_recall --mad_args=epochs=16 --out=out/long   # longer training
+$ python scripts/run_mad.py --variants=S-pc --seeds=1337,1338     # two seeds (data and weights both follow it)
 $ python scripts/run_mad.py --dry_run                              # print the commands
 
-Runs go to <out>/mad-<size>/<variant>/<task>/lr<lr>-wd<wd>/ (train.py run folders); the table and figure to
+Runs go to <out>/mad-<size>/<variant>/<task>/lr<lr>-wd<wd>/ (train.py run folders), with a -s<seed> suffix for
+seeds other than 1337 so that earlier single-seed suites keep their folders; the table and figure to
 <out>/mad-<size>/mad.{md,csv,png,pdf}. Variant names are those of the plots grid (config/grids.py), matched
 to S per task. A run with a DONE marker is skipped, so an interrupted suite can simply be re-run. Extra
 --key=value arguments go to every run (e.g. --device=cpu).
 """
 import argparse
+import itertools
 import math
 import os
 import sys
@@ -27,7 +30,7 @@ from plot_mad import write_results  # noqa: E402
 from scripts.run_grid import run_all, slug  # noqa: E402
 
 
-def commands(size, out, names, tasks, lrs, wds, extra, mad_args=""):
+def commands(size, out, names, tasks, lrs, wds, extra, mad_args="", seeds=(1337,)):
     batch = MAD_SWEEP[size]["batch_size"]
     for task_name in tasks:
         task = make_task(task_name, size, mad_args)
@@ -36,16 +39,14 @@ def commands(size, out, names, tasks, lrs, wds, extra, mad_args=""):
         iters = math.ceil(task.epochs * task.train_examples / batch)
         base.update(max_iters=iters, eval_interval=max(1, iters // 4))
         table = variants(base)
-        for name in names:
-            for lr in lrs:
-                for wd in wds:
-                    run_dir = os.path.join(out, slug(name), task_name, f"lr{lr:g}-wd{wd:g}")
-                    settings = dict(base, **table[name], learning_rate=lr, weight_decay=wd, out_dir=run_dir)
-                    if os.path.isfile(os.path.join(run_dir, "ckpt_last.pt")):
-                        settings["init_from"] = "resume"
-                    cmd = [sys.executable, os.path.join(REPO, "train.py")]
-                    cmd += [f"--{k}={v}" for k, v in settings.items()] + extra
-                    yield f"{name} {task_name} lr={lr:g} wd={wd:g}", run_dir, cmd
+        for name, seed, lr, wd in itertools.product(names, seeds, lrs, wds):
+            tail = "" if seed == 1337 else f"-s{seed}"
+            run_dir = os.path.join(out, slug(name), task_name, f"lr{lr:g}-wd{wd:g}{tail}")
+            settings = dict(base, **table[name], seed=seed, learning_rate=lr, weight_decay=wd, out_dir=run_dir)
+            if os.path.isfile(os.path.join(run_dir, "ckpt_last.pt")):
+                settings["init_from"] = "resume"
+            cmd = [sys.executable, os.path.join(REPO, "train.py")] + [f"--{k}={v}" for k, v in settings.items()] + extra
+            yield f"{name} {task_name} seed={seed} lr={lr:g} wd={wd:g}", run_dir, cmd
 
 
 def floats(s):
@@ -59,6 +60,7 @@ def main():
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--lrs", default="", help="comma-separated; default: the size's sweep (config/grids.py)")
     parser.add_argument("--wds", default="", help="comma-separated weight decays; default: the size's sweep")
+    parser.add_argument("--seeds", default="1337", help="comma-separated; each sets train.py's seed (data and weights)")
     parser.add_argument("--mad_args", default="", help='task overrides for every task, e.g. "epochs=16"')
     parser.add_argument("--out", default="out")
     parser.add_argument("--jobs", type=int, default=1, help="CPU runs at a time (they share the cores)")
@@ -72,11 +74,17 @@ def main():
         sys.exit(f"error: unknown variants {sorted(set(names) - set(known))}; known: {sorted(known)}")
     if set(tasks) - set(TASKS):
         sys.exit(f"error: unknown tasks {sorted(set(tasks) - set(TASKS))}; known: {list(TASKS)}")
+    try:
+        seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
+    except ValueError:
+        sys.exit(f"error: --seeds={args.seeds!r} is not a comma-separated list of integers")
+    if not seeds:
+        sys.exit("error: --seeds is empty")
     lrs = floats(args.lrs) or MAD_SWEEP[args.size]["lrs"]
     wds = floats(args.wds) or MAD_SWEEP[args.size]["wds"]
     out = os.path.join(args.out, f"mad-{args.size}")
     try:
-        runs = list(commands(args.size, out, names, tasks, lrs, wds, extra, args.mad_args))
+        runs = list(commands(args.size, out, names, tasks, lrs, wds, extra, args.mad_args, seeds))
     except ValueError as e:
         sys.exit(f"error: {e}")
     failed = run_all(runs, [g for g in args.gpus.split(",") if g], args.jobs, args.dry_run)

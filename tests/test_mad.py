@@ -272,37 +272,52 @@ def test_resumed_mad_run_matches_an_uninterrupted_one(tmp_path):
         assert rows[0][step]["val_acc"] == rows[1][step]["val_acc"]
 
 
-def fake_run(root, variant, task, lr, acc, done=True, **model):
-    d = os.path.join(root, variant, task, f"lr{lr}")
+def fake_run(root, variant, task, lr, acc, macro=None, seed=1337, done=True, **model):
+    d = os.path.join(root, variant, task, f"lr{lr}-s{seed}")
     os.makedirs(d)
     args = {"attn": "softmax", "n_embd": 128, "residual": "plain", **model}
     with open(os.path.join(d, "config.json"), "w") as f:
-        json.dump({"dataset": f"mad:{task}", "learning_rate": lr, "weight_decay": 0.0, "model_args": args}, f)
+        json.dump({"dataset": f"mad:{task}", "learning_rate": lr, "weight_decay": 0.0, "seed": seed,
+                   "model_args": args}, f)
+    scores = {"val_acc": acc} if macro is None else {"val_acc": acc, "val_acc_macro": macro}  # older runs: no macro
     with open(os.path.join(d, "metrics.csv"), "w") as f:
-        f.write("step,val_loss,val_acc\n0,2.0,0.1\n")
-        f.write(f"10,1.0,{acc}\n")
+        f.write("step,val_loss," + ",".join(scores) + "\n" + "0,2.0" + ",0.1" * len(scores) + "\n")
+        f.write("10,1.0," + ",".join(map(str, scores.values())) + "\n")
     if done:
         open(os.path.join(d, "DONE"), "w").close()
 
 
-def test_table_takes_the_best_lr_and_averages_complete_variants(tmp_path, capsys):
+def test_table_scores_macro_best_per_seed_then_mean_with_micro_beside(tmp_path, capsys):
     from plots.plot_mad import main
     root = str(tmp_path / "runs")
     for i, task in enumerate(mad.TASKS):
-        fake_run(root, "S", task, 1e-3, 0.5)
-        fake_run(root, "S", task, 3e-3, 0.5 + 0.05 * i)
-    fake_run(root, "G", "memorization", 1e-3, 0.9, attn="hyperglu", qk_rank=32)
-    fake_run(root, "S", "memorization", 1e-2, 0.99, done=False)  # unfinished: left out
+        for seed, shift in ((1337, 0.0), (1338, 0.1)):
+            fake_run(root, "S", task, 1e-3, 0.6, macro=0.5 + shift, seed=seed)
+            fake_run(root, "S", task, 3e-3, 0.6 + 0.05 * i, macro=0.4 + shift, seed=seed)
+    # R: its sweep moves selective copying by 50 points, more than the gap to S there (35); elsewhere it does not
+    # move R, and S's spread (10) stays below the gap (15)
+    for task in mad.TASKS:
+        copy = task == "selective_copying"
+        fake_run(root, "R", task, 1e-3, 0.9, macro=0.9 if copy else 0.7, attn="hypermlp", qk_rank=32)
+        fake_run(root, "R", task, 3e-3, 0.4, macro=0.4 if copy else 0.7, attn="hypermlp", qk_rank=32)
+    fake_run(root, "G", "memorization", 1e-3, 0.9, attn="hyperglu", qk_rank=32)   # predates val_acc_macro
+    fake_run(root, "S", "memorization", 1e-2, 0.99, macro=0.99, done=False)       # unfinished: left out
     main([root])
     assert "not finished" in capsys.readouterr().out
     with open(os.path.join(root, "mad.csv")) as f:
         rows = {r["variant"]: r for r in csv.DictReader(f)}
-    assert float(rows["S"]["memorization"]) == pytest.approx(75.0)
-    assert float(rows["S"]["avg"]) == pytest.approx(100 * (0.5 + 0.05 * 2.5))
-    assert rows["S"]["memorization_lr"] == "0.003"
-    assert rows["G-cg-q-12o"]["avg"] == "" and rows["G-cg-q-12o"]["in_context_recall"] == ""
+    s, r, g = rows["S"], rows["R-cg-q-12o"], rows["G-cg-q-12o"]
+    assert float(s["memorization"]) == pytest.approx(55.0)        # best per seed (50, 60), then the mean
+    assert float(s["memorization_micro"]) == pytest.approx(100 * (0.6 + 0.05 * 5))
+    assert float(s["avg"]) == pytest.approx(55.0) and s["seeds"] == "2" and s["memorization_lr"] == "0.001"
+    assert float(s["avg_micro"]) == pytest.approx(100 * (0.6 + 0.05 * 2.5))
+    assert g["memorization"] == "" and float(g["memorization_micro"]) == pytest.approx(90.0), "no macro: missing"
+    assert g["avg"] == g["avg_micro"] == "" and g["in_context_recall"] == ""
+    assert r["note"] == "sel. copy (50.0)" and s["note"] == ""
+    md = open(os.path.join(root, "mad.md")).read()
+    assert "| G-cg-q-12o | 1 | – | – | – | – | – | – (90.0) | – |" in md
+    assert "| 55.0 (60.0) |" in md and "sel. copy (50.0)" in md
     assert os.path.getsize(os.path.join(root, "mad.png")) > 0
-    assert "| G-cg-q-12o | – |" in open(os.path.join(root, "mad.md")).read()
 
 
 def test_runner_builds_the_sweep(tmp_path):
@@ -322,3 +337,14 @@ def test_runner_builds_the_sweep(tmp_path):
     bad = subprocess.run([sys.executable, "scripts/run_mad.py", "--dry_run", "--variants=Q"], cwd=REPO,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "unknown variants ['Q']" in bad.stderr
+    r = subprocess.run([sys.executable, "scripts/run_mad.py", "--dry_run", "--tasks=compression", "--variants=S",
+                        "--lrs=1e-3", "--seeds=1337,1338", f"--out={tmp_path}"], cwd=REPO, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    runs = sorted((ln.split("--seed=")[1].split()[0], ln.split("--out_dir=")[1].split()[0])
+                  for ln in r.stdout.strip().splitlines())
+    assert runs == [("1337", f"{tmp_path}/mad-lite/S/compression/lr0.001-wd0"),
+                    ("1338", f"{tmp_path}/mad-lite/S/compression/lr0.001-wd0-s1338")]
+    bad = subprocess.run([sys.executable, "scripts/run_mad.py", "--dry_run", "--seeds=1,x"], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "error: --seeds='1,x' is not a comma-separated list of integers" in bad.stderr
