@@ -27,4 +27,8 @@ def load_checkpoint(path, trust=False):
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})") from None
     if not isinstance(state, dict) or "model" not in state or "model_args" not in state:
         raise ValueError(f"{path} is not a train.py checkpoint (expected a dict with model and model_args)")
+    args = state["model_args"]
+    if args.get("attn") == "softmax" and not any("_gate." in k for k in state["model"]):
+        # written before softmax had gates, with use_qk_gate/use_vo_gate=True doing nothing: the weights say off
+        state["model_args"] = dict(args, use_qk_gate=None, use_vo_gate=None)
     return state

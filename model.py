@@ -127,22 +127,29 @@ class MLP(nn.Module):
 # softmax attention (the baseline): S, S-p (RoPE), S-c (KV conv), S-pc
 
 class CausalSelfAttention(nn.Module):
-    """nanoGPT's attention (names c_attn, c_proj) plus the paper's softmax options: RoPE ("p", from
-    GPTConfig.pos) and a depthwise causal conv in front of K and V ("c", GPTConfig.use_kv_conv),
-    placed exactly as in HyperGLU: k = W_k conv1(x), v = W_v conv2(x)."""
+    """nanoGPT's attention (names c_attn, c_proj) plus the paper's softmax options, placed as in HyperGLU: RoPE
+    ("p", GPTConfig.pos), a depthwise causal conv in front of K and V ("c": k = W_k conv1(x), v = W_v conv2(x)),
+    the sigmoid gates on q and on the readout ("g": use_qk_gate, use_vo_gate) and Q/K or V/O widths below
+    n_embd ("q": qk_rank, "v": vo_rank). With none of them it is nanoGPT's layer, parameter for parameter."""
 
     def __init__(self, config):
         super().__init__()
         C, h = config.n_embd, config.n_head
         self.n_head, self.dropout = h, config.dropout
         self.rope_base = config.rope_base if config.pos == "rope" else None
-        self.c_attn = nn.Linear(C, 3 * C, bias=config.bias)
-        self.c_proj = nn.Linear(C, C, bias=config.bias)
-        self.use_conv = config.kv_conv()
+        self.widths = (config.qk_rank or C, config.qk_rank or C, config.vo_rank or C)  # q, k, v (summed over heads)
+        self.c_attn = nn.Linear(C, sum(self.widths), bias=config.bias)
+        self.c_proj = nn.Linear(self.widths[2], C, bias=config.bias)
+        self.act = torch.sigmoid if config.gate_act == "sigmoid" else (lambda t: t)
+        self.use_conv, self.qk_gate, self.vo_gate = (config.auto(k) for k in ("use_kv_conv", "use_qk_gate", "use_vo_gate"))
         if self.use_conv:
             fast = config.impl == "fast"
             self.conv1 = CausalConv1d(C, config.conv_kernel_size, fast)
             self.conv2 = CausalConv1d(C, config.conv_kernel_size, fast)
+        if self.qk_gate:
+            self.left_gate = nn.Linear(C, self.widths[0], bias=True)
+        if self.vo_gate:
+            self.right_gate = nn.Linear(C, self.widths[2], bias=True)
 
     def forward(self, x, cache=None):
         B, T, C = x.shape
@@ -151,11 +158,13 @@ class CausalSelfAttention(nn.Module):
         if self.use_conv:
             xp, tail = conv_pad(x, cache, self.conv1.conv.kernel_size[0])
             xk, xv = self.conv1(xp), self.conv2(xp)
-            bias = self.c_attn.bias.split(C) if self.c_attn.bias is not None else (None,) * 3
-            q, k, v = (F.linear(t, W, b) for t, W, b in zip((x, xk, xv), self.c_attn.weight.split(C), bias))
+            bias = self.c_attn.bias.split(self.widths) if self.c_attn.bias is not None else (None,) * 3
+            q, k, v = (F.linear(t, W, b) for t, W, b in zip((x, xk, xv), self.c_attn.weight.split(self.widths), bias))
         else:
-            q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, h, C // h).transpose(1, 2) for t in (q, k, v))  # (B, h, T, hd)
+            q, k, v = self.c_attn(x).split(self.widths, dim=2)
+        if self.qk_gate:
+            q = q * self.act(self.left_gate(x))
+        q, k, v = (t.view(B, T, h, -1).transpose(1, 2) for t in (q, k, v))  # (B, h, T, head dim)
         n_past = cache["k"].shape[2] if cache is not None and "k" in cache else 0
         if self.rope_base:
             pos = torch.arange(n_past, n_past + T, device=x.device)
@@ -166,7 +175,10 @@ class CausalSelfAttention(nn.Module):
             mask = torch.ones(T, n_past + T, dtype=torch.bool, device=x.device).tril(n_past)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, vo width)
+        if self.vo_gate:
+            y = y * self.act(self.right_gate(x))
+        return self.c_proj(y)
 
 
 # -----------------------------------------------------------------------------
@@ -576,6 +588,15 @@ def make_residual(config, site):
 RETIRED = ("impl_default", "aligner_impl_train", "aligner_impl_eval", "op1_per_head", "op2_per_head")
 
 
+def upgrade(args):
+    """A saved model_args dict as this version reads it: without the fields older versions wrote and this one
+    dropped. Those versions also wrote use_qk_gate/use_vo_gate=True for softmax, where they did nothing: in such
+    a dict (it has a RETIRED field) they read as unset. (checkpoint.py settles the files written in between.)"""
+    if args.get("attn") == "softmax" and any(k in args for k in RETIRED):
+        args = dict(args, use_qk_gate=None, use_vo_gate=None)
+    return {k: v for k, v in args.items() if k not in RETIRED}
+
+
 @dataclass
 class GPTConfig(HyperGLUOptions):
     vocab_size: int = 50304            # GPT-2's 50257 padded up to a multiple of 64
@@ -598,7 +619,9 @@ class GPTConfig(HyperGLUOptions):
     mlp: str = "gelu"                  # "gelu" | "swiglu"
     norm: str = "layernorm"            # "layernorm" | "rmsnorm"
     # and the HyperGLU / HyperMLP knobs of HyperGLUOptions (use_kv_conv, conv_kernel_size also serve softmax), with
-    use_kv_conv: bool = None           # None -> on for hyperglu/hypermlp, off for softmax (see kv_conv())
+    use_kv_conv: bool = None           # None -> on for hyperglu/hypermlp, off for softmax (see auto())
+    use_qk_gate: bool = None           # the same; softmax "g" turns both gates on
+    use_vo_gate: bool = None
     chunk_T: int = None                # None -> ops.hyperglu.default_chunk(device): 128 rows on CPU, 1024 on GPU
 
     def __post_init__(self):
@@ -616,29 +639,36 @@ class GPTConfig(HyperGLUOptions):
         if self.attn == "softmax":
             if self.n_embd % self.n_head:
                 raise ValueError(f"{o}.n_embd={self.n_embd} is not valid for softmax; expected a multiple of n_head={self.n_head}")
-            if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
-                raise ValueError(f"{o}.pos='rope' needs an even head dim; n_embd/n_head = {self.n_embd // self.n_head}")
             _positive(self, "conv_kernel_size")
+            for name in ("qk_rank", "vo_rank"):
+                width = getattr(self, name) or self.n_embd
+                if width <= 0 or width % self.n_head:
+                    raise ValueError(f"{o}.{name}={width} is not valid for softmax; expected a positive multiple of "
+                                     f"n_head={self.n_head}")
+            if self.pos == "rope" and ((self.qk_rank or self.n_embd) // self.n_head) % 2:
+                raise ValueError(f"{o}.pos='rope' needs an even Q/K head dim; qk_rank/n_head = "
+                                 f"{(self.qk_rank or self.n_embd) // self.n_head}")
         else:
             self.hyperglu_config()  # validates the HyperGLU fields
 
     def hyperglu_config(self):
         """The HyperGLUConfig of this model's attention."""
         options = {f.name: getattr(self, f.name) for f in fields(HyperGLUOptions)}
-        return HyperGLUConfig(**dict(options, use_kv_conv=self.kv_conv()), n_embd=self.n_embd, n_head=self.n_head,
+        auto = {k: self.auto(k) for k in ("use_kv_conv", "use_qk_gate", "use_vo_gate")}
+        return HyperGLUConfig(**dict(options, **auto), n_embd=self.n_embd, n_head=self.n_head,
                               block_size=self.block_size, bias=self.bias, n_layer=self.n_layer,
                               use_rope=self.pos == "rope", attn_kind="glu" if self.attn == "hyperglu" else "relu")
 
     @classmethod
     def from_dict(cls, args):
-        """A GPTConfig from a saved dict (a checkpoint's or config.json's model_args), without the fields older
-        versions wrote and this one dropped."""
-        return cls(**{k: v for k, v in args.items() if k not in RETIRED})
+        """A GPTConfig from a saved dict (a checkpoint's or config.json's model_args), read by upgrade()."""
+        return cls(**upgrade(args))
 
-    def kv_conv(self):
-        """use_kv_conv with None resolved: on for HyperGLU/HyperMLP, off for softmax (kept None in the config,
-        so replace(cfg, attn=...) re-resolves it)."""
-        return self.attn != "softmax" if self.use_kv_conv is None else self.use_kv_conv
+    def auto(self, name):
+        """use_kv_conv, use_qk_gate or use_vo_gate with None resolved: on for HyperGLU/HyperMLP, off for softmax
+        (kept None in the config, so replace(cfg, attn=...) re-resolves it)."""
+        value = getattr(self, name)
+        return self.attn != "softmax" if value is None else value
 
 
 class Block(nn.Module):
@@ -779,7 +809,8 @@ class GPT(nn.Module):
         T = T or cfg.block_size
         N = sum(p.numel() for n, p in self.named_parameters() if ".mix." not in n and not n.endswith("wpe.weight"))
         if cfg.attn == "softmax":
-            maps = 4 * T * cfg.n_embd
+            qk, _, vo = self.transformer.h[0].attn.widths
+            maps = 2 * T * (qk + vo)
         else:
             a = self.transformer.h[0].attn
             r1, r2 = cfg.op1_rank * cfg.use_op1, cfg.op2_rank * cfg.use_op2
@@ -867,29 +898,28 @@ def param_report(config):
     return rep
 
 
-def match_budget(base, tol=0.02, min_head_dim=8, **changes):
-    """replace(base, **changes) with qk_rank (then op1/op2 ranks, halved together) shrunk until its non-embedding
-    parameter count is within `tol` of base's, as the paper matches budgets ("q" = QK compression); embeddings
-    left out, which at a 50k vocabulary would make any attention look matched. qk_rank keeps min_head_dim per
-    qk-head. Example: match_budget(GPTConfig(n_layer=6, n_embd=256), attn="hyperglu", n_head=2)."""
-    target = param_report(base)["non_embedding"]
+def match_budget(base, fit="qk_rank", tol=0.06, min_head_dim=8, **changes):
+    """replace(base, **changes) with one width, `fit` ("qk_rank" or "vo_rank"), solved so that its attention
+    parameters are within `tol` of base's, as the paper matches budgets. "q" variants fit qk_rank: what the
+    gates, conv and mixers add is paid for by Q/K compression (if qk_rank alone cannot, the op1/op2 ranks are
+    halved together). Compression with nothing to pay for (S-c-q, S-c-v) fixes that width and fits the other.
+    Widths keep min_head_dim per head. Example: match_budget(GPTConfig(n_embd=256), attn="hyperglu", n_head=2)."""
+    target = param_report(base)["attention"]
     cfg = replace(base, **changes)
-    if cfg.attn == "softmax":
-        return cfg
-    H1 = 2 * cfg.n_head if cfg.attn == "hyperglu" else cfg.n_head
-    unit = 2 * H1 if cfg.pos == "rope" else H1  # qk_rank must split into H1 heads (of even dim with RoPE)
-    lo = -(-min_head_dim * H1 // unit)          # smallest qk_rank allowed, in units
+    heads = 2 * cfg.n_head if fit == "qk_rank" and cfg.attn == "hyperglu" else cfg.n_head  # GLU: gate + scale heads
+    unit = 2 * heads if fit == "qk_rank" and cfg.pos == "rope" else heads  # heads of even dim with RoPE
+    lo = -(-min_head_dim * heads // unit)        # smallest width allowed, in units
+    mixing = cfg.attn != "softmax" and (cfg.use_op1 or cfg.use_op2)
     r1, r2 = cfg.op1_rank, cfg.op2_rank
     while True:
-        sized = lambda k: replace(cfg, qk_rank=unit * k, op1_rank=r1, op2_rank=r2)
-        count = lambda k: param_report(sized(k))["non_embedding"]
-        k = max(lo, lo + round((target - count(lo)) / (count(lo + 1) - count(lo))))  # linear in qk_rank
+        sized = lambda k: replace(cfg, **{fit: unit * k}, op1_rank=r1, op2_rank=r2)
+        count = lambda k: param_report(sized(k))["attention"]
+        k = max(lo, lo + round((target - count(lo)) / (count(lo + 1) - count(lo))))  # linear in the width
         err = abs(count(k) - target) / target
-        if err <= tol or (r1 == 1 and r2 == 1):
+        if err <= tol or not mixing or (r1 == 1 and r2 == 1):
             break
         r1, r2 = max(1, r1 // 2), max(1, r2 // 2)
     if err > tol:
-        raise ValueError(f"match_budget: no qk_rank/op ranks bring {cfg.attn} within {tol:.0%} of {target:,} "
-                         f"non-embedding parameters (closest is {err:.1%} off); lower block_size, "
-                         f"min_head_dim or the number of heads")
+        raise ValueError(f"match_budget: no {fit} brings {cfg.attn} within {tol:.0%} of {target:,} attention "
+                         f"parameters (closest is {err:.1%} off); lower block_size, min_head_dim or the heads")
     return sized(k)

@@ -17,63 +17,91 @@ written in it:
                compression, i.e. not budget matched (R-12!)
   residual     " + HC", " + SHC" (static HC) or " + mHC"; label() appends the stream count, e.g. " + mHC×4"
 """
-from dataclasses import fields
+from dataclasses import fields, replace
 
-from model import GPTConfig, match_budget
+from model import GPTConfig, match_budget, param_report, upgrade
 
 
 def variants(base, n_head_hyper=2):
-    """{name: settings} for the study, matched to the softmax model described by base (train.py settings)."""
+    """{name: settings} for every variant of the paper's Figure 5 (and the residual ones), for the softmax model
+    described by base (train.py settings). R and G variants use n_head_hyper heads. Matched variants get the
+    width that match_budget solves for; unmatched ("!") ones keep full Q/K width (see budget())."""
     gpt = GPTConfig(**{f.name: base[f.name] for f in fields(GPTConfig) if f.name in base})
     D = gpt.n_embd
 
-    def matched(attn, **kw):
-        cfg = match_budget(gpt, attn=attn, n_head=n_head_hyper, **kw)
-        return dict(attn=attn, n_head=n_head_hyper, qk_rank=cfg.qk_rank, op1_rank=cfg.op1_rank,
-                    op2_rank=cfg.op2_rank, **kw)
+    def matched(fit="qk_rank", **kw):  # softmax keeps base's heads (16 on MAD), so its heads may get narrow
+        cfg = match_budget(gpt, fit=fit, min_head_dim=8 if "attn" in kw else 2, **kw)
+        return dict(kw, **{k: getattr(cfg, k) for k in ("qk_rank", "vo_rank", "op1_rank", "op2_rank")
+                           if getattr(cfg, k) != getattr(gpt, k)})
 
+    off = dict(use_kv_conv=False, use_qk_gate=False, use_vo_gate=False)
+    conv = dict(off, use_kv_conv=True)
+    on = dict(use_kv_conv=True, use_qk_gate=True, use_vo_gate=True)
     no_mix = dict(use_op1=False, use_op2=False)
-    bare = dict(use_kv_conv=False, use_qk_gate=False, use_vo_gate=False)
-    v = {
-        "S": dict(),
-        "S-p": dict(pos="rope"),
-        "S-c": dict(use_kv_conv=True),
-        "S-pc": dict(pos="rope", use_kv_conv=True),
-        "R": dict(attn="hypermlp", n_head=n_head_hyper, qk_rank=D, **bare, **no_mix),   # ReLU attention
-        "R-cg-q": matched("hypermlp", **no_mix),
-        "R-cg-q-12o": matched("hypermlp"),                                              # HyperMLP
-        "G-cg-q": matched("hyperglu", **no_mix),
-        "G-cg-q-12o": matched("hyperglu"),                                              # HyperGLU
-        "R-12!": dict(attn="hypermlp", n_head=n_head_hyper, qk_rank=D, aligner_kind="identity", **bare),
-    }
+    pos = {"": {}, "p": dict(pos="rope")}
+    v = {}
+    for p in ("", "p"):  # softmax: "S", "S-p", "S-c", "S-pc" (RoPE, conv), gates and compression
+        v[f"S{'-' * bool(p)}{p}"] = dict(pos[p])
+        v[f"S-{p}c"] = dict(pos[p], use_kv_conv=True)
+    v["S-g-q"] = matched(use_qk_gate=True, use_vo_gate=True)
+    v["S-c-q"] = matched("vo_rank", use_kv_conv=True, qk_rank=D // 4)  # the Q/K saved goes to V/O
+    v["S-c-v"] = matched("qk_rank", use_kv_conv=True, vo_rank=D // 4)
+    for fam, attn in (("R", "hypermlp"), ("G", "hyperglu")):
+        hyper = dict(attn=attn, n_head=n_head_hyper)
+        full = dict(hyper, qk_rank=D)  # no Q/K compression
+        if fam == "R":                 # ReLU attention: the HyperMLP layer without mixing
+            for p in ("", "p"):
+                v[f"R{'-' * bool(p)}{p}"] = dict(full, **pos[p], **off, **no_mix)
+                v[f"R-{p}c"] = dict(full, **pos[p], **conv, **no_mix)
+            v["R-c-q"] = matched("vo_rank", **hyper, **conv, qk_rank=D // 4, **no_mix)
+            v["R-c-v"] = matched("qk_rank", **hyper, **conv, vo_rank=D // 4, **no_mix)
+        v[f"{fam}-cg-q"] = matched(**hyper, **on, **no_mix)
+        v[f"{fam}-cg-q-12o"] = matched(**hyper, **on)                       # HyperMLP / HyperGLU
+        v[f"{fam}-cg-q-1o"] = matched(**hyper, **on, use_op2=False)
+        v[f"{fam}-pcg-q-12o"] = matched(**hyper, **on, pos="rope")
+        v[f"{fam}-g-q-12o"] = matched(**hyper, **dict(on, use_kv_conv=False))
+        v[f"{fam}-12o!"] = dict(full, **off)
+        v[f"{fam}-c-12o!"] = dict(full, **conv)
+        v[f"{fam}-1o!"] = dict(full, **off, use_op2=False)
+        v[f"{fam}-12!"] = dict(full, **off, aligner_kind="identity")
+        v[f"{fam}-{'2!' if fam == 'R' else '2o!'}"] = dict(full, **off, use_op1=False,
+                                                         **({"aligner_kind": "identity"} if fam == "R" else {}))
+    v["G-cg-q-12o nopos"] = dict(v["G-cg-q-12o"], pos="none")  # no wpe: the conv and the lag layout give order
     for name in ("S-pc", "G-cg-q-12o"):
         v[f"{name} + HC"] = dict(v[name], residual="hc")
         v[f"{name} + mHC"] = dict(v[name], residual="mhc")
     return v
 
 
+def budget(base, settings):
+    """A variant's attention parameters relative to S's for the same base, e.g. +0.127 for R-12! on the CPU grid."""
+    gpt = GPTConfig(**{f.name: base[f.name] for f in fields(GPTConfig) if f.name in base})
+    return param_report(replace(gpt, **settings))["attention"] / param_report(gpt)["attention"] - 1
+
+
 def label(cfg):
     """The variant label (the grammar above) of a GPTConfig as a dict, e.g. a run's model_args. Only reads
     attn, n_embd, pos, use_kv_conv, use_qk_gate, use_vo_gate, qk_rank, vo_rank, use_op1, use_op2,
-    aligner_kind, residual, hc_dynamic and hc_streams; a missing one takes GPTConfig's default (None
-    qk_rank is n_embd // 4, None vo_rank is n_embd, None use_kv_conv is on for R and G)."""
+    aligner_kind, residual, hc_dynamic and hc_streams; a missing one takes GPTConfig's default (None gates
+    and conv are on for R and G, off for S; None qk_rank is n_embd // 4 for R and G, n_embd for S; None
+    vo_rank is n_embd)."""
+    cfg = upgrade(cfg)
     attn, D = cfg.get("attn", "softmax"), cfg["n_embd"]
     fam = {"softmax": "S", "hypermlp": "R", "hyperglu": "G"}[attn]
-    conv = cfg.get("use_kv_conv")
-    conv = attn != "softmax" if conv is None else conv
-    opts = ("p" if cfg.get("pos") == "rope" else "") + ("c" if conv else "")
-    comp = mix = ""
+    auto = lambda k: attn != "softmax" if cfg.get(k) is None else cfg[k]
+    opts = ("p" if cfg.get("pos") == "rope" else "") + ("c" if auto("use_kv_conv") else "")
+    opts += "g" if auto("use_qk_gate") and auto("use_vo_gate") else ""
+    qk = cfg.get("qk_rank") or (D if attn == "softmax" else D // 4)
+    vo = cfg.get("vo_rank") or D
+    comp = ("q" if qk < D else "") + ("v" if vo < D else "")
+    mix = ""
     if attn != "softmax":
-        opts += "g" if cfg.get("use_qk_gate", True) and cfg.get("use_vo_gate", True) else ""
-        qk = cfg.get("qk_rank") or D // 4
-        vo = cfg.get("vo_rank") or D
-        comp = ("q" if qk < D else "") + ("v" if vo < D else "")
         mix = ("1" if cfg.get("use_op1", True) else "") + ("2" if cfg.get("use_op2", True) else "")
         if mix:
             mix += "o" if cfg.get("aligner_kind", "offset") == "offset" else ""
             if "q" not in comp:
                 mix += "!"
-    name = "-".join(p for p in (fam, opts, comp, mix) if p)
+    name = "-".join(p for p in (fam, opts, comp, mix) if p) + (" nopos" if cfg.get("pos") == "none" else "")
     res = cfg.get("residual", "plain")
     if res == "hc":
         name += f" + {'' if cfg.get('hc_dynamic', True) else 'S'}HC×{cfg.get('hc_streams', 4)}"
@@ -92,7 +120,11 @@ CPU_BASE = dict(dataset="shakespeare_char", device="cpu", n_layer=4, n_head=4, n
                 eval_interval=50, eval_iters=20, log_interval=10, seed=1337, vocab_size=65)
 CPU_RUNS = [("S-pc", 1337), ("S-pc", 1338), ("S", 1337), ("R-cg-q-12o", 1337), ("G-cg-q-12o", 1337),
             ("G-cg-q-12o", 1338), ("R-12!", 1337), ("G-cg-q-12o + mHC", 1337), ("S-pc + mHC", 1337),
-            ("S-pc + HC", 1337), ("G-cg-q", 1337)]
+            ("S-pc + HC", 1337), ("G-cg-q", 1337),
+            ("S-pc", 1339), ("G-cg-q-12o", 1339), ("R-cg-q-12o", 1338), ("R-cg-q-12o", 1339),
+            ("R-pc", 1337), ("R-pc", 1338), ("R-pc", 1339), ("R", 1337), ("R-p", 1337), ("R-c", 1337),
+            ("R-cg-q", 1337), ("R-c-q", 1337), ("R-12o!", 1337), ("G-12o!", 1337), ("R-cg-q-1o", 1337),
+            ("G-cg-q-1o", 1337), ("G-pcg-q-12o", 1337), ("G-g-q-12o", 1337), ("G-cg-q-12o nopos", 1337)]
 
 # fineweb: GPT-2 124M scale on 8 GPUs (config/fineweb.py's recipe, shortened to 5,000 steps = 2.6B tokens).
 FINEWEB_BASE = dict(dataset="fineweb", data_order="sequential", n_layer=12, n_head=12, n_embd=768,

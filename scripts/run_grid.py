@@ -24,7 +24,7 @@ from config.grids import GRIDS, variants  # noqa: E402
 
 
 def slug(name):
-    return name.replace(" + ", "_").replace("!", "nm")
+    return name.replace(" + ", "_").replace(" ", "_").replace("!", "nm")
 
 
 def commands(grid, out, only, launcher, extra):

@@ -11,38 +11,57 @@ import pytest
 import torch
 
 import plots.plot_loss
-from config.grids import CPU_BASE, FINEWEB_BASE, MAD_BASE, label, variants
+from config.grids import CPU_BASE, FINEWEB_BASE, MAD_BASE, budget, label, variants
 from model import GPTConfig, param_report
 from plots.plot_loss import family, main as plot_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXPECTED = {"S": "S", "S-p": "S-p", "S-c": "S-c", "S-pc": "S-pc", "R": "R", "R-cg-q": "R-cg-q",
-            "R-cg-q-12o": "R-cg-q-12o", "G-cg-q": "G-cg-q", "G-cg-q-12o": "G-cg-q-12o", "R-12!": "R-12!",
-            "S-pc + HC": "S-pc + HC×4", "S-pc + mHC": "S-pc + mHC×4", "G-cg-q-12o + HC": "G-cg-q-12o + HC×4",
-            "G-cg-q-12o + mHC": "G-cg-q-12o + mHC×4"}
+FIGURE_5 = {  # the paper's Figure 5, panel by panel (../shared/research/hypermlp.md §5.1)
+    "softmax": ["S", "S-p", "S-c", "S-pc", "S-g-q", "S-c-q", "S-c-v"],
+    "ReLU attention": ["R", "R-p", "R-c", "R-pc", "R-cg-q", "R-c-q", "R-c-v"],
+    "HyperMLP": ["R-cg-q-12o", "R-cg-q-1o", "R-pcg-q-12o", "R-g-q-12o", "R-12o!", "R-c-12o!", "R-1o!", "R-2!", "R-12!"],
+    "HyperGLU": ["G-cg-q-12o", "G-cg-q-1o", "G-g-q-12o", "G-pcg-q-12o", "G-c-12o!", "G-12o!", "G-1o!", "G-cg-q",
+                 "G-2o!", "G-12!"]}
+BASES = [CPU_BASE, FINEWEB_BASE, dict(MAD_BASE, block_size=64, vocab_size=16)]
 
 
-@pytest.mark.parametrize("base", [CPU_BASE, FINEWEB_BASE], ids=["cpu", "fineweb"])
-def test_labels_come_from_the_config_for_every_grid_variant(base):
+def resolved(base, settings):
+    """The GPTConfig of a variant, and its fields as a dict with the auto fields resolved."""
+    merged = dict(base, **settings)
+    cfg = GPTConfig(**{k: v for k, v in merged.items() if k in GPTConfig.__dataclass_fields__})
+    args = dataclasses.asdict(cfg)
+    for k in ("use_kv_conv", "use_qk_gate", "use_vo_gate"):
+        args[k] = cfg.auto(k)
+    return cfg, args
+
+
+@pytest.mark.parametrize("base", BASES, ids=["cpu", "fineweb", "mad"])
+def test_the_grammar_of_every_figure_5_variant(base):
+    """Every Figure 5 variant is defined, in its panel, and its name means what the grammar says: q is
+    qk_rank < D, v is vo_rank < D, o is the lag layout, ! is mixing without q and so not matched; a matched
+    variant is within match_budget's tolerance of S's attention parameters (not only of the total)."""
     table = variants(base)
-    assert set(table) == set(EXPECTED)
-    s_params = None
-    for name, settings in table.items():
-        merged = dict(base, **settings)
-        cfg = GPTConfig(**{k: v for k, v in merged.items() if k in GPTConfig.__dataclass_fields__})
-        args = {k: getattr(cfg, k) for k in GPTConfig.__dataclass_fields__}
-        assert label(args) == EXPECTED[name], name
-        n = param_report(cfg)["non_embedding"]
-        if name == "S":
-            s_params = n
-    for name in ("R-cg-q", "R-cg-q-12o", "G-cg-q", "G-cg-q-12o"):  # matched to S within 2%
-        merged = dict(base, **table[name])
-        cfg = GPTConfig(**{k: v for k, v in merged.items() if k in GPTConfig.__dataclass_fields__})
-        assert abs(param_report(cfg)["non_embedding"] / s_params - 1) <= 0.02, name
+    D = base["n_embd"]
+    s_attn = param_report(resolved(base, table["S"])[0])["attention"]
+    for panel, names in FIGURE_5.items():
+        for name in names:
+            cfg, args = resolved(base, table[name])
+            assert label(args) == name and family(args) == panel, name
+            fam, *parts = name.split("-")
+            comp = next((p for p in parts if set(p) <= set("qv")), "")
+            mix = parts[-1] if parts and parts[-1][0] in "12" else ""
+            assert ("q" in comp) == ((cfg.qk_rank or D) < D) and ("v" in comp) == ((cfg.vo_rank or D) < D), name
+            assert ("o" in mix) == (cfg.attn != "softmax" and cfg.aligner_kind == "offset" and bool(mix)), name
+            assert ("1" in mix, "2" in mix) == ((cfg.use_op1, cfg.use_op2) if fam != "S" else (False, False)), name
+            assert ("g" in (parts[0] if parts else "")) == (args["use_qk_gate"] and args["use_vo_gate"]), name
+            off = param_report(cfg)["attention"] / s_attn - 1
+            assert name.endswith("!") == (bool(mix) and "q" not in comp), name
+            if not name.endswith("!"):
+                assert abs(off) <= 0.06, (name, off)  # match_budget's tolerance
+            assert budget(base, table[name]) == pytest.approx(off), name
 
 
-@pytest.mark.parametrize("base", [CPU_BASE, FINEWEB_BASE, dict(MAD_BASE, block_size=64, vocab_size=16)],
-                         ids=["cpu", "fineweb", "mad"])
+@pytest.mark.parametrize("base", BASES, ids=["cpu", "fineweb", "mad"])
 def test_every_variant_name_is_the_label_of_its_settings(base):
     """The names in variants() and label() are one grammar: label() of a variant's settings merged over the
     base is its name (label() adds the stream count to a residual, " + mHC" -> " + mHC×4")."""
@@ -64,6 +83,10 @@ def test_label_details():
     assert label(dict(base, vo_rank=32, pos="rope")) == "G-pcg-qv-12o"
     assert label(dict(base, qk_rank=64, use_kv_conv=False, use_qk_gate=False)) == "G-12o!"
     assert label(dict(base, residual="hc", hc_dynamic=False, hc_streams=2)) == "G-cg-q-12o + SHC×2"
+    assert label(dict(base, pos="none")) == "G-cg-q-12o nopos"
+    soft = dict(attn="softmax", n_embd=64)
+    assert label(soft) == "S" and label(dict(soft, use_qk_gate=True, use_vo_gate=True, qk_rank=16)) == "S-g-q"
+    assert label(dict(soft, use_kv_conv=True, vo_rank=16)) == "S-c-v"
     assert family(dict(attn="hypermlp", use_op1=False, use_op2=False)) == "ReLU attention"
     assert family(dict(attn="hypermlp")) == "HyperMLP"
 
@@ -152,11 +175,12 @@ def test_grid_runner_dry_run(tmp_path):
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
-    assert lines[0].startswith("skip S-pc") and len(lines) == 3  # S-pc s1337 is DONE; S-pc s1338, G + mHC left
+    assert lines[0].startswith("skip S-pc") and len(lines) == 4  # S-pc s1337 is DONE; s1338, s1339, G + mHC left
     cmds = lines[1:]
     assert all(os.path.join(REPO, "train.py") in ln and ln.endswith("--max_iters=7") for ln in cmds)
     assert f"--out_dir={tmp_path / 'cpu' / 'S-pc-s1338'}" in cmds[0]
     assert "--residual=mhc" in cmds[1] and "G-cg-q-12o_mHC-s1337" in cmds[1]
+    assert f"--out_dir={tmp_path / 'cpu' / 'S-pc-s1339'}" in cmds[2]
     bad = subprocess.run([sys.executable, "scripts/run_grid.py", "--grid=cpu", "--only=Q", "--dry_run"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "unknown variants ['Q']" in bad.stderr
