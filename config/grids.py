@@ -150,4 +150,4 @@ MAD_BASE = dict(n_layer=2, n_head=16, n_embd=128, mlp="swiglu", bias=False, drop
 # trains 8 epochs (64 for memorization), where the higher rates are the useful ones.
 MAD_SWEEP = {"original": dict(batch_size=128, lrs=(1e-4, 5e-4, 1e-3), wds=(0.0, 0.1)),
              "lite": dict(batch_size=64, lrs=(1e-3, 3e-3), wds=(0.0,))}
-MAD_VARIANTS = ("S", "S-pc", "R-cg-q-12o", "G-cg-q-12o", "R-12!")
+MAD_VARIANTS = ("S", "S-p", "S-pc", "R-pc", "R-cg-q-12o", "G-cg-q-12o", "R-12!", "R-12o!")

@@ -109,20 +109,24 @@ def summarize(run, threshold):
     elapsed = [r["elapsed_s"] for r in rows.values() if "elapsed_s" in r]
     hit = next(((s, rows[s].get("tokens")) for s, v in val if threshold is not None and v <= threshold), None)
     try:
-        params = param_report(GPTConfig.from_dict(run["model_args"]))["total"]
+        cfg = GPTConfig.from_dict(run["model_args"])
+        params = param_report(cfg)["total"]
+        plain = GPTConfig(vocab_size=cfg.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=1,
+                          n_embd=cfg.n_embd, bias=cfg.bias)  # S: 4 n_embd^2 attention weights a layer, any heads
+        attn_vs_s = param_report(cfg)["attention"] / param_report(plain)["attention"] - 1
     except (TypeError, ValueError):
-        params = None
-    return dict(label=run["label"], seed=run["seed"], run=run["name"], steps=max(rows),
+        params = attn_vs_s = None
+    return dict(label=run["label"], variant=run["variant"], seed=run["seed"], run=run["name"], steps=max(rows),
                 final_val=val[-1][1] if val else None, best_val=min(v for _, v in val) if val else None,
                 steps_to_threshold=hit[0] if hit else None,
                 tokens_to_threshold=int(hit[1]) if hit and hit[1] is not None else None,
-                params=params, tok_per_s=statistics.median(tps) if tps else None,
+                params=params, attn_vs_s=attn_vs_s, tok_per_s=statistics.median(tps) if tps else None,
                 wall_min=max(elapsed) / 60 if elapsed else None, done=run["done"])
 
 
 def write_table(summaries, threshold, out):
     cols = ["label", "seed", "final_val", "best_val", "steps_to_threshold", "tokens_to_threshold", "steps",
-            "params", "tok_per_s", "wall_min", "done", "run"]
+            "params", "attn_vs_s", "tok_per_s", "wall_min", "done", "run"]
     with open(out + ".csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
@@ -138,15 +142,80 @@ def write_table(summaries, threshold, out):
             return f"{v:,.0f}"
         if k == "wall_min":
             return f"{v:.1f}"
+        if k == "attn_vs_s":
+            return f"{v:+.1%}"
         return str(v)
     thr = f"steps to val ≤ {threshold}" if threshold is not None else "steps to threshold"
-    heads = ["variant", "seed", "final val", "best val", thr, "tokens to threshold", "steps", "params", "tok/s",
-             "wall (min)", "done", "run"]
-    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    heads = ["variant", "seed", "final val", "best val", thr, "tokens to threshold", "steps", "params",
+             "attention params vs S", "tok/s", "wall (min)", "done", "run"]
+    groups, pairs = variant_stats(summaries), pair_stats(summaries)
+    lines = ["Per variant: final val loss over its seeds (mean ± sample std; one seed has no std).", "",
+             "| variant | n | seeds | final val | best val (mean) | attention params vs S |", "|---|---|---|---|---|---|"]
+    for g in groups:
+        std = f" ± {g['std']:.4f}" if g["std"] is not None else ""
+        lines.append(f"| {g['label']} | {g['n']} | {' '.join(map(str, g['seeds']))} | {g['mean']:.4f}{std} | "
+                     f"{g['best']:.4f} | {fmt('attn_vs_s', g['attn_vs_s'])} |")
+    if pairs:
+        lines += ["", "Headline pairs, over the seeds both have: difference of mean final val loss (a - b; negative: "
+                  "a is lower) and its standard error sqrt(s_a²/n + s_b²/n).", "",
+                  "| a | b | seeds | a - b | 2 SE | beyond 2 SE |", "|---|---|---|---|---|---|"]
+        for p in pairs:
+            se2 = "n/a" if p["se"] is None else f"{2 * p['se']:.4f}"
+            lines.append(f"| {p['a']} | {p['b']} | {' '.join(map(str, p['seeds']))} | {p['diff']:+.4f} | {se2} | "
+                         f"{p['verdict']} |")
+    lines += ["", "Per run:", "", "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for s in summaries:
         lines.append("| " + " | ".join(fmt(k, s[k]) for k in cols) + " |")
     with open(out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
+    with open(out + "_variants.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["variant", "n", "seeds", "final_val_mean", "final_val_std", "best_val_mean", "attn_vs_s"])
+        for g in groups:
+            w.writerow([g["label"], g["n"], " ".join(map(str, g["seeds"])), g["mean"],
+                        "" if g["std"] is None else g["std"], g["best"], g["attn_vs_s"]])
+
+
+HEADLINE = [("G-cg-q-12o", "S-pc"), ("R-cg-q-12o", "S-pc"), ("G-cg-q-12o", "R-cg-q-12o"), ("R-pc", "S-pc")]
+
+
+def finals(summaries, lab):
+    """{seed: final val} of a variant's finished runs."""
+    return {s["seed"]: s["final_val"] for s in summaries
+            if s["variant"] == lab and s["done"] and s["final_val"] is not None}
+
+
+def variant_stats(summaries):
+    """One dict per variant (in table order): n, seeds, mean and sample std of the final val loss, mean best."""
+    out = []
+    for lab in dict.fromkeys(s["variant"] for s in summaries):
+        f = finals(summaries, lab)
+        if not f:
+            continue
+        mine = [s for s in summaries if s["variant"] == lab and s["seed"] in f]
+        out.append(dict(label=lab, n=len(f), seeds=sorted(f), mean=statistics.mean(f.values()),
+                        std=statistics.stdev(f.values()) if len(f) > 1 else None,
+                        best=statistics.mean(s["best_val"] for s in mine if s["best_val"] is not None),
+                        attn_vs_s=mine[0]["attn_vs_s"]))
+    return out
+
+
+def pair_stats(summaries, pairs=HEADLINE):
+    """The headline pairs present: difference of means over the common seeds, its standard error and whether
+    the difference exceeds twice it ("consistent with" a direction is all a smaller one supports)."""
+    out = []
+    for a, b in pairs:
+        fa, fb = finals(summaries, a), finals(summaries, b)
+        seeds = sorted(set(fa) & set(fb))
+        if not seeds:
+            continue
+        xa, xb = [fa[k] for k in seeds], [fb[k] for k in seeds]
+        diff = statistics.mean(xa) - statistics.mean(xb)
+        se = (math.sqrt((statistics.variance(xa) + statistics.variance(xb)) / len(seeds)) if len(seeds) > 1
+              else None)
+        verdict = "n/a (one seed)" if se is None else "yes" if abs(diff) > 2 * se else "no"
+        out.append(dict(a=a, b=b, seeds=seeds, diff=diff, se=se, verdict=verdict))
+    return out
 
 
 def main(argv=None):
@@ -183,13 +252,14 @@ def main(argv=None):
         runs.append(run)
     if not runs:
         sys.exit("error: none of the given folders holds a run (metrics.csv + config.json)")
-    labels = [r["label"] for r in runs]
-    for r in runs:  # several seeds of one variant: tell them apart
-        if labels.count(r["label"]) > 1:
-            r["label"] = f"{r['label']} (seed {r['seed']})"
-    runs.sort(key=lambda r: (FAMILIES.index(r["family"]), r["label"]))
+    runs.sort(key=lambda r: (FAMILIES.index(r["family"]), r["label"], r["seed"] or 0))
+    for r in runs:  # a variant's seeds share a color and one legend entry
+        r["variant"] = r["label"]
+    for r in runs:
+        if sum(q["variant"] == r["variant"] for q in runs) > 1:
+            r["label"] = f"{r['variant']} (seed {r['seed']})"
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    color = {r["label"]: colors[i % len(colors)] for i, r in enumerate(runs)}
+    color = {v: colors[i % len(colors)] for i, v in enumerate(dict.fromkeys(r["variant"] for r in runs))}
 
     panels = FAMILIES if args.layout == "families" else [None]
     ncols = 2 if len(panels) > 1 else 1
@@ -198,18 +268,29 @@ def main(argv=None):
     xlabel = {"step": "step", "tokens": "tokens", "time": "wall-clock (min)"}[args.x]
     for ax, fam in zip(axes.flat, panels):
         members = [r for r in runs if fam is None or r["family"] == fam]
-        drawn = []
-        for r in members:
-            xs, ys = series(r, "val_loss", args.x)
-            if xs:
-                ax.plot(xs, ys, color=color[r["label"]], lw=1.8, marker="o" if len(xs) < 3 else None, ms=3,
-                        label=r["label"])
-                drawn.append((r, xs, ys))
+        drawn = []  # (variant, xs, ys, band): a val curve, the mean and min-max band where a variant has seeds
+        for v in dict.fromkeys(r["variant"] for r in members):
+            seeds = [series(r, "val_loss", args.x) for r in members if r["variant"] == v]
+            seeds = [c for c in seeds if c[0]]
+            if len(seeds) == 1:
+                xs, ys = seeds[0]
+                ax.plot(xs, ys, color=color[v], lw=1.8, marker="o" if len(xs) < 3 else None, ms=3, label=v)
+                drawn.append((v, xs, ys, None))
+            elif seeds:  # the mean over the seeds at the x values all of them reached, and their min-max band
+                common = sorted(set.intersection(*(set(xs) for xs, _ in seeds)))
+                at = [dict(zip(xs, ys)) for xs, ys in seeds]
+                band = [[a[x] for a in at] for x in common]
+                mean = [statistics.mean(b) for b in band]
+                band = ([min(b) for b in band], [max(b) for b in band])
+                ax.fill_between(common, *band, color=color[v], alpha=0.2, lw=0)
+                ax.plot(common, mean, color=color[v], lw=1.8, label=f"{v} ({len(seeds)} seeds: mean, min-max)")
+                drawn.append((v, common, mean, band))
             if args.train:
-                tx, ty = series(r, "train_loss", args.x)
-                if tx:
-                    ax.plot(tx, ema(ty, args.ema) if args.ema else ty, color=color[r["label"]], lw=0.7, alpha=0.5,
-                            label=None if xs else f"{r['label']} (train)")
+                for r in (r for r in members if r["variant"] == v):
+                    tx, ty = series(r, "train_loss", args.x)
+                    if tx:
+                        ax.plot(tx, ema(ty, args.ema) if args.ema else ty, color=color[v], lw=0.7, alpha=0.5,
+                                label=None if seeds else f"{r['label']} (train)")
         for ref in args.ref:
             value, _, name = ref.partition("=")
             ax.axhline(float(value), color="k", ls="--", lw=1, label=name or None)
@@ -224,13 +305,16 @@ def main(argv=None):
         else:
             ax.text(0.5, 0.5, "no runs", transform=ax.transAxes, ha="center", va="center", color="gray")
         if args.zoom and drawn:
-            xmax = max(max(xs) for _, xs, _ in drawn)
+            xmax = max(max(xs) for _, xs, _, _ in drawn)
             x0 = xmax * (1 - args.zoom)
-            tail = [y for _, xs, ys in drawn for x, y in zip(xs, ys) if x >= x0]
+            tail = [y for _, xs, ys, band in drawn for x, *y in zip(xs, *(band or (ys,))) if x >= x0]
+            tail = [v for y in tail for v in y]
             if tail:
                 ins = ax.inset_axes([0.45, 0.45, 0.5, 0.35])
-                for r, xs, ys in drawn:
-                    ins.plot(xs, ys, color=color[r["label"]], lw=1.5)
+                for v, xs, ys, band in drawn:
+                    ins.plot(xs, ys, color=color[v], lw=1.5)
+                    if band:
+                        ins.fill_between(xs, *band, color=color[v], alpha=0.2, lw=0)
                 pad = (max(tail) - min(tail)) * 0.1 or 0.01
                 ins.set_xlim(x0, xmax)
                 ins.set_ylim(min(tail) - pad, max(tail) + pad)

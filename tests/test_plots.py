@@ -91,12 +91,12 @@ def test_label_details():
     assert family(dict(attn="hypermlp")) == "HyperMLP"
 
 
-def make_run(root, name, attn, rows, header=None, resid="plain", done=True, **model):
+def make_run(root, name, attn, rows, header=None, resid="plain", done=True, seed=1, **model):
     d = root / name
     d.mkdir()
     model_args = {k: getattr(GPTConfig(), k) for k in GPTConfig.__dataclass_fields__}
     model_args.update(attn=attn, residual=resid, n_layer=2, n_embd=64, n_head=2, vocab_size=65, block_size=64, **model)
-    json.dump({"model_args": model_args, "seed": 1, "tokens_per_step": 100}, open(d / "config.json", "w"))
+    json.dump({"model_args": model_args, "seed": seed, "tokens_per_step": 100}, open(d / "config.json", "w"))
     header = header or ["step", "tokens", "train_loss", "val_loss", "lr", "grad_norm", "ms_per_step", "tok_per_s",
                         "mfu", "elapsed_s"]
     with open(d / "metrics.csv", "w") as f:
@@ -142,6 +142,30 @@ def test_figure_and_table_from_synthetic_runs(tmp_path, capsys):
     assert [s["label"] for s in summ] == ["S", "R-cg-q-12o", "G-cg-q-12o"]  # family order, labels from config
     t = plot_main([a, "--x=time", f"--out={out}-t"])  # minutes on the x axis
     assert t[0]["steps"] == 40
+
+
+def test_seed_statistics_and_headline_pairs(tmp_path):
+    """Per variant: mean ± sample std of the final val loss over its finished seeds; per headline pair: the
+    difference of means over the common seeds, and whether it exceeds twice its standard error."""
+    spc = dict(pos="rope", use_kv_conv=True)
+    rpc = dict(spc, qk_rank=64, use_qk_gate=False, use_vo_gate=False, use_op1=False, use_op2=False)
+    runs = [("S-pc", "softmax", spc, {1: 1.70, 2: 1.72, 3: 1.74}), ("G", "hyperglu", {}, {1: 1.60, 2: 1.61, 3: 1.62}),
+            ("R", "hypermlp", {}, {1: 1.71}), ("R-pc", "hypermlp", rpc, {1: 1.719, 2: 1.721})]
+    paths = [make_run(tmp_path, f"{n}-{seed}", attn, [dict(step=0, val_loss=4.0), dict(step=10, val_loss=v)],
+                      header=["step", "val_loss"], seed=seed, **model)
+             for n, attn, model, finals in runs for seed, v in finals.items()]
+    paths.append(make_run(tmp_path, "G-4", "hyperglu", [dict(step=5, val_loss=1.0)], header=["step", "val_loss"],
+                          seed=4, done=False))  # unfinished: drawn, but not in the statistics
+    out = str(tmp_path / "fig")
+    plot_main(paths + ["--layout=families", f"--out={out}"])
+    md = open(f"{out}.md").read()
+    assert "| S-pc | 3 | 1 2 3 | 1.7200 ± 0.0200 |" in md and "| G-cg-q-12o | 3 | 1 2 3 | 1.6100 ± 0.0100 |" in md
+    assert "| R-cg-q-12o | 1 | 1 | 1.7100 | 1.7100 |" in md  # one seed: no std
+    assert "| G-cg-q-12o | S-pc | 1 2 3 | -0.1100 | 0.0258 | yes |" in md   # 2 sqrt((4e-4 + 1e-4) / 3)
+    assert "| R-cg-q-12o | S-pc | 1 | +0.0100 | n/a | n/a (one seed) |" in md
+    assert "| R-pc | S-pc | 1 2 | +0.0100 | 0.0201 | no |" in md            # over seeds 1 and 2 only
+    rows = {r["variant"]: r for r in csv.DictReader(open(f"{out}_variants.csv"))}
+    assert rows["S-pc"]["n"] == "3" and abs(float(rows["S-pc"]["final_val_std"]) - 0.02) < 1e-12
 
 
 def test_no_runs_is_a_clear_error(tmp_path):
