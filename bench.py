@@ -35,7 +35,7 @@ from contextlib import nullcontext
 import torch
 
 import ops.hyperglu_cpu
-from configurator import configure
+from configurator import configure, pick_device
 from dataclasses import replace
 
 from model import GPT, CausalSelfAttention, GPTConfig, HyperGLU, KVCache, match_budget, peak_flops
@@ -71,9 +71,10 @@ try:
     configure(globals(), config_keys, sys.argv[1:], {"device": str})
 except ValueError as e:
     sys.exit(f"error: {e}")
-if device is None:
-    device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-dev = torch.device(device).type
+try:
+    device, dev = pick_device(device)
+except ValueError as e:
+    sys.exit(f"error: {e}")
 if dev == "cpu" and threads:
     torch.set_num_threads(threads)
 ctx = nullcontext() if dtype == "float32" else torch.autocast(dev, dtype=getattr(torch, dtype))

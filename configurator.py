@@ -111,3 +111,23 @@ def configure(g, keys, argv, annotations=None):
             g[k] = _check(k, v, current, expected, f"--{k}")
             applied.append((k, g[k]))
     return applied
+
+
+def pick_device(device):
+    """(device, device type) for a --device setting: None picks cuda, then mps, then cpu. A name torch does not
+    know, or a device this machine lacks, is a ValueError naming the setting and what was expected."""
+    import torch
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device_type = torch.device(device).type
+    except RuntimeError:
+        device_type = None
+    if device_type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device={device!r} is not valid; expected 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but CUDA is not available here (torch {torch.__version__}); "
+                         f"expected --device=cpu")
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={device!r} but MPS is not available here; expected --device=cpu")
+    return device, device_type

@@ -14,7 +14,7 @@ from contextlib import nullcontext
 import torch
 
 from checkpoint import load_checkpoint
-from configurator import configure
+from configurator import configure, pick_device
 from data.tokenizer import encoder
 from model import GPT
 
@@ -62,16 +62,10 @@ if not ckpt:
         sys.exit(f"error: no ckpt_best.pt or ckpt_last.pt in out_dir '{out_dir}'; train first or pass --ckpt=PATH")
 if not os.path.isfile(ckpt):
     sys.exit(f"error: checkpoint '{ckpt}' not found")
-if device is None:
-    device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 try:
-    device_type = torch.device(device).type
-except RuntimeError:
-    device_type = None
-if device_type not in ("cpu", "cuda", "mps"):
-    sys.exit(f"error: device={device!r} is not valid; expected 'cpu', 'cuda', 'cuda:N' or 'mps'")
-if not {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}[device_type]:
-    sys.exit(f"error: device={device!r} is not available here; expected --device=cpu")
+    device, device_type = pick_device(device)
+except ValueError as e:
+    sys.exit(f"error: {e}")
 if dtype is None:
     dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
 ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]

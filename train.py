@@ -41,7 +41,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import load_checkpoint
-from configurator import configure
+from configurator import configure, pick_device
 from data import mad
 from data.shards import Loader, find_shards, val_batches
 from data.tokenizer import load_meta
@@ -160,18 +160,10 @@ config = {k: globals()[k] for k in config_keys}
 ddp = int(os.environ.get("RANK", -1)) != -1
 rank, local_rank, world = (int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 0, 1)
 master = rank == 0
-if device is None:
-    device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 try:
-    device_type = torch.device(device).type
-except RuntimeError:
-    device_type = None
-if device_type not in ("cpu", "cuda", "mps"):
-    fail(f"device={device!r} is not valid; expected 'cpu', 'cuda', 'cuda:N' or 'mps'")
-if device_type == "cuda" and not torch.cuda.is_available():
-    fail(f"device={device!r} but CUDA is not available here (torch {torch.__version__}); expected --device=cpu")
-if device_type == "mps" and not torch.backends.mps.is_available():
-    fail(f"device={device!r} but MPS is not available here; expected --device=cpu")
+    device, device_type = pick_device(device)
+except ValueError as e:
+    fail(e)
 if ddp:
     if device_type == "cuda":
         device = f"cuda:{local_rank}"
