@@ -301,7 +301,7 @@ def main(argv=None):
         ax.set_xlabel(xlabel)
         ax.set_ylabel("val loss" + (" (thin: train)" if args.train else ""))
         if members:
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=7, loc="upper right")
         else:
             ax.text(0.5, 0.5, "no runs", transform=ax.transAxes, ha="center", va="center", color="gray")
         if args.zoom and drawn:
@@ -310,7 +310,7 @@ def main(argv=None):
             tail = [y for _, xs, ys, band in drawn for x, *y in zip(xs, *(band or (ys,))) if x >= x0]
             tail = [v for y in tail for v in y]
             if tail:
-                ins = ax.inset_axes([0.45, 0.45, 0.5, 0.35])
+                ins = ax.inset_axes([0.45, 0.36, 0.5, 0.3])  # below the legend, above the curves' tails
                 for v, xs, ys, band in drawn:
                     ins.plot(xs, ys, color=color[v], lw=1.5)
                     if band:
