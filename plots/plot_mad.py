@@ -11,7 +11,8 @@ $ python plots/plot_mad.py out/mad-lite --out=plots/results/mad
 Unfinished runs (no DONE marker) are left out and listed; a variant missing a task gets no average. Runs made
 before train.py logged val_acc_macro leave their cells' macro score empty ("–") rather than mixing the two.
 The note column names the tasks where the sweep alone moves the variant's macro score (the range over the
-sweep's settings, each averaged over seeds) by more than the median gap between adjacent variants on that task.
+sweep's settings, each averaged over seeds) by more than the median gap between adjacent variants on that task,
+and by a point or more (where every variant scores 100 the gap is 0, and a 0.03 wobble is not a finding).
 """
 import argparse
 import csv
@@ -117,7 +118,7 @@ def write_results(root, out):
                for f in ("macro", "micro")}
         n = sorted({c["seeds"] for c in cs if c["seeds"]})
         note = ", ".join(f"{SHORT[t]} ({c['spread']:.1f})" for t, c in zip(tasks, cs)
-                         if c["spread"] is not None and t in gap and c["spread"] > gap[t])
+                         if c["spread"] is not None and t in gap and c["spread"] >= 1 and c["spread"] > gap[t])
         seeds = f"{n[0]}" if len(n) == 1 else f"{n[0]}-{n[-1]}"
         rows.append(dict(label=lab, cells=cs, avg=avg, seeds=seeds, note=note))
     os.makedirs(out, exist_ok=True)
@@ -151,7 +152,7 @@ def write_results(root, out):
                 f"{sorted({r['wd'] for r in every})}) per seed, then averaged over the seeds. –: no finished run, "
                 "or (macro) runs from before train.py logged val_acc_macro. sweep > gaps: the tasks where the sweep "
                 "alone moves the variant's macro score (range over the settings, in brackets) by more than the median "
-                "gap between adjacent variants" + (f" ({gaps})" if gaps else "") + ".\n")
+                "gap between adjacent variants" + (f" ({gaps})" if gaps else "") + ", and by a point or more.\n")
     plot(rows, tasks, out)
     print(f"wrote {out}/mad.md, mad.csv, mad.png, mad.pdf")
     return rows
