@@ -3,6 +3,7 @@ Loading a train.py checkpoint without running code. A full unpickle (torch.load 
 whatever a file from someone else asks for; weights_only=True reads tensors, numbers, strings, lists and dicts
 only. train.py stores everything in those types (the numpy and Python RNG states as lists). Checkpoints written
 before that hold numpy objects: they load only with trust=True (train.py and sample.py: --trust_checkpoint=True).
+Older files' model_args are read as today's GPTConfig takes them (upgrade).
 """
 import pickle
 import re
@@ -27,8 +28,19 @@ def load_checkpoint(path, trust=False):
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})") from None
     if not isinstance(state, dict) or "model" not in state or "model_args" not in state:
         raise ValueError(f"{path} is not a train.py checkpoint (expected a dict with model and model_args)")
-    args = state["model_args"]
-    if args.get("attn") == "softmax" and not any("_gate." in k for k in state["model"]):
-        # written before softmax had gates, with use_qk_gate/use_vo_gate=True doing nothing: the weights say off
-        state["model_args"] = dict(args, use_qk_gate=None, use_vo_gate=None)
+    state["model_args"] = upgrade(state["model_args"], state["model"])
     return state
+
+
+RETIRED = ("impl_default", "aligner_impl_train", "aligner_impl_eval", "op1_per_head", "op2_per_head")
+
+
+def upgrade(args, weights=None):
+    """A saved model_args dict (a checkpoint's, or a run's config.json) as today's GPTConfig reads it: without the
+    fields older versions wrote and this one dropped (RETIRED). Before softmax had gates, its files said
+    use_qk_gate/use_vo_gate=True to no effect; those read as unset. A dict with a RETIRED field is that old; the
+    files written between the drop and the gates tell by their weights, when there are weights to look at."""
+    if args.get("attn") == "softmax" and (any(k in args for k in RETIRED)
+                                          or weights is not None and not any("_gate." in k for k in weights)):
+        args = dict(args, use_qk_gate=None, use_vo_gate=None)
+    return {k: v for k, v in args.items() if k not in RETIRED}

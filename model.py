@@ -451,7 +451,7 @@ class Streams(nn.Module):
 
     def forward(self, x, f):
         if self.fast:  # the same equations: fused Triton kernels on CUDA, else StreamPre and an in-place update
-            return ops.streams.connect(x, f, **self.fast_args())
+            return ops.streams.connect(x, f, self)
         with torch.autocast(x.device.type, enabled=False):
             u, res, post = self.streams(_up(x))
         y = f(u.to(x.dtype))
@@ -500,13 +500,6 @@ class HyperConnection(Streams):
             return self.static_alpha[:, 0], self.static_alpha[:, 1:].T, self.static_beta
         d = self.norm(x) @ torch.cat([self.W_alpha, self.W_beta], 1)  # each stream's own normalised vector
         return self.mix(d, *self.mix_params())
-
-    def fast_args(self):  # ops.streams.connect's inputs: the shared coefficients, or the projection, norm and mix
-        if not self.dynamic:
-            return dict(kind="hc", static=self.coefficients(None))
-        g, b, rms = self.norm.weight, getattr(self.norm, "bias", None), isinstance(self.norm, nn.RMSNorm)
-        return dict(kind="hc", W=torch.cat([self.W_alpha, self.W_beta], 1), norm=(g, b, rms, self.norm.eps),
-                    mix=self.mix, params=self.mix_params(), tanh=self.tanh)
 
     def streams(self, H):
         w_in, w_res, post = self.coefficients(H)
@@ -564,10 +557,6 @@ class ManifoldHC(Streams):
         h = (flat * torch.rsqrt(flat.pow(2).mean(-1, keepdim=True) + 1e-6)) @ self.phi  # RMSNorm (gain in phi)
         return self.mix(h, *self.mix_params())
 
-    def fast_args(self):  # the weightless RMSNorm of coefficients (phi holds the gain)
-        return dict(kind="mhc", W=self.phi, norm=(None, None, True, 1e-6), mix=self.mix, params=self.mix_params(),
-                    iters=self.iters)
-
     def streams(self, H):
         pre, res, post = self.coefficients(H)
         return torch.einsum("...j,...jc->...c", pre, H), res @ H, post  # H_pre x (B,T,C), H_res x (B,T,n,C)
@@ -584,18 +573,6 @@ def make_residual(config, site):
 
 # -----------------------------------------------------------------------------
 # the GPT
-
-RETIRED = ("impl_default", "aligner_impl_train", "aligner_impl_eval", "op1_per_head", "op2_per_head")
-
-
-def upgrade(args):
-    """A saved model_args dict as this version reads it: without the fields older versions wrote and this one
-    dropped. Those versions also wrote use_qk_gate/use_vo_gate=True for softmax, where they did nothing: in such
-    a dict (it has a RETIRED field) they read as unset. (checkpoint.py settles the files written in between.)"""
-    if args.get("attn") == "softmax" and any(k in args for k in RETIRED):
-        args = dict(args, use_qk_gate=None, use_vo_gate=None)
-    return {k: v for k, v in args.items() if k not in RETIRED}
-
 
 @dataclass
 class GPTConfig(HyperGLUOptions):
@@ -637,13 +614,12 @@ class GPTConfig(HyperGLUOptions):
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"{o}.dropout={self.dropout!r} is not valid; expected 0 <= dropout < 1")
         if self.attn == "softmax":
-            if self.n_embd % self.n_head:
-                raise ValueError(f"{o}.n_embd={self.n_embd} is not valid for softmax; expected a multiple of n_head={self.n_head}")
             _positive(self, "conv_kernel_size")
             for name in ("qk_rank", "vo_rank"):
-                width = getattr(self, name) or self.n_embd
+                value = getattr(self, name)
+                width, set_by = (self.n_embd, "n_embd") if value is None else (value, name)
                 if width <= 0 or width % self.n_head:
-                    raise ValueError(f"{o}.{name}={width} is not valid for softmax; expected a positive multiple of "
+                    raise ValueError(f"{o}.{set_by}={width} is not valid for softmax; expected a positive multiple of "
                                      f"n_head={self.n_head}")
             if self.pos == "rope" and ((self.qk_rank or self.n_embd) // self.n_head) % 2:
                 raise ValueError(f"{o}.pos='rope' needs an even Q/K head dim; qk_rank/n_head = "
@@ -658,11 +634,6 @@ class GPTConfig(HyperGLUOptions):
         return HyperGLUConfig(**dict(options, **auto), n_embd=self.n_embd, n_head=self.n_head,
                               block_size=self.block_size, bias=self.bias, n_layer=self.n_layer,
                               use_rope=self.pos == "rope", attn_kind="glu" if self.attn == "hyperglu" else "relu")
-
-    @classmethod
-    def from_dict(cls, args):
-        """A GPTConfig from a saved dict (a checkpoint's or config.json's model_args), read by upgrade()."""
-        return cls(**upgrade(args))
 
     def auto(self, name):
         """use_kv_conv, use_qk_gate or use_vo_gate with None resolved: on for HyperGLU/HyperMLP, off for softmax
@@ -720,8 +691,9 @@ class GPT(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, state):
-        """The model saved in a train.py checkpoint dict (a stray torch.compile '_orig_mod.' prefix is stripped)."""
-        model = cls(GPTConfig.from_dict(state["model_args"]))
+        """The model saved in a checkpoint dict as checkpoint.load_checkpoint reads it (a stray torch.compile
+        '_orig_mod.' prefix is stripped)."""
+        model = cls(GPTConfig(**state["model_args"]))
         model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in state["model"].items()})
         return model
 

@@ -275,7 +275,7 @@ model_args["vocab_size"] = vocab_size or (50304 if tokenizer["kind"] == "gpt2" e
 if model_args["vocab_size"] < tokenizer["vocab_size"]:
     fail(f"vocab_size={vocab_size} is smaller than the dataset's vocabulary ({tokenizer['vocab_size']})")
 try:
-    model_args = asdict(GPTConfig.from_dict(model_args))  # validated, with the auto fields resolved
+    model_args = asdict(GPTConfig(**model_args))  # validated, with the auto fields resolved
 except ValueError as e:
     fail(e)
 
@@ -291,7 +291,7 @@ def resume_differences(ckpt):
     the others (schedule, intervals, max_iters, wandb, device, ...), which take effect."""
     old, now = ckpt["config"], {**config, **model_args}
     try:
-        old_model = asdict(GPTConfig.from_dict(ckpt["model_args"]))
+        old_model = asdict(GPTConfig(**ckpt["model_args"]))
     except (TypeError, ValueError) as e:
         fail(f"{ckpt_last}: its model_args do not fit this model.py ({e})")
     fixed = [f"{k}: {old_model[k]!r} -> {v!r}" for k, v in model_args.items()
@@ -339,7 +339,7 @@ except ValueError as e:
     fail(e)
 
 torch.manual_seed(seed)  # the same initial weights on every rank
-model = GPT(GPTConfig.from_dict(model_args))
+model = GPT(GPTConfig(**model_args))
 if ckpt is not None:
     model.load_state_dict(ckpt["model"])
 model.grad_ckpt = grad_ckpt

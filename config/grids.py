@@ -19,7 +19,8 @@ written in it:
 """
 from dataclasses import fields, replace
 
-from model import GPTConfig, match_budget, param_report, upgrade
+from checkpoint import upgrade
+from model import GPTConfig, match_budget, param_report
 
 
 def variants(base, n_head_hyper=2):

@@ -36,13 +36,32 @@ def triton_usable(x, kind):
             and x.shape[2] <= (4 if kind == "mhc" else 8))
 
 
-def connect(x, f, kind, params=(), mix=None, W=None, norm=None, tanh=True, iters=20, static=None):
+def connect(x, f, site):
     """One HC / mHC site, H' = res + post^T f(u) [HC Eq. 2, mHC Eq. 3], for streams x (B,T,n,C) and the sublayer
-    f (B,T,C) -> (B,T,C), with the coefficients and the update in fp32 outside autocast. kind: "hc" or "mhc".
-    Static HC passes its shared coefficients static = (A_m (n,), A_r^T (n,n), B (n,)); dynamic HC and mHC pass the
-    projection W, the norm (g, b, rms, eps) applied after the matmul, and the module's coefficient map mix with
-    its params (mHC's takes a sinkhorn= keyword); tanh: HC's dynamic part goes through tanh; iters: Sinkhorn's.
-    triton_usable: ops.streams_triton's kernels; else StreamPre (or, static, two einsums) and add_outer."""
+    f (B,T,C) -> (B,T,C); site is the model's HyperConnection or ManifoldHC module, read through site_args."""
+    return run_site(x, f, **site_args(site))
+
+
+def site_args(site):
+    """What the fast forms take from a residual site, read by its attributes (ops does not import model.py).
+    Static HC: its shared coefficients static = (A_m (n,), A_r^T (n,n), B (n,)). Dynamic HC and mHC: the
+    projection W, the norm (g, b, rms, eps) to apply after the matmul, the module's coefficient map mix with its
+    params (mHC's mix takes a sinkhorn= keyword), tanh (HC) and the Sinkhorn iterations (mHC)."""
+    if hasattr(site, "phi"):  # mHC: a weightless RMSNorm with ManifoldHC.coefficients' eps (phi holds the gain)
+        return dict(kind="mhc", W=site.phi, norm=(None, None, True, 1e-6), mix=site.mix, params=site.mix_params(),
+                    iters=site.iters)
+    if not site.dynamic:
+        return dict(kind="hc", static=site.coefficients(None))
+    norm = site.norm
+    return dict(kind="hc", W=torch.cat([site.W_alpha, site.W_beta], 1), mix=site.mix, params=site.mix_params(),
+                norm=(norm.weight, getattr(norm, "bias", None), isinstance(norm, torch.nn.RMSNorm), norm.eps),
+                tanh=site.tanh)
+
+
+def run_site(x, f, kind, params=(), mix=None, W=None, norm=None, tanh=True, iters=20, static=None):
+    """connect with site_args spelled out, kind "hc" or "mhc"; the coefficients and the update run in fp32
+    outside autocast. triton_usable: ops.streams_triton's kernels; else StreamPre (or, static, two einsums) and
+    add_outer."""
     if triton_usable(x, kind):
         return TRITON.connect(x, f, kind, params, W, norm, tanh, iters, static)
     dev = x.device.type

@@ -22,6 +22,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from config.grids import label  # noqa: E402  (the one definition of the variant grammar)
+from checkpoint import upgrade  # noqa: E402
 from model import GPTConfig, param_report  # noqa: E402
 
 FAMILIES = ["softmax", "ReLU attention", "HyperMLP", "HyperGLU"]
@@ -109,7 +110,7 @@ def summarize(run, threshold):
     elapsed = [r["elapsed_s"] for r in rows.values() if "elapsed_s" in r]
     hit = next(((s, rows[s].get("tokens")) for s, v in val if threshold is not None and v <= threshold), None)
     try:
-        cfg = GPTConfig.from_dict(run["model_args"])
+        cfg = GPTConfig(**upgrade(run["model_args"]))
         params = param_report(cfg)["total"]
         plain = GPTConfig(vocab_size=cfg.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=1,
                           n_embd=cfg.n_embd, bias=cfg.bias)  # S: 4 n_embd^2 attention weights a layer, any heads

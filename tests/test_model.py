@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 
+from checkpoint import load_checkpoint, upgrade
 from model import GPT, GPTConfig, HyperGLU, HyperGLUConfig, KVCache, apply_rope, match_budget, param_report, sinkhorn
 
 ATTNS = ["softmax", "hyperglu", "hypermlp"]
@@ -340,9 +341,9 @@ def test_mhc_rejects_the_hc_only_switches():
 def test_config_from_older_checkpoints_drops_retired_fields():
     args = dict(vars(tiny(attn="hyperglu")), impl_default="recompute", aligner_impl_train="padview",
                 aligner_impl_eval="padview", op1_per_head=True, op2_per_head=True)
-    assert GPTConfig.from_dict(args) == tiny(attn="hyperglu")
+    assert GPTConfig(**upgrade(args)) == tiny(attn="hyperglu")
     with pytest.raises(TypeError):
-        GPTConfig.from_dict(dict(args, not_a_field=1))
+        GPTConfig(**upgrade(dict(args, not_a_field=1)))
 
 
 @pytest.mark.parametrize("residual", ["hc", "mhc"])
@@ -448,15 +449,18 @@ def test_softmax_options_decode_exactly_and_stay_causal():
 
 def test_softmax_gate_flags_of_older_files_read_as_off(tmp_path):
     """Before softmax had gates, its configs and checkpoints said use_qk_gate/use_vo_gate=True to no effect."""
-    from checkpoint import load_checkpoint
     old = dict(dataclasses.asdict(tiny(attn="softmax")), use_qk_gate=True, use_vo_gate=True, impl_default="chunked")
-    assert not GPTConfig.from_dict(old).auto("use_qk_gate") and not GPTConfig.from_dict(old).auto("use_vo_gate")
+    cfg = GPTConfig(**upgrade(old))
+    assert not cfg.auto("use_qk_gate") and not cfg.auto("use_vo_gate")
     del old["impl_default"]  # written after the ops/ split, before softmax gates: the weights tell
+    assert GPTConfig(**upgrade(old)).auto("use_qk_gate")  # a config dict alone cannot tell
     torch.save({"model": GPT(tiny(attn="softmax")).state_dict(), "model_args": old}, tmp_path / "ckpt.pt")
-    args = load_checkpoint(str(tmp_path / "ckpt.pt"))["model_args"]
-    cfg = GPTConfig.from_dict(args)
-    assert not cfg.auto("use_qk_gate")
+    cfg = GPTConfig(**load_checkpoint(str(tmp_path / "ckpt.pt"))["model_args"])
+    assert not cfg.auto("use_qk_gate") and not cfg.auto("use_vo_gate")
     GPT(cfg).load_state_dict(GPT(tiny(attn="softmax")).state_dict())  # loads: no gate weights expected
+    gated = tiny(attn="softmax", use_qk_gate=True, use_vo_gate=True)  # today's gated softmax keeps its gates
+    torch.save({"model": GPT(gated).state_dict(), "model_args": dataclasses.asdict(gated)}, tmp_path / "ckpt.pt")
+    assert GPTConfig(**load_checkpoint(str(tmp_path / "ckpt.pt"))["model_args"]) == gated
 
 
 def test_flops_and_mfu():

@@ -37,7 +37,7 @@ def grads(step, H, module, f):
 
 def kernels(module, f):
     """The site through ops.streams_triton.connect (the kernels hold their own coefficient maps: no mix)."""
-    kw = {k: v for k, v in module.fast_args().items() if k != "mix"}
+    kw = {k: v for k, v in ops.streams.site_args(module).items() if k != "mix"}
     return lambda H: st.connect(H, f, **kw)
 
 
