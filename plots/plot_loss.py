@@ -311,7 +311,8 @@ def main(argv=None):
             tail = [y for _, xs, ys, band in drawn for x, *y in zip(xs, *(band or (ys,))) if x >= x0]
             tail = [v for y in tail for v in y]
             if tail:
-                ins = ax.inset_axes([0.45, 0.36, 0.5, 0.3])  # below the legend, above the curves' tails
+                low = 0.27 if len(drawn) > 6 else 0.36  # below the legend (longer with more variants)
+                ins = ax.inset_axes([0.45, low, 0.5, 0.3])  # and above the curves' tails
                 for v, xs, ys, band in drawn:
                     ins.plot(xs, ys, color=color[v], lw=1.5)
                     if band:
