@@ -127,7 +127,8 @@ CPU_RUNS = [("S-pc", 1337), ("S-pc", 1338), ("S", 1337), ("R-cg-q-12o", 1337), (
             ("R-cg-q", 1337), ("R-c-q", 1337), ("R-12o!", 1337), ("G-12o!", 1337), ("R-cg-q-1o", 1337),
             ("G-cg-q-1o", 1337), ("G-pcg-q-12o", 1337), ("G-g-q-12o", 1337), ("G-cg-q-12o nopos", 1337),
             ("G-pcg-q-12o", 1338), ("G-pcg-q-12o", 1339), ("G-g-q-12o", 1338), ("G-g-q-12o", 1339),
-            ("G-cg-q-12o nopos", 1338), ("G-cg-q-12o nopos", 1339), ("G-12!", 1337), ("S-p", 1337), ("S-c", 1337)]
+            ("G-cg-q-12o nopos", 1338), ("G-cg-q-12o nopos", 1339), ("G-12!", 1337), ("S-p", 1337), ("S-c", 1337),
+            ("S-p", 1338), ("S-p", 1339)]
 
 # fineweb: GPT-2 124M scale on 8 GPUs (config/fineweb.py's recipe, shortened to 5,000 steps = 2.6B tokens).
 FINEWEB_BASE = dict(dataset="fineweb", data_order="sequential", n_layer=12, n_head=12, n_embd=768,
