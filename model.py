@@ -528,7 +528,7 @@ class ManifoldHC(Streams):
     def __init__(self, config, site):
         super().__init__()
         n, C = config.hc_streams, config.n_embd
-        self.n, self.iters, self.fast = n, config.mhc_iters, config.impl == "fast"  # ops.streams
+        self.n, self.iters, self.eps, self.fast = n, config.mhc_iters, 1e-6, config.impl == "fast"  # ops.streams
         self.phi = nn.Parameter(torch.zeros(n * C, n * n + 2 * n))  # [phi_pre | phi_post | phi_res]
         self.alpha_pre = nn.Parameter(torch.tensor(0.01))
         self.alpha_post = nn.Parameter(torch.tensor(0.01))
@@ -554,7 +554,7 @@ class ManifoldHC(Streams):
     def coefficients(self, x):
         """x (B,T,n,C) fp32 -> H_pre (B,T,n), H_res (B,T,n,n), H_post (B,T,n)."""
         flat = x.flatten(-2)  # (B,T,nC): every coefficient sees all streams
-        h = (flat * torch.rsqrt(flat.pow(2).mean(-1, keepdim=True) + 1e-6)) @ self.phi  # RMSNorm (gain in phi)
+        h = (flat * torch.rsqrt(flat.pow(2).mean(-1, keepdim=True) + self.eps)) @ self.phi  # RMSNorm (gain in phi)
         return self.mix(h, *self.mix_params())
 
     def streams(self, H):

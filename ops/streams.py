@@ -47,8 +47,8 @@ def site_args(site):
     Static HC: its shared coefficients static = (A_m (n,), A_r^T (n,n), B (n,)). Dynamic HC and mHC: the
     projection W, the norm (g, b, rms, eps) to apply after the matmul, the module's coefficient map mix with its
     params (mHC's mix takes a sinkhorn= keyword), tanh (HC) and the Sinkhorn iterations (mHC)."""
-    if hasattr(site, "phi"):  # mHC: a weightless RMSNorm with ManifoldHC.coefficients' eps (phi holds the gain)
-        return dict(kind="mhc", W=site.phi, norm=(None, None, True, 1e-6), mix=site.mix, params=site.mix_params(),
+    if hasattr(site, "phi"):  # mHC: a weightless RMSNorm of the flat streams (phi holds the gain)
+        return dict(kind="mhc", W=site.phi, norm=(None, None, True, site.eps), mix=site.mix, params=site.mix_params(),
                     iters=site.iters)
     if not site.dynamic:
         return dict(kind="hc", static=site.coefficients(None))
