@@ -42,6 +42,7 @@ import os
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
@@ -134,12 +135,14 @@ def _from_lag(y, scr, BM: tl.constexpr, BN: tl.constexpr):
 
 
 @triton.jit
-def _win(par, l0, W, R, RP: tl.constexpr, NL: tl.constexpr):
-    """(NL, RP) rows l0.. of a lag-major (W, R) parameter (0 outside 0 <= lag < W)."""
+def _win(par, l0, R: tl.constexpr, RP: tl.constexpr, NL: tl.constexpr):
+    """(NL, RP) rows l0.. of a lag-major (lags, R) parameter, par pointing at lag 0 of a zero-padded copy (lags
+    -2 BN .. W + 2 BN - 1 exist, so a window needs no mask)."""
     lag = l0 + tl.arange(0, NL)
     r = tl.arange(0, RP)
-    ok = (lag >= 0) & (lag < W)
-    return tl.load(par + lag[:, None] * R + r[None, :], mask=ok[:, None] & (r[None, :] < R), other=0.0)
+    if R == RP:
+        return tl.load(par + lag[:, None] * R + r[None, :])
+    return tl.load(par + lag[:, None] * R + r[None, :], mask=r[None, :] < R, other=0.0)
 
 
 @triton.jit
@@ -179,83 +182,234 @@ def _row_block(q, g, s, rb, TQ, row0, DK: tl.constexpr, DKP: tl.constexpr, GLU: 
 
 
 @triton.jit
-def _coefs(P, c, e, m, mmask, TQ, R, RP: tl.constexpr, DT: tl.constexpr):
+def _coefs(P, c, e, m, mmask, TQ, R: tl.constexpr, RP: tl.constexpr, DT: tl.constexpr):
     """(P * c)[rows m] of qk-head e, as a (BM, RP) dot operand in DT: a mixer's per-row low-rank coefficients."""
     return (_rows(P + e * TQ * R, m, mmask, R, RP) * _rows(c + e * TQ * R, m, mmask, R, RP)).to(DT)
 
 
 @triton.jit
-def _chain(qg, qs, kg, ks, t, mmask, i0, TK, lw0, pcg, pcs, S1g, S1s, V1g, V1s, W, scr,
-           DK: tl.constexpr, DKP: tl.constexpr, R1: tl.constexpr, R1P: tl.constexpr, GLU: tl.constexpr, OP1: tl.constexpr, ACC: tl.constexpr,
-           BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, FAST: tl.constexpr):
+def _masked(x, valid, MASK: tl.constexpr):
+    """x with the invalid pairs zeroed, on the tiles that have any (MASK); the others are all valid."""
+    if MASK:
+        return tl.where(valid, x, 0.0)
+    return x
+
+
+@triton.jit
+def _lowrank_key(x, par, lw0, valid, R: tl.constexpr, RP: tl.constexpr, scr, BM: tl.constexpr, BN: tl.constexpr,
+                 PREC: tl.constexpr, MASK: tl.constexpr):
+    """(BM, BN): x[m] . par[l] for a per-row (BM, RP) x and a lag-major parameter, through the lag window."""
+    y = tl.dot(x, tl.trans(_win(par, lw0, R, RP, 2 * BN)), input_precision=PREC)
+    return _masked(_from_lag(y, scr, BM, BN), valid, MASK)
+
+
+@triton.jit
+def _chain(qg, qs, kg, ks, t, mmask, i0, TK, lw0, pcg, pcs, S1g, S1s, V1g, V1s, scr,
+           DK: tl.constexpr, DKP: tl.constexpr, R1: tl.constexpr, R1P: tl.constexpr, GLU: tl.constexpr,
+           OP1: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+           FAST: tl.constexpr, MASK: tl.constexpr):
     """The forward chain on the tile of rows t and keys i0..i0+BN (lag window from lw0): n, its mask, the lags, the
-    valid pairs, the key blocks (BN, DKP), z, z1 and a. Entries outside `valid` (future or missing keys, rows past
-    the end) are 0."""
+    valid pairs, the key blocks (BN, DKP), z, z1 and a. With MASK, entries outside `valid` (future or missing keys,
+    rows past the end) are 0; without, the tile has none."""
     n = i0 + tl.arange(0, BN)
     nmask = n < TK
     lag = t[:, None] - n[None, :]
     valid = mmask[:, None] & nmask[None, :] & (lag >= 0)
     kgt = _rows(kg, n, nmask, DK, DKP)
-    zg = tl.where(valid, tl.dot(qg, tl.trans(kgt), input_precision=PREC).to(ACC), 0.0)
+    zg = _masked(tl.dot(qg, tl.trans(kgt), input_precision=PREC).to(ACC), valid, MASK)
     z1g = zg
-    if OP1:  # z1 = z S1[l] + (P c1) . V1[l]: the low-rank term in the lag window, skewed to key order
-        lr = tl.dot(pcg, tl.trans(_win(V1g, lw0, W, R1, R1P, 2 * BN)), input_precision=PREC)
-        z1g = tl.where(valid, zg * tl.load(S1g + lag, mask=valid, other=0.0) + _from_lag(lr, scr, BM, BN), 0.0)
+    if OP1:  # z1 = z S1[l] + (P c1) . V1[l]
+        z1g = zg * tl.load(S1g + lag) + _lowrank_key(pcg, V1g, lw0, valid, R1, R1P, scr, BM, BN, PREC, MASK)
     kst, zs, z1s = kgt, zg, z1g
     if GLU:
         kst = _rows(ks, n, nmask, DK, DKP)
-        zs = tl.where(valid, tl.dot(qs, tl.trans(kst), input_precision=PREC).to(ACC), 0.0)
+        zs = _masked(tl.dot(qs, tl.trans(kst), input_precision=PREC).to(ACC), valid, MASK)
         z1s = zs
         if OP1:
-            lr = tl.dot(pcs, tl.trans(_win(V1s, lw0, W, R1, R1P, 2 * BN)), input_precision=PREC)
-            z1s = tl.where(valid, zs * tl.load(S1s + lag, mask=valid, other=0.0) + _from_lag(lr, scr, BM, BN), 0.0)
-        a = tl.where(valid, _softplus(z1s, FAST) * tl.maximum(z1g, 0.0), 0.0)
+            z1s = zs * tl.load(S1s + lag) + _lowrank_key(pcs, V1s, lw0, valid, R1, R1P, scr, BM, BN, PREC, MASK)
+        a = _masked(_softplus(z1s, FAST) * tl.maximum(z1g, 0.0), valid, MASK)
     else:
         a = tl.maximum(z1g, 0.0)
     return n, nmask, lag, valid, kgt, kst, zg, zs, z1g, z1s, a
 
 
 @triton.jit
-def _lowrank_key(x, par, lw0, W, valid, R, RP: tl.constexpr, scr, BM: tl.constexpr, BN: tl.constexpr,
-                 PREC: tl.constexpr):
-    """(BM, BN): x[m] . par[l] for a per-row (BM, RP) x and a lag-major parameter, through the lag window."""
-    y = tl.dot(x, tl.trans(_win(par, lw0, W, R, RP, 2 * BN)), input_precision=PREC)
-    return tl.where(valid, _from_lag(y, scr, BM, BN), 0.0)
+def _grad_a(dy, vj, m, mmask, n, nmask, lag, valid, lw0, dQ, U2j, S2j, scr, DV: tl.constexpr, DVC: tl.constexpr,
+            R2: tl.constexpr, R2P: tl.constexpr, OP2: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr,
+            BN: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr):
+    """(da2, da) on a tile: da2 = dy . v, da = da2 S2[l] + dQ . U2[l] (op2's backward), invalid pairs 0."""
+    da2 = _masked(_dav(dy, vj, m, mmask, n, nmask, DV, DVC, ACC, PREC), valid, MASK)
+    da = da2
+    if OP2:
+        da = da2 * tl.load(S2j + lag) + _lowrank_key(dQ, U2j, lw0, valid, R2, R2P, scr, BM, BN, PREC, MASK)
+    return da2, da
+
+
+@triton.jit
+def _grad_z(dz1, S1e, lag, valid, lw0, dP, U1e, scr, R1: tl.constexpr, R1P: tl.constexpr, OP1: tl.constexpr,
+            BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr):
+    """dz = dz1 S1[l] + dP . U1[l] (op1's backward) on a tile."""
+    if OP1:
+        return dz1 * tl.load(S1e + lag) + _lowrank_key(dP, U1e, lw0, valid, R1, R1P, scr, BM, BN, PREC, MASK)
+    return dz1
+
+
+@triton.jit
+def _params(S1, U1, V1, S2, U2, V2, eg, es, j, WP, R1: tl.constexpr, R2: tl.constexpr, BN: tl.constexpr):
+    """Pointers to lag 0 of the heads' padded lag parameters: S (H, WP), U and V (H, WP, R), 2 BN zero lags first."""
+    return (S1 + eg * WP + 2 * BN, S1 + es * WP + 2 * BN, U1 + (eg * WP + 2 * BN) * R1, U1 + (es * WP + 2 * BN) * R1,
+            V1 + (eg * WP + 2 * BN) * R1, V1 + (es * WP + 2 * BN) * R1, S2 + j * WP + 2 * BN,
+            U2 + (j * WP + 2 * BN) * R2, V2 + (j * WP + 2 * BN) * R2)
+
+
+# ----------------------------------------------------------------------------- per-tile steps, with and without masks
+
+@triton.jit
+def _p_step(qg, qs, kg, ks, t, mmask, i0, TK, lw0, U1g, U1s, scr, Pg, Ps, DK: tl.constexpr, DKP: tl.constexpr,
+            R1: tl.constexpr, R1P: tl.constexpr, GLU: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr,
+            BN: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr):
+    """P_e += sum over the tile's keys of z_e U1_e[l]: a dot in the lag window."""
+    n = i0 + tl.arange(0, BN)
+    nmask = n < TK
+    valid = mmask[:, None] & nmask[None, :] & (t[:, None] >= n[None, :])
+    zg = _masked(tl.dot(qg, tl.trans(_rows(kg, n, nmask, DK, DKP)), input_precision=PREC), valid, MASK)
+    Pg += tl.dot(_to_lag(zg, scr, BM, BN), _win(U1g, lw0, R1, R1P, 2 * BN), input_precision=PREC).to(ACC)
+    if GLU:
+        zs = _masked(tl.dot(qs, tl.trans(_rows(ks, n, nmask, DK, DKP)), input_precision=PREC), valid, MASK)
+        Ps += tl.dot(_to_lag(zs, scr, BM, BN), _win(U1s, lw0, R1, R1P, 2 * BN), input_precision=PREC).to(ACC)
+    return Pg, Ps
+
+
+@triton.jit
+def _nq_step(qg, qs, kg, ks, t, mmask, i0, TK, lw0, pcg, pcs, S1g, S1s, V1g, V1s, U2j, scrA, scrB, nsq, Q,
+             DK: tl.constexpr, DKP: tl.constexpr, R1: tl.constexpr, R1P: tl.constexpr, R2: tl.constexpr,
+             R2P: tl.constexpr, GLU: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr, NORM: tl.constexpr,
+             ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, FAST: tl.constexpr,
+             MASK: tl.constexpr):
+    """n^2 += sum z1_g^2 and Q += sum a U2[l] over the tile."""
+    n, nmask, lag, valid, kgt, kst, zg, zs, z1g, z1s, a = _chain(
+        qg, qs, kg, ks, t, mmask, i0, TK, lw0, pcg, pcs, S1g, S1s, V1g, V1s, scrB, DK, DKP, R1, R1P, GLU, OP1, ACC,
+        BM, BN, PREC, FAST, MASK)
+    if NORM:
+        nsq += tl.sum(z1g * z1g, 1)
+    if OP2:
+        Q += tl.dot(_to_lag(a, scrA, BM, BN), _win(U2j, lw0, R2, R2P, 2 * BN), input_precision=PREC).to(ACC)
+    return nsq, Q
+
+
+@triton.jit
+def _out_step(qg, qs, kg, ks, vj, t, mmask, i0, TK, lw0, pcg, pcs, qc, S1g, S1s, V1g, V1s, S2j, V2j, scr, d, dmask,
+              acc, DK: tl.constexpr, DKP: tl.constexpr, DV: tl.constexpr, R1: tl.constexpr, R1P: tl.constexpr,
+              R2: tl.constexpr, R2P: tl.constexpr, GLU: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr,
+              ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, FAST: tl.constexpr,
+              MASK: tl.constexpr):
+    """acc += a2 V over the tile, a2 = a S2[l] + qc . V2[l]."""
+    n, nmask, lag, valid, kgt, kst, zg, zs, z1g, z1s, a = _chain(
+        qg, qs, kg, ks, t, mmask, i0, TK, lw0, pcg, pcs, S1g, S1s, V1g, V1s, scr, DK, DKP, R1, R1P, GLU, OP1, ACC,
+        BM, BN, PREC, FAST, MASK)
+    a2 = a
+    if OP2:
+        a2 = a * tl.load(S2j + lag) + _lowrank_key(qc, V2j, lw0, valid, R2, R2P, scr, BM, BN, PREC, MASK)
+    vt = tl.load(vj + n[:, None] * DV + d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
+    return acc + tl.dot(a2.to(vt.dtype), vt, input_precision=PREC).to(ACC)
+
+
+@triton.jit
+def _dqc_step(dy, vj, m, mmask, t, i0, TK, lw0, V2j, scr, dQc, DV: tl.constexpr, DVC: tl.constexpr,
+              R2: tl.constexpr, R2P: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+              PREC: tl.constexpr, MASK: tl.constexpr):
+    """dQc += sum over the tile of da2 V2[l], da2 = dy . v."""
+    n = i0 + tl.arange(0, BN)
+    nmask = n < TK
+    valid = mmask[:, None] & nmask[None, :] & (t[:, None] >= n[None, :])
+    da2 = _masked(_dav(dy, vj, m, mmask, n, nmask, DV, DVC, ACC, PREC), valid, MASK)
+    return dQc + tl.dot(_to_lag(da2, scr, BM, BN), _win(V2j, lw0, R2, R2P, 2 * BN), input_precision=PREC).to(ACC)
+
+
+@triton.jit
+def _dpc_step(qg, qs, kg, ks, dy, vj, m, mmask, t, i0, TK, lw0, pcg, pcs, dQ, coef, S1g, S1s, V1g, V1s, S2j, U2j,
+              scrA, scrB, dPcg, dPcs, DK: tl.constexpr, DKP: tl.constexpr, DV: tl.constexpr, DVC: tl.constexpr,
+              R1: tl.constexpr, R1P: tl.constexpr, R2: tl.constexpr, R2P: tl.constexpr, GLU: tl.constexpr,
+              OP1: tl.constexpr, OP2: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+              PREC: tl.constexpr, FAST: tl.constexpr, MASK: tl.constexpr):
+    """dPc_e += sum over the tile of dz1_e V1_e[l]."""
+    n, nmask, lag, valid, kgt, kst, zg, zs, z1g, z1s, a = _chain(
+        qg, qs, kg, ks, t, mmask, i0, TK, lw0, pcg, pcs, S1g, S1s, V1g, V1s, scrB, DK, DKP, R1, R1P, GLU, OP1, ACC,
+        BM, BN, PREC, FAST, MASK)
+    da2, da = _grad_a(dy, vj, m, mmask, n, nmask, lag, valid, lw0, dQ, U2j, S2j, scrB, DV, DVC, R2, R2P, OP2, ACC,
+                      BM, BN, PREC, MASK)
+    dz1g, dz1s = _act_bwd(da, z1g, z1s, coef, GLU, FAST)
+    dPcg += tl.dot(_to_lag(dz1g, scrA, BM, BN), _win(V1g, lw0, R1, R1P, 2 * BN), input_precision=PREC).to(ACC)
+    if GLU:
+        dPcs += tl.dot(_to_lag(dz1s, scrA, BM, BN), _win(V1s, lw0, R1, R1P, 2 * BN), input_precision=PREC).to(ACC)
+    return dPcg, dPcs
+
+
+@triton.jit
+def _dz_step(qg, qs, kg, ks, dy, vj, m, mmask, t, i0, TK, lw0, pcg, pcs, dQ, dPg, dPs, coef, S1g, S1s, U1g, U1s,
+             V1g, V1s, S2j, U2j, scr, DK: tl.constexpr, DKP: tl.constexpr, DV: tl.constexpr, DVC: tl.constexpr,
+             R1: tl.constexpr, R1P: tl.constexpr, R2: tl.constexpr, R2P: tl.constexpr, GLU: tl.constexpr,
+             OP1: tl.constexpr, OP2: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+             PREC: tl.constexpr, FAST: tl.constexpr, MASK: tl.constexpr):
+    """The whole backward chain on a tile: the key blocks and dz of the gate and scale heads."""
+    n, nmask, lag, valid, kgt, kst, zg, zs, z1g, z1s, a = _chain(
+        qg, qs, kg, ks, t, mmask, i0, TK, lw0, pcg, pcs, S1g, S1s, V1g, V1s, scr, DK, DKP, R1, R1P, GLU, OP1, ACC,
+        BM, BN, PREC, FAST, MASK)
+    da2, da = _grad_a(dy, vj, m, mmask, n, nmask, lag, valid, lw0, dQ, U2j, S2j, scr, DV, DVC, R2, R2P, OP2, ACC,
+                      BM, BN, PREC, MASK)
+    dz1g, dz1s = _act_bwd(da, z1g, z1s, coef, GLU, FAST)
+    dzg = _grad_z(dz1g, S1g, lag, valid, lw0, dPg, U1g, scr, R1, R1P, OP1, BM, BN, PREC, MASK)
+    dzs = dzg
+    if GLU:
+        dzs = _grad_z(dz1s, S1s, lag, valid, lw0, dPs, U1s, scr, R1, R1P, OP1, BM, BN, PREC, MASK)
+    return kgt, kst, dzg, dzs
+
+
+@triton.jit
+def _dv_step(qg, qs, kg, ks, t, mmask, i0, TK, lw0, pcg, pcs, qc, dyc, S1g, S1s, V1g, V1s, S2j, V2j, scr, dv,
+             DK: tl.constexpr, DKP: tl.constexpr, R1: tl.constexpr, R1P: tl.constexpr, R2: tl.constexpr,
+             R2P: tl.constexpr, GLU: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr, ACC: tl.constexpr,
+             BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, FAST: tl.constexpr, MASK: tl.constexpr):
+    """dv += a2^T dy over the tile."""
+    n, nmask, lag, valid, kgt, kst, zg, zs, z1g, z1s, a = _chain(
+        qg, qs, kg, ks, t, mmask, i0, TK, lw0, pcg, pcs, S1g, S1s, V1g, V1s, scr, DK, DKP, R1, R1P, GLU, OP1, ACC,
+        BM, BN, PREC, FAST, MASK)
+    a2 = a
+    if OP2:
+        a2 = a * tl.load(S2j + lag) + _lowrank_key(qc, V2j, lw0, valid, R2, R2P, scr, BM, BN, PREC, MASK)
+    return dv + tl.dot(tl.trans(a2.to(dyc.dtype)), dyc, input_precision=PREC).to(ACC)
 
 
 # ----------------------------------------------------------------------------- kernels
 
 @triton.jit
-def _fwd_stats(q, k, c1, U1, V1, S1, U2, P1, Q2, NRM, SCR, h, TQ, TK, W, row0,
-               DK: tl.constexpr, DKP: tl.constexpr, R1: tl.constexpr, R1P: tl.constexpr, R2: tl.constexpr, R2P: tl.constexpr, GLU: tl.constexpr,
-               OP1: tl.constexpr, OP2: tl.constexpr, NORM: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr,
-               BN: tl.constexpr, PREC: tl.constexpr, FAST: tl.constexpr):
+def _fwd_stats(q, k, c1, U1, V1, S1, U2, P1, Q2, NRM, SCR, h, TQ, TK, WP, row0,
+               DK: tl.constexpr, DKP: tl.constexpr, R1: tl.constexpr, R1P: tl.constexpr, R2: tl.constexpr,
+               R2P: tl.constexpr, GLU: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr, NORM: tl.constexpr,
+               ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, FAST: tl.constexpr):
     rb, bh = tl.program_id(0), tl.program_id(1)
     j, g, s = _heads(bh, h, GLU)
     m, mmask, t, qg, qs = _row_block(q, g, s, rb, TQ, row0, DK, DKP, GLU, BM)
     scrA, scrB = _scratch(SCR, BM, BN)
     DT = q.dtype.element_ty
-    hi = tl.minimum(TK, row0 + rb * BM + BM)  # keys a row of this block can see
-    kg, ks = k + g * TK * DK, k + s * TK * DK
     H1 = 2 * h if GLU else h
     eg, es = g % H1, s % H1  # qk-head indices into the parameters
+    S1g, S1s, U1g, U1s, V1g, V1s, _, U2j, _ = _params(S1, U1, V1, S1, U2, U2, eg, es, j, WP, R1, R2, BN)
+    kg, ks = k + g * TK * DK, k + s * TK * DK
+    t0 = row0 + rb * BM
+    lo = t0 // BN * BN            # keys below lo are seen by every row of the block: no masks
+    hi = tl.minimum(TK, t0 + BM)  # keys a row of this block can see
     pcg = tl.zeros((BM, R1P), dtype=DT)
     pcs = pcg
-    if OP1:  # sweep 1: P_e = sum_i z_e[i] U1_e[l], a dot in each tile's lag window
+    if OP1:  # sweep 1: P_e = sum_i z_e[i] U1_e[l]
         Pg = tl.zeros((BM, R1P), dtype=ACC)
         Ps = Pg
-        for i0 in range(0, hi, BN):
-            n = i0 + tl.arange(0, BN)
-            nmask = n < TK
-            valid = mmask[:, None] & nmask[None, :] & (t[:, None] >= n[None, :])
-            lw0 = row0 + rb * BM - i0 - BN + 1
-            zg = tl.where(valid, tl.dot(qg, tl.trans(_rows(kg, n, nmask, DK, DKP)), input_precision=PREC), 0.0)
-            Pg += tl.dot(_to_lag(zg, scrA, BM, BN), _win(U1 + eg * W * R1, lw0, W, R1, R1P, 2 * BN),
-                         input_precision=PREC).to(ACC)
-            if GLU:
-                zs = tl.where(valid, tl.dot(qs, tl.trans(_rows(ks, n, nmask, DK, DKP)), input_precision=PREC), 0.0)
-                Ps += tl.dot(_to_lag(zs, scrA, BM, BN), _win(U1 + es * W * R1, lw0, W, R1, R1P, 2 * BN),
-                             input_precision=PREC).to(ACC)
+        for i0 in range(0, lo, BN):
+            Pg, Ps = _p_step(qg, qs, kg, ks, t, mmask, i0, TK, t0 - i0 - BN + 1, U1g, U1s, scrA, Pg, Ps, DK, DKP,
+                             R1, R1P, GLU, ACC, BM, BN, PREC, False)
+        for i0 in range(lo, hi, BN):
+            Pg, Ps = _p_step(qg, qs, kg, ks, t, mmask, i0, TK, t0 - i0 - BN + 1, U1g, U1s, scrA, Pg, Ps, DK, DKP,
+                             R1, R1P, GLU, ACC, BM, BN, PREC, True)
         _store_rows(P1 + g * TQ * R1, Pg, m, mmask, R1, R1P)
         pcg = (Pg * _rows(c1 + g * TQ * R1, m, mmask, R1, R1P)).to(DT)
         if GLU:
@@ -264,16 +418,14 @@ def _fwd_stats(q, k, c1, U1, V1, S1, U2, P1, Q2, NRM, SCR, h, TQ, TK, W, row0,
     if NORM or OP2:  # sweep 2: the norm and Q = sum_i a[i] U2[l]
         nsq = tl.zeros((BM,), dtype=ACC)
         Q = tl.zeros((BM, R2P), dtype=ACC)
-        for i0 in range(0, hi, BN):
-            lw0 = row0 + rb * BM - i0 - BN + 1
-            n, nmask, lag, valid, kgt, kst, zg, zs, z1g, z1s, a = _chain(
-                qg, qs, kg, ks, t, mmask, i0, TK, lw0, pcg, pcs, S1 + eg * W, S1 + es * W, V1 + eg * W * R1,
-                V1 + es * W * R1, W, scrB, DK, DKP, R1, R1P, GLU, OP1, ACC, BM, BN, PREC, FAST)
-            if NORM:
-                nsq += tl.sum(z1g * z1g, 1)
-            if OP2:
-                Q += tl.dot(_to_lag(a, scrA, BM, BN), _win(U2 + j * W * R2, lw0, W, R2, R2P, 2 * BN),
-                            input_precision=PREC).to(ACC)
+        for i0 in range(0, lo, BN):
+            nsq, Q = _nq_step(qg, qs, kg, ks, t, mmask, i0, TK, t0 - i0 - BN + 1, pcg, pcs, S1g, S1s, V1g, V1s, U2j,
+                              scrA, scrB, nsq, Q, DK, DKP, R1, R1P, R2, R2P, GLU, OP1, OP2, NORM, ACC, BM, BN, PREC,
+                              FAST, False)
+        for i0 in range(lo, hi, BN):
+            nsq, Q = _nq_step(qg, qs, kg, ks, t, mmask, i0, TK, t0 - i0 - BN + 1, pcg, pcs, S1g, S1s, V1g, V1s, U2j,
+                              scrA, scrB, nsq, Q, DK, DKP, R1, R1P, R2, R2P, GLU, OP1, OP2, NORM, ACC, BM, BN, PREC,
+                              FAST, True)
         if NORM:
             tl.store(NRM + bh * TQ + m, tl.sqrt(nsq), mask=mmask)
         if OP2:
@@ -281,10 +433,11 @@ def _fwd_stats(q, k, c1, U1, V1, S1, U2, P1, Q2, NRM, SCR, h, TQ, TK, W, row0,
 
 
 @triton.jit
-def _fwd_out(q, k, v, c1, c2, V1, S1, V2, S2, P1, Q2, NRM, OUT, SCR, h, TQ, TK, W, row0, eps,
-             DK: tl.constexpr, DKP: tl.constexpr, DV: tl.constexpr, DVO: tl.constexpr, R1: tl.constexpr, R1P: tl.constexpr, R2: tl.constexpr, R2P: tl.constexpr,
-             GLU: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr, NORM: tl.constexpr, ACC: tl.constexpr,
-             BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, FAST: tl.constexpr):
+def _fwd_out(q, k, v, c1, c2, V1, S1, V2, S2, P1, Q2, NRM, OUT, SCR, h, TQ, TK, WP, row0, eps,
+             DK: tl.constexpr, DKP: tl.constexpr, DV: tl.constexpr, DVO: tl.constexpr, R1: tl.constexpr,
+             R1P: tl.constexpr, R2: tl.constexpr, R2P: tl.constexpr, GLU: tl.constexpr, OP1: tl.constexpr,
+             OP2: tl.constexpr, NORM: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+             PREC: tl.constexpr, FAST: tl.constexpr):
     rb, bh, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     j, g, s = _heads(bh, h, GLU)
     m, mmask, t, qg, qs = _row_block(q, g, s, rb, TQ, row0, DK, DKP, GLU, BM)
@@ -292,7 +445,11 @@ def _fwd_out(q, k, v, c1, c2, V1, S1, V2, S2, P1, Q2, NRM, OUT, SCR, h, TQ, TK, 
     DT = q.dtype.element_ty
     H1 = 2 * h if GLU else h
     eg, es = g % H1, s % H1
-    hi = tl.minimum(TK, row0 + rb * BM + BM)
+    S1g, S1s, _, _, V1g, V1s, S2j, _, V2j = _params(S1, V1, V1, S2, V2, V2, eg, es, j, WP, R1, R2, BN)
+    kg, ks, vj = k + g * TK * DK, k + s * TK * DK, v + bh * TK * DV
+    t0 = row0 + rb * BM
+    lo = t0 // BN * BN
+    hi = tl.minimum(TK, t0 + BM)
     pcg = tl.zeros((BM, R1P), dtype=DT)
     pcs = pcg
     if OP1:
@@ -303,19 +460,15 @@ def _fwd_out(q, k, v, c1, c2, V1, S1, V2, S2, P1, Q2, NRM, OUT, SCR, h, TQ, TK, 
         qc = _coefs(Q2, c2, bh, m, mmask, TQ, R2, R2P, DT)
     d = cb * DVO + tl.arange(0, DVO)
     dmask = d < DV
-    vj = v + bh * TK * DV
     acc = tl.zeros((BM, DVO), dtype=ACC)
-    for i0 in range(0, hi, BN):
-        lw0 = row0 + rb * BM - i0 - BN + 1
-        n, nmask, lag, valid, kgt, kst, zg, zs, z1g, z1s, a = _chain(
-            qg, qs, k + g * TK * DK, k + s * TK * DK, t, mmask, i0, TK, lw0, pcg, pcs, S1 + eg * W, S1 + es * W,
-            V1 + eg * W * R1, V1 + es * W * R1, W, scrB, DK, DKP, R1, R1P, GLU, OP1, ACC, BM, BN, PREC, FAST)
-        a2 = a
-        if OP2:
-            a2 = a * tl.load(S2 + j * W + lag, mask=valid, other=0.0) + _lowrank_key(
-                qc, V2 + j * W * R2, lw0, W, valid, R2, R2P, scrB, BM, BN, PREC)
-        vt = tl.load(vj + n[:, None] * DV + d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
-        acc += tl.dot(a2.to(vt.dtype), vt, input_precision=PREC).to(ACC)
+    for i0 in range(0, lo, BN):
+        acc = _out_step(qg, qs, kg, ks, vj, t, mmask, i0, TK, t0 - i0 - BN + 1, pcg, pcs, qc, S1g, S1s, V1g, V1s,
+                        S2j, V2j, scrB, d, dmask, acc, DK, DKP, DV, R1, R1P, R2, R2P, GLU, OP1, OP2, ACC, BM, BN,
+                        PREC, FAST, False)
+    for i0 in range(lo, hi, BN):
+        acc = _out_step(qg, qs, kg, ks, vj, t, mmask, i0, TK, t0 - i0 - BN + 1, pcg, pcs, qc, S1g, S1s, V1g, V1s,
+                        S2j, V2j, scrB, d, dmask, acc, DK, DKP, DV, R1, R1P, R2, R2P, GLU, OP1, OP2, ACC, BM, BN,
+                        PREC, FAST, True)
     if NORM:
         acc = acc / tl.maximum(tl.load(NRM + bh * TQ + m, mask=mmask, other=1.0), eps)[:, None]
     tl.store(OUT + bh * TQ * DV + m[:, None] * DV + d[None, :], acc, mask=mmask[:, None] & dmask[None, :])
@@ -323,10 +476,10 @@ def _fwd_out(q, k, v, c1, c2, V1, S1, V2, S2, P1, Q2, NRM, OUT, SCR, h, TQ, TK, 
 
 @triton.jit
 def _bwd_rows(q, k, v, c1, c2, U1, V1, S1, U2, V2, S2, P1, Q2, DY, COEF, DQ, DC1, DC2, DP1, DQ2, SCR,
-              h, TQ, TK, W, row0,
-              DK: tl.constexpr, DKP: tl.constexpr, DV: tl.constexpr, DVC: tl.constexpr, R1: tl.constexpr, R1P: tl.constexpr, R2: tl.constexpr,
-              R2P: tl.constexpr, GLU: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr, ACC: tl.constexpr,
-              BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, FAST: tl.constexpr):
+              h, TQ, TK, WP, row0, DK: tl.constexpr, DKP: tl.constexpr, DV: tl.constexpr, DVC: tl.constexpr,
+              R1: tl.constexpr, R1P: tl.constexpr, R2: tl.constexpr, R2P: tl.constexpr, GLU: tl.constexpr,
+              OP1: tl.constexpr, OP2: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+              PREC: tl.constexpr, FAST: tl.constexpr):
     rb, bh = tl.program_id(0), tl.program_id(1)
     j, g, s = _heads(bh, h, GLU)
     m, mmask, t, qg, qs = _row_block(q, g, s, rb, TQ, row0, DK, DKP, GLU, BM)
@@ -334,8 +487,11 @@ def _bwd_rows(q, k, v, c1, c2, U1, V1, S1, U2, V2, S2, P1, Q2, DY, COEF, DQ, DC1
     DT = q.dtype.element_ty
     H1 = 2 * h if GLU else h
     eg, es = g % H1, s % H1
-    hi = tl.minimum(TK, row0 + rb * BM + BM)
+    S1g, S1s, U1g, U1s, V1g, V1s, S2j, U2j, V2j = _params(S1, U1, V1, S2, U2, V2, eg, es, j, WP, R1, R2, BN)
     kg, ks, vj, dy = k + g * TK * DK, k + s * TK * DK, v + bh * TK * DV, DY + bh * TQ * DV
+    t0 = row0 + rb * BM
+    lo = t0 // BN * BN
+    hi = tl.minimum(TK, t0 + BM)
     coef = tl.load(COEF + bh * TQ + m, mask=mmask, other=0.0)
     pcg = tl.zeros((BM, R1P), dtype=DT)
     pcs = pcg
@@ -345,14 +501,12 @@ def _bwd_rows(q, k, v, c1, c2, U1, V1, S1, U2, V2, S2, P1, Q2, DY, COEF, DQ, DC1
     dQ = tl.zeros((BM, R2P), dtype=DT)
     if OP2:  # sweep 1: dQc = sum_i da2[i] V2[l], da2 = dy . v[i]
         dQc = tl.zeros((BM, R2P), dtype=ACC)
-        for i0 in range(0, hi, BN):
-            n = i0 + tl.arange(0, BN)
-            nmask = n < TK
-            valid = mmask[:, None] & nmask[None, :] & (t[:, None] >= n[None, :])
-            lw0 = row0 + rb * BM - i0 - BN + 1
-            da2 = tl.where(valid, _dav(dy, vj, m, mmask, n, nmask, DV, DVC, ACC, PREC), 0.0)
-            dQc += tl.dot(_to_lag(da2, scrA, BM, BN), _win(V2 + j * W * R2, lw0, W, R2, R2P, 2 * BN),
-                          input_precision=PREC).to(ACC)
+        for i0 in range(0, lo, BN):
+            dQc = _dqc_step(dy, vj, m, mmask, t, i0, TK, t0 - i0 - BN + 1, V2j, scrA, dQc, DV, DVC, R2, R2P, ACC,
+                            BM, BN, PREC, False)
+        for i0 in range(lo, hi, BN):
+            dQc = _dqc_step(dy, vj, m, mmask, t, i0, TK, t0 - i0 - BN + 1, V2j, scrA, dQc, DV, DVC, R2, R2P, ACC,
+                            BM, BN, PREC, True)
         c2r = _rows(c2 + bh * TQ * R2, m, mmask, R2, R2P).to(ACC)
         _store_rows(DC2 + bh * TQ * R2, dQc * _rows(Q2 + bh * TQ * R2, m, mmask, R2, R2P), m, mmask, R2, R2P)
         _store_rows(DQ2 + bh * TQ * R2, dQc * c2r, m, mmask, R2, R2P)
@@ -362,21 +516,14 @@ def _bwd_rows(q, k, v, c1, c2, U1, V1, S1, U2, V2, S2, P1, Q2, DY, COEF, DQ, DC1
     if OP1:  # sweep 2: dPc_e = sum_i dz1_e[i] V1_e[l]
         dPcg = tl.zeros((BM, R1P), dtype=ACC)
         dPcs = dPcg
-        for i0 in range(0, hi, BN):
-            lw0 = row0 + rb * BM - i0 - BN + 1
-            n, nmask, lag, valid, kgt, kst, zg, zs, z1g, z1s, a = _chain(
-                qg, qs, kg, ks, t, mmask, i0, TK, lw0, pcg, pcs, S1 + eg * W, S1 + es * W, V1 + eg * W * R1,
-                V1 + es * W * R1, W, scrB, DK, DKP, R1, R1P, GLU, OP1, ACC, BM, BN, PREC, FAST)
-            da = tl.where(valid, _dav(dy, vj, m, mmask, n, nmask, DV, DVC, ACC, PREC), 0.0)
-            if OP2:
-                da = da * tl.load(S2 + j * W + lag, mask=valid, other=0.0) + _lowrank_key(
-                    dQ, U2 + j * W * R2, lw0, W, valid, R2, R2P, scrB, BM, BN, PREC)
-            dz1g, dz1s = _act_bwd(da, z1g, z1s, coef, GLU, FAST)
-            dPcg += tl.dot(_to_lag(dz1g, scrA, BM, BN), _win(V1 + eg * W * R1, lw0, W, R1, R1P, 2 * BN),
-                           input_precision=PREC).to(ACC)
-            if GLU:
-                dPcs += tl.dot(_to_lag(dz1s, scrA, BM, BN), _win(V1 + es * W * R1, lw0, W, R1, R1P, 2 * BN),
-                               input_precision=PREC).to(ACC)
+        for i0 in range(0, lo, BN):
+            dPcg, dPcs = _dpc_step(qg, qs, kg, ks, dy, vj, m, mmask, t, i0, TK, t0 - i0 - BN + 1, pcg, pcs, dQ, coef,
+                                   S1g, S1s, V1g, V1s, S2j, U2j, scrA, scrB, dPcg, dPcs, DK, DKP, DV, DVC, R1, R1P,
+                                   R2, R2P, GLU, OP1, OP2, ACC, BM, BN, PREC, FAST, False)
+        for i0 in range(lo, hi, BN):
+            dPcg, dPcs = _dpc_step(qg, qs, kg, ks, dy, vj, m, mmask, t, i0, TK, t0 - i0 - BN + 1, pcg, pcs, dQ, coef,
+                                   S1g, S1s, V1g, V1s, S2j, U2j, scrA, scrB, dPcg, dPcs, DK, DKP, DV, DVC, R1, R1P,
+                                   R2, R2P, GLU, OP1, OP2, ACC, BM, BN, PREC, FAST, True)
         c1g = _rows(c1 + g * TQ * R1, m, mmask, R1, R1P).to(ACC)
         _store_rows(DC1 + g * TQ * R1, dPcg * _rows(P1 + g * TQ * R1, m, mmask, R1, R1P), m, mmask, R1, R1P)
         _store_rows(DP1 + g * TQ * R1, dPcg * c1g, m, mmask, R1, R1P)
@@ -388,26 +535,19 @@ def _bwd_rows(q, k, v, c1, c2, U1, V1, S1, U2, V2, S2, P1, Q2, DY, COEF, DQ, DC1
             dPs = (dPcs * c1s).to(DT)
     dqg = tl.zeros((BM, DKP), dtype=ACC)
     dqs = dqg
-    for i0 in range(0, hi, BN):  # sweep 3: dz_e and dq_e = sum_i dz_e[i] k_e[i]
-        lw0 = row0 + rb * BM - i0 - BN + 1
-        n, nmask, lag, valid, kgt, kst, zg, zs, z1g, z1s, a = _chain(
-            qg, qs, kg, ks, t, mmask, i0, TK, lw0, pcg, pcs, S1 + eg * W, S1 + es * W, V1 + eg * W * R1,
-            V1 + es * W * R1, W, scrB, DK, DKP, R1, R1P, GLU, OP1, ACC, BM, BN, PREC, FAST)
-        da = tl.where(valid, _dav(dy, vj, m, mmask, n, nmask, DV, DVC, ACC, PREC), 0.0)
-        if OP2:
-            da = da * tl.load(S2 + j * W + lag, mask=valid, other=0.0) + _lowrank_key(
-                dQ, U2 + j * W * R2, lw0, W, valid, R2, R2P, scrB, BM, BN, PREC)
-        dz1g, dz1s = _act_bwd(da, z1g, z1s, coef, GLU, FAST)
-        dzg = dz1g
-        if OP1:
-            dzg = dz1g * tl.load(S1 + eg * W + lag, mask=valid, other=0.0) + _lowrank_key(
-                dPg, U1 + eg * W * R1, lw0, W, valid, R1, R1P, scrB, BM, BN, PREC)
+    for i0 in range(0, lo, BN):  # sweep 3: dz_e and dq_e = sum_i dz_e[i] k_e[i]
+        kgt, kst, dzg, dzs = _dz_step(qg, qs, kg, ks, dy, vj, m, mmask, t, i0, TK, t0 - i0 - BN + 1, pcg, pcs, dQ,
+                                      dPg, dPs, coef, S1g, S1s, U1g, U1s, V1g, V1s, S2j, U2j, scrB, DK, DKP, DV, DVC,
+                                      R1, R1P, R2, R2P, GLU, OP1, OP2, ACC, BM, BN, PREC, FAST, False)
         dqg += tl.dot(dzg.to(DT), kgt, input_precision=PREC).to(ACC)
         if GLU:
-            dzs = dz1s
-            if OP1:
-                dzs = dz1s * tl.load(S1 + es * W + lag, mask=valid, other=0.0) + _lowrank_key(
-                    dPs, U1 + es * W * R1, lw0, W, valid, R1, R1P, scrB, BM, BN, PREC)
+            dqs += tl.dot(dzs.to(DT), kst, input_precision=PREC).to(ACC)
+    for i0 in range(lo, hi, BN):
+        kgt, kst, dzg, dzs = _dz_step(qg, qs, kg, ks, dy, vj, m, mmask, t, i0, TK, t0 - i0 - BN + 1, pcg, pcs, dQ,
+                                      dPg, dPs, coef, S1g, S1s, U1g, U1s, V1g, V1s, S2j, U2j, scrB, DK, DKP, DV, DVC,
+                                      R1, R1P, R2, R2P, GLU, OP1, OP2, ACC, BM, BN, PREC, FAST, True)
+        dqg += tl.dot(dzg.to(DT), kgt, input_precision=PREC).to(ACC)
+        if GLU:
             dqs += tl.dot(dzs.to(DT), kst, input_precision=PREC).to(ACC)
     _store_rows(DQ + g * TQ * DK, dqg, m, mmask, DK, DKP)
     if GLU:
@@ -415,51 +555,61 @@ def _bwd_rows(q, k, v, c1, c2, U1, V1, S1, U2, V2, S2, P1, Q2, DY, COEF, DQ, DC1
 
 
 @triton.jit
-def _bwd_keys(q, k, v, c1, U1, V1, S1, U2, S2, P1, DY, COEF, DP1, DQ2, DK_, SCR, h, TQ, TK, W, row0,
-              DK: tl.constexpr, DKP: tl.constexpr, DV: tl.constexpr, DVC: tl.constexpr, R1: tl.constexpr, R1P: tl.constexpr, R2: tl.constexpr,
-              R2P: tl.constexpr, GLU: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr, ACC: tl.constexpr,
-              BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, FAST: tl.constexpr):
+def _dk_step(q, c1, P1, DQ2, DP1, COEF, kg, ks, dy, vj, g, s, bh, rb, TQ, TK, row0, i0, S1g, S1s, U1g, U1s, V1g, V1s,
+             S2j, U2j, scr, dkg, dks, DK: tl.constexpr, DKP: tl.constexpr, DV: tl.constexpr, DVC: tl.constexpr,
+             R1: tl.constexpr, R1P: tl.constexpr, R2: tl.constexpr, R2P: tl.constexpr, GLU: tl.constexpr,
+             OP1: tl.constexpr, OP2: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+             PREC: tl.constexpr, FAST: tl.constexpr, MASK: tl.constexpr):
+    """dk_e += dz_e^T q_e over the tile of row block rb and this program's keys."""
+    DT = q.dtype.element_ty
+    m, mmask, t, qg, qs = _row_block(q, g, s, rb, TQ, row0, DK, DKP, GLU, BM)
+    coef = tl.load(COEF + bh * TQ + m, mask=mmask, other=0.0)
+    pcg = tl.zeros((BM, R1P), dtype=DT)
+    pcs, dPg, dPs = pcg, pcg, pcg
+    if OP1:
+        pcg = _coefs(P1, c1, g, m, mmask, TQ, R1, R1P, DT)
+        pcs = _coefs(P1, c1, s, m, mmask, TQ, R1, R1P, DT)
+        dPg = _rows(DP1 + g * TQ * R1, m, mmask, R1, R1P).to(DT)
+        dPs = _rows(DP1 + s * TQ * R1, m, mmask, R1, R1P).to(DT)
+    dQ = tl.zeros((BM, R2P), dtype=DT)
+    if OP2:
+        dQ = _rows(DQ2 + bh * TQ * R2, m, mmask, R2, R2P).to(DT)
+    kgt, kst, dzg, dzs = _dz_step(qg, qs, kg, ks, dy, vj, m, mmask, t, i0, TK, row0 + rb * BM - i0 - BN + 1, pcg,
+                                  pcs, dQ, dPg, dPs, coef, S1g, S1s, U1g, U1s, V1g, V1s, S2j, U2j, scr, DK, DKP, DV,
+                                  DVC, R1, R1P, R2, R2P, GLU, OP1, OP2, ACC, BM, BN, PREC, FAST, MASK)
+    dkg += tl.dot(tl.trans(dzg.to(DT)), qg, input_precision=PREC).to(ACC)
+    if GLU:
+        dks += tl.dot(tl.trans(dzs.to(DT)), qs, input_precision=PREC).to(ACC)
+    return dkg, dks
+
+
+@triton.jit
+def _bwd_keys(q, k, v, c1, U1, V1, S1, U2, S2, P1, DY, COEF, DP1, DQ2, DK_, SCR, h, TQ, TK, WP, row0,
+              DK: tl.constexpr, DKP: tl.constexpr, DV: tl.constexpr, DVC: tl.constexpr, R1: tl.constexpr,
+              R1P: tl.constexpr, R2: tl.constexpr, R2P: tl.constexpr, GLU: tl.constexpr, OP1: tl.constexpr,
+              OP2: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+              FAST: tl.constexpr):
     kb, bh = tl.program_id(0), tl.program_id(1)
     j, g, s = _heads(bh, h, GLU)
     scrA, scrB = _scratch(SCR, BM, BN)
-    DT = q.dtype.element_ty
     H1 = 2 * h if GLU else h
     eg, es = g % H1, s % H1
+    S1g, S1s, U1g, U1s, V1g, V1s, S2j, U2j, _ = _params(S1, U1, V1, S2, U2, U2, eg, es, j, WP, R1, R2, BN)
     i0 = kb * BN
     kg, ks, vj, dy = k + g * TK * DK, k + s * TK * DK, v + bh * TK * DV, DY + bh * TQ * DV
+    nrb = tl.cdiv(TQ, BM)
+    rb0 = tl.maximum(i0 - row0, 0) // BM                           # the first row block with a row t >= i0
+    rbm = tl.minimum(tl.cdiv(tl.maximum(i0 + BN - row0, 0), BM), nrb)  # from here on every row sees every key
     dkg = tl.zeros((BN, DKP), dtype=ACC)
     dks = dkg
-    for rb in range(tl.maximum(i0 - row0, 0) // BM, tl.cdiv(TQ, BM)):  # the row blocks with a row t >= i0
-        m, mmask, t, qg, qs = _row_block(q, g, s, rb, TQ, row0, DK, DKP, GLU, BM)
-        coef = tl.load(COEF + bh * TQ + m, mask=mmask, other=0.0)
-        lw0 = row0 + rb * BM - i0 - BN + 1
-        pcg = tl.zeros((BM, R1P), dtype=DT)
-        pcs = pcg
-        if OP1:
-            pcg = _coefs(P1, c1, g, m, mmask, TQ, R1, R1P, DT)
-            pcs = _coefs(P1, c1, s, m, mmask, TQ, R1, R1P, DT)
-        n, nmask, lag, valid, kgt, kst, zg, zs, z1g, z1s, a = _chain(
-            qg, qs, kg, ks, t, mmask, i0, TK, lw0, pcg, pcs, S1 + eg * W, S1 + es * W, V1 + eg * W * R1,
-            V1 + es * W * R1, W, scrB, DK, DKP, R1, R1P, GLU, OP1, ACC, BM, BN, PREC, FAST)
-        da = tl.where(valid, _dav(dy, vj, m, mmask, n, nmask, DV, DVC, ACC, PREC), 0.0)
-        if OP2:
-            dQ = _rows(DQ2 + bh * TQ * R2, m, mmask, R2, R2P).to(DT)
-            da = da * tl.load(S2 + j * W + lag, mask=valid, other=0.0) + _lowrank_key(
-                dQ, U2 + j * W * R2, lw0, W, valid, R2, R2P, scrB, BM, BN, PREC)
-        dz1g, dz1s = _act_bwd(da, z1g, z1s, coef, GLU, FAST)
-        dzg = dz1g
-        if OP1:
-            dPg = _rows(DP1 + g * TQ * R1, m, mmask, R1, R1P).to(DT)
-            dzg = dz1g * tl.load(S1 + eg * W + lag, mask=valid, other=0.0) + _lowrank_key(
-                dPg, U1 + eg * W * R1, lw0, W, valid, R1, R1P, scrB, BM, BN, PREC)
-        dkg += tl.dot(tl.trans(dzg.to(DT)), qg, input_precision=PREC).to(ACC)
-        if GLU:
-            dzs = dz1s
-            if OP1:
-                dPs = _rows(DP1 + s * TQ * R1, m, mmask, R1, R1P).to(DT)
-                dzs = dz1s * tl.load(S1 + es * W + lag, mask=valid, other=0.0) + _lowrank_key(
-                    dPs, U1 + es * W * R1, lw0, W, valid, R1, R1P, scrB, BM, BN, PREC)
-            dks += tl.dot(tl.trans(dzs.to(DT)), qs, input_precision=PREC).to(ACC)
+    for rb in range(rb0, rbm):
+        dkg, dks = _dk_step(q, c1, P1, DQ2, DP1, COEF, kg, ks, dy, vj, g, s, bh, rb, TQ, TK, row0, i0, S1g, S1s, U1g,
+                            U1s, V1g, V1s, S2j, U2j, scrB, dkg, dks, DK, DKP, DV, DVC, R1, R1P, R2, R2P, GLU, OP1,
+                            OP2, ACC, BM, BN, PREC, FAST, True)
+    for rb in range(rbm, nrb):
+        dkg, dks = _dk_step(q, c1, P1, DQ2, DP1, COEF, kg, ks, dy, vj, g, s, bh, rb, TQ, TK, row0, i0, S1g, S1s, U1g,
+                            U1s, V1g, V1s, S2j, U2j, scrB, dkg, dks, DK, DKP, DV, DVC, R1, R1P, R2, R2P, GLU, OP1,
+                            OP2, ACC, BM, BN, PREC, FAST, False)
     n = i0 + tl.arange(0, BN)
     _store_rows(DK_ + g * TK * DK, dkg, n, n < TK, DK, DKP)
     if GLU:
@@ -467,51 +617,121 @@ def _bwd_keys(q, k, v, c1, U1, V1, S1, U2, S2, P1, DY, COEF, DP1, DQ2, DK_, SCR,
 
 
 @triton.jit
-def _bwd_values(q, k, c1, c2, V1, S1, V2, S2, P1, Q2, DY, DV_, SCR, h, TQ, TK, W, row0,
-                DK: tl.constexpr, DKP: tl.constexpr, DV: tl.constexpr, DVO: tl.constexpr, R1: tl.constexpr, R1P: tl.constexpr, R2: tl.constexpr,
-                R2P: tl.constexpr, GLU: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr, ACC: tl.constexpr,
-                BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, FAST: tl.constexpr):
+def _dvv_step(q, c1, c2, P1, Q2, DY, kg, ks, g, s, bh, rb, TQ, TK, row0, i0, d, dmask, S1g, S1s, V1g, V1s, S2j, V2j,
+              scr, dv, DK: tl.constexpr, DKP: tl.constexpr, DV: tl.constexpr, R1: tl.constexpr, R1P: tl.constexpr,
+              R2: tl.constexpr, R2P: tl.constexpr, GLU: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr,
+              ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, FAST: tl.constexpr,
+              MASK: tl.constexpr):
+    """dv += a2^T dy over the tile of row block rb and this program's keys and value channels d."""
+    DT = q.dtype.element_ty
+    m, mmask, t, qg, qs = _row_block(q, g, s, rb, TQ, row0, DK, DKP, GLU, BM)
+    pcg = tl.zeros((BM, R1P), dtype=DT)
+    pcs = pcg
+    if OP1:
+        pcg = _coefs(P1, c1, g, m, mmask, TQ, R1, R1P, DT)
+        pcs = _coefs(P1, c1, s, m, mmask, TQ, R1, R1P, DT)
+    qc = tl.zeros((BM, R2P), dtype=DT)
+    if OP2:
+        qc = _coefs(Q2, c2, bh, m, mmask, TQ, R2, R2P, DT)
+    dyc = tl.load(DY + bh * TQ * DV + m[:, None] * DV + d[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0)
+    return _dv_step(qg, qs, kg, ks, t, mmask, i0, TK, row0 + rb * BM - i0 - BN + 1, pcg, pcs, qc, dyc, S1g, S1s, V1g,
+                    V1s, S2j, V2j, scr, dv, DK, DKP, R1, R1P, R2, R2P, GLU, OP1, OP2, ACC, BM, BN, PREC, FAST, MASK)
+
+
+@triton.jit
+def _bwd_values(q, k, c1, c2, V1, S1, V2, S2, P1, Q2, DY, DV_, SCR, h, TQ, TK, WP, row0,
+                DK: tl.constexpr, DKP: tl.constexpr, DV: tl.constexpr, DVO: tl.constexpr, R1: tl.constexpr,
+                R1P: tl.constexpr, R2: tl.constexpr, R2P: tl.constexpr, GLU: tl.constexpr, OP1: tl.constexpr,
+                OP2: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+                FAST: tl.constexpr):
     kb, bh, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     j, g, s = _heads(bh, h, GLU)
     scrA, scrB = _scratch(SCR, BM, BN)
-    DT = q.dtype.element_ty
     H1 = 2 * h if GLU else h
     eg, es = g % H1, s % H1
+    S1g, S1s, _, _, V1g, V1s, S2j, _, V2j = _params(S1, V1, V1, S2, V2, V2, eg, es, j, WP, R1, R2, BN)
     i0 = kb * BN
+    kg, ks = k + g * TK * DK, k + s * TK * DK
     d = cb * DVO + tl.arange(0, DVO)
     dmask = d < DV
+    nrb = tl.cdiv(TQ, BM)
+    rb0 = tl.maximum(i0 - row0, 0) // BM
+    rbm = tl.minimum(tl.cdiv(tl.maximum(i0 + BN - row0, 0), BM), nrb)
     dv = tl.zeros((BN, DVO), dtype=ACC)
-    for rb in range(tl.maximum(i0 - row0, 0) // BM, tl.cdiv(TQ, BM)):
-        m, mmask, t, qg, qs = _row_block(q, g, s, rb, TQ, row0, DK, DKP, GLU, BM)
-        lw0 = row0 + rb * BM - i0 - BN + 1
-        pcg = tl.zeros((BM, R1P), dtype=DT)
-        pcs = pcg
-        if OP1:
-            pcg = _coefs(P1, c1, g, m, mmask, TQ, R1, R1P, DT)
-            pcs = _coefs(P1, c1, s, m, mmask, TQ, R1, R1P, DT)
-        n, nmask, lag, valid, kgt, kst, zg, zs, z1g, z1s, a = _chain(
-            qg, qs, k + g * TK * DK, k + s * TK * DK, t, mmask, i0, TK, lw0, pcg, pcs, S1 + eg * W, S1 + es * W,
-            V1 + eg * W * R1, V1 + es * W * R1, W, scrB, DK, DKP, R1, R1P, GLU, OP1, ACC, BM, BN, PREC, FAST)
-        a2 = a
-        if OP2:
-            qc = _coefs(Q2, c2, bh, m, mmask, TQ, R2, R2P, DT)
-            a2 = a * tl.load(S2 + j * W + lag, mask=valid, other=0.0) + _lowrank_key(
-                qc, V2 + j * W * R2, lw0, W, valid, R2, R2P, scrB, BM, BN, PREC)
-        dyc = tl.load(DY + bh * TQ * DV + m[:, None] * DV + d[None, :], mask=mmask[:, None] & dmask[None, :],
-                      other=0.0)
-        dv += tl.dot(tl.trans(a2.to(DT)), dyc, input_precision=PREC).to(ACC)
+    for rb in range(rb0, rbm):
+        dv = _dvv_step(q, c1, c2, P1, Q2, DY, kg, ks, g, s, bh, rb, TQ, TK, row0, i0, d, dmask, S1g, S1s, V1g, V1s,
+                       S2j, V2j, scrB, dv, DK, DKP, DV, R1, R1P, R2, R2P, GLU, OP1, OP2, ACC, BM, BN, PREC, FAST, True)
+    for rb in range(rbm, nrb):
+        dv = _dvv_step(q, c1, c2, P1, Q2, DY, kg, ks, g, s, bh, rb, TQ, TK, row0, i0, d, dmask, S1g, S1s, V1g, V1s,
+                       S2j, V2j, scrB, dv, DK, DKP, DV, R1, R1P, R2, R2P, GLU, OP1, OP2, ACC, BM, BN, PREC, FAST, False)
     n = i0 + tl.arange(0, BN)
     tl.store(DV_ + bh * TK * DV + n[:, None] * DV + d[None, :], dv, mask=(n < TK)[:, None] & dmask[None, :])
 
 
 @triton.jit
+def _par_step(q, c1, c2, P1, Q2, DY, COEF, DP1, DQ2, kg, ks, vj, g, s, bh, rb, TQ, TK, row0, l0, lg, lmask,
+              S1g, S1s, V1g, V1s, S2j, U2j, scr, gS1g, gS1s, gU1g, gU1s, gV1g, gV1s, gS2, gU2, gV2, DK: tl.constexpr, DKP: tl.constexpr, DV: tl.constexpr,
+              DVC: tl.constexpr, R1: tl.constexpr, R1P: tl.constexpr, R2: tl.constexpr, R2P: tl.constexpr,
+              GLU: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr,
+              BN: tl.constexpr, PREC: tl.constexpr, FAST: tl.constexpr, MASK: tl.constexpr):
+    """The lag parameters' gradients over the tile of row block rb and this program's lags: z and da2 from the
+    2 BN keys the rows meet at those lags, skewed into lag columns; S, U and V are plain vectors here."""
+    DT = q.dtype.element_ty
+    m, mmask, t, qg, qs = _row_block(q, g, s, rb, TQ, row0, DK, DKP, GLU, BM)
+    coef = tl.load(COEF + bh * TQ + m, mask=mmask, other=0.0)
+    valid = mmask[:, None] & lmask[None, :] & (t[:, None] >= lg[None, :])
+    w = row0 + rb * BM - l0 - BN + 1 + tl.arange(0, 2 * BN)  # the keys of the window
+    wmask = (w >= 0) & (w < TK)
+    zg = _masked(_from_lag(tl.dot(qg, tl.trans(_rows(kg, w, wmask, DK, DKP)), input_precision=PREC), scr, BM, BN)
+                 .to(ACC), valid, MASK)
+    pcg = tl.zeros((BM, R1P), dtype=DT)
+    pcs = pcg
+    z1g = zg
+    if OP1:
+        pcg = _coefs(P1, c1, g, m, mmask, TQ, R1, R1P, DT)
+        z1g = _masked(zg * S1g[None, :] + tl.dot(pcg, tl.trans(V1g), input_precision=PREC), valid, MASK)
+    zs, z1s = zg, z1g
+    if GLU:
+        zs = _masked(_from_lag(tl.dot(qs, tl.trans(_rows(ks, w, wmask, DK, DKP)), input_precision=PREC), scr, BM, BN)
+                     .to(ACC), valid, MASK)
+        z1s = zs
+        if OP1:
+            pcs = _coefs(P1, c1, s, m, mmask, TQ, R1, R1P, DT)
+            z1s = _masked(zs * S1s[None, :] + tl.dot(pcs, tl.trans(V1s), input_precision=PREC), valid, MASK)
+        a = _masked(_softplus(z1s, FAST) * tl.maximum(z1g, 0.0), valid, MASK)
+    else:
+        a = tl.maximum(z1g, 0.0)
+    da2 = _masked(_from_lag(_dav(DY + bh * TQ * DV, vj, m, mmask, w, wmask, DV, DVC, ACC, PREC), scr, BM, BN)
+                  .to(ACC), valid, MASK)
+    da = da2
+    if OP2:
+        qc = _coefs(Q2, c2, bh, m, mmask, TQ, R2, R2P, DT)
+        dQ = _rows(DQ2 + bh * TQ * R2, m, mmask, R2, R2P).to(DT)
+        da = _masked(da2 * S2j[None, :] + tl.dot(dQ, tl.trans(U2j), input_precision=PREC), valid, MASK)
+        gS2 += tl.sum(a * da2, 0)
+        gV2 += tl.dot(tl.trans(da2.to(DT)), qc, input_precision=PREC).to(ACC)
+        gU2 += tl.dot(tl.trans(a.to(DT)), dQ, input_precision=PREC).to(ACC)
+    if OP1:
+        dz1g, dz1s = _act_bwd(da, z1g, z1s, coef, GLU, FAST)
+        gS1g += tl.sum(zg * dz1g, 0)
+        gV1g += tl.dot(tl.trans(dz1g.to(DT)), pcg, input_precision=PREC).to(ACC)
+        gU1g += tl.dot(tl.trans(zg.to(DT)), _rows(DP1 + g * TQ * R1, m, mmask, R1, R1P).to(DT),
+                       input_precision=PREC).to(ACC)
+        if GLU:
+            gS1s += tl.sum(zs * dz1s, 0)
+            gV1s += tl.dot(tl.trans(dz1s.to(DT)), pcs, input_precision=PREC).to(ACC)
+            gU1s += tl.dot(tl.trans(zs.to(DT)), _rows(DP1 + s * TQ * R1, m, mmask, R1, R1P).to(DT),
+                           input_precision=PREC).to(ACC)
+    return gS1g, gS1s, gU1g, gU1s, gV1g, gV1s, gS2, gU2, gV2
+
+
+@triton.jit
 def _bwd_params(q, k, v, c1, c2, U1, V1, S1, U2, V2, S2, P1, Q2, DY, COEF, DP1, DQ2, SCR,
-                DU1, DV1, DS1, DU2, DV2, DS2, h, TQ, TK, W, row0,
-                DK: tl.constexpr, DKP: tl.constexpr, DV: tl.constexpr, DVC: tl.constexpr, R1: tl.constexpr, R1P: tl.constexpr, R2: tl.constexpr,
+                DU1, DV1, DS1, DU2, DV2, DS2, h, TQ, TK, W, WP, row0, DK: tl.constexpr, DKP: tl.constexpr,
+                DV: tl.constexpr, DVC: tl.constexpr, R1: tl.constexpr, R1P: tl.constexpr, R2: tl.constexpr,
                 R2P: tl.constexpr, GLU: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr, ACC: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, FAST: tl.constexpr):
-    """Over tiles of BM rows x BN lags, where the lag parameters are plain vectors: z and da2 come from a 2 BN key
-    window, skewed into lag columns; everything else is elementwise or a small dot."""
+    """Over tiles of BM rows x BN lags, where the lag parameters are plain vectors; one partial per batch element."""
     lb, bh = tl.program_id(0), tl.program_id(1)
     j, g, s = _heads(bh, h, GLU)
     scrA, scrB = _scratch(SCR, BM, BN)
@@ -522,77 +742,42 @@ def _bwd_params(q, k, v, c1, c2, U1, V1, S1, U2, V2, S2, P1, Q2, DY, COEF, DP1, 
     l0 = lb * BN
     lg = l0 + tl.arange(0, BN)
     lmask = lg < W
-    c = tl.arange(0, 2 * BN)
-    kg, ks, vj, dy = k + g * TK * DK, k + s * TK * DK, v + bh * TK * DV, DY + bh * TQ * DV
-    S1g = tl.zeros((BN,), dtype=ACC)
-    S1s = S1g
-    V1g = tl.zeros((BN, R1P), dtype=DT)
-    V1s = V1g
-    if OP1:  # the parameters at the block's lags (tensors of a mixer that is off are empty)
-        S1g = tl.load(S1 + eg * W + lg, mask=lmask, other=0.0)
-        S1s = tl.load(S1 + es * W + lg, mask=lmask, other=0.0)
-        V1g = _win(V1 + eg * W * R1, l0, W, R1, R1P, BN)
-        V1s = _win(V1 + es * W * R1, l0, W, R1, R1P, BN)
-    S2j = tl.zeros((BN,), dtype=ACC)
-    U2j = tl.zeros((BN, R2P), dtype=DT)
-    V2j = U2j
+    S1g, S1s, U1g, U1s, V1g, V1s, S2j, U2j, V2j = _params(S1, U1, V1, S2, U2, V2, eg, es, j, WP, R1, R2, BN)
+    kg, ks, vj = k + g * TK * DK, k + s * TK * DK, v + bh * TK * DV
+    # the block's parameters, lag rows l0.. (padded: mixers that are off are zero-width, never read)
+    S1gb = tl.zeros((BN,), dtype=ACC)
+    S1sb = S1gb
+    V1gb = tl.zeros((BN, R1P), dtype=DT)
+    V1sb = V1gb
+    if OP1:
+        S1gb = tl.load(S1g + lg)
+        S1sb = tl.load(S1s + lg)
+        V1gb = _win(V1g, l0, R1, R1P, BN)
+        V1sb = _win(V1s, l0, R1, R1P, BN)
+    S2b = tl.zeros((BN,), dtype=ACC)
+    U2b = tl.zeros((BN, R2P), dtype=DT)
     if OP2:
-        S2j = tl.load(S2 + j * W + lg, mask=lmask, other=0.0)
-        U2j = _win(U2 + j * W * R2, l0, W, R2, R2P, BN)
-        V2j = _win(V2 + j * W * R2, l0, W, R2, R2P, BN)
+        S2b = tl.load(S2j + lg)
+        U2b = _win(U2j, l0, R2, R2P, BN)
     gS1g = tl.zeros((BN,), dtype=ACC)
-    gS1s = gS1g
+    gS1s, gS2 = gS1g, gS1g
     gU1g = tl.zeros((BN, R1P), dtype=ACC)
-    gV1g, gU1s, gV1s = gU1g, gU1g, gU1g
-    gS2 = tl.zeros((BN,), dtype=ACC)
+    gU1s, gV1g, gV1s = gU1g, gU1g, gU1g
     gU2 = tl.zeros((BN, R2P), dtype=ACC)
     gV2 = gU2
-    for rb in range(tl.maximum(l0 - row0, 0) // BM, tl.cdiv(TQ, BM)):  # the row blocks with a row t >= l0
-        m, mmask, t, qg, qs = _row_block(q, g, s, rb, TQ, row0, DK, DKP, GLU, BM)
-        coef = tl.load(COEF + bh * TQ + m, mask=mmask, other=0.0)
-        valid = mmask[:, None] & lmask[None, :] & (t[:, None] >= lg[None, :])
-        w = row0 + rb * BM - l0 - BN + 1 + c  # the keys the tile's rows meet at its lags
-        wmask = (w >= 0) & (w < TK)
-        zg = tl.where(valid, _from_lag(tl.dot(qg, tl.trans(_rows(kg, w, wmask, DK, DKP)), input_precision=PREC),
-                                       scrB, BM, BN), 0.0).to(ACC)
-        pcg = tl.zeros((BM, R1P), dtype=DT)
-        pcs = pcg
-        z1g = zg
-        if OP1:
-            pcg = _coefs(P1, c1, g, m, mmask, TQ, R1, R1P, DT)
-            z1g = tl.where(valid, zg * S1g[None, :] + tl.dot(pcg, tl.trans(V1g), input_precision=PREC), 0.0)
-        zs, z1s = zg, z1g
-        if GLU:
-            zs = tl.where(valid, _from_lag(tl.dot(qs, tl.trans(_rows(ks, w, wmask, DK, DKP)),
-                                                  input_precision=PREC), scrB, BM, BN), 0.0).to(ACC)
-            z1s = zs
-            if OP1:
-                pcs = _coefs(P1, c1, s, m, mmask, TQ, R1, R1P, DT)
-                z1s = tl.where(valid, zs * S1s[None, :] + tl.dot(pcs, tl.trans(V1s), input_precision=PREC), 0.0)
-            a = tl.where(valid, _softplus(z1s, FAST) * tl.maximum(z1g, 0.0), 0.0)
-        else:
-            a = tl.maximum(z1g, 0.0)
-        da2 = tl.where(valid, _from_lag(_dav(dy, vj, m, mmask, w, wmask, DV, DVC, ACC, PREC), scrB, BM, BN),
-                       0.0).to(ACC)
-        da = da2
-        if OP2:
-            qc = _coefs(Q2, c2, bh, m, mmask, TQ, R2, R2P, DT)
-            dQ = _rows(DQ2 + bh * TQ * R2, m, mmask, R2, R2P).to(DT)
-            da = tl.where(valid, da2 * S2j[None, :] + tl.dot(dQ, tl.trans(U2j), input_precision=PREC), 0.0)
-            gS2 += tl.sum(a * da2, 0)
-            gV2 += tl.dot(tl.trans(da2.to(DT)), qc, input_precision=PREC).to(ACC)
-            gU2 += tl.dot(tl.trans(a.to(DT)), dQ, input_precision=PREC).to(ACC)
-        if OP1:
-            dz1g, dz1s = _act_bwd(da, z1g, z1s, coef, GLU, FAST)
-            gS1g += tl.sum(zg * dz1g, 0)
-            gV1g += tl.dot(tl.trans(dz1g.to(DT)), pcg, input_precision=PREC).to(ACC)
-            gU1g += tl.dot(tl.trans(zg.to(DT)), _rows(DP1 + g * TQ * R1, m, mmask, R1, R1P).to(DT),
-                           input_precision=PREC).to(ACC)
-            if GLU:
-                gS1s += tl.sum(zs * dz1s, 0)
-                gV1s += tl.dot(tl.trans(dz1s.to(DT)), pcs, input_precision=PREC).to(ACC)
-                gU1s += tl.dot(tl.trans(zs.to(DT)), _rows(DP1 + s * TQ * R1, m, mmask, R1, R1P).to(DT),
-                               input_precision=PREC).to(ACC)
+    nrb = tl.cdiv(TQ, BM)
+    rb0 = tl.maximum(l0 - row0, 0) // BM
+    rbm = tl.minimum(tl.cdiv(tl.maximum(l0 + BN - row0, 0), BM), nrb)
+    for rb in range(rb0, rbm):
+        gS1g, gS1s, gU1g, gU1s, gV1g, gV1s, gS2, gU2, gV2 = _par_step(
+            q, c1, c2, P1, Q2, DY, COEF, DP1, DQ2, kg, ks, vj, g, s, bh, rb, TQ, TK, row0, l0, lg, lmask, S1gb, S1sb,
+            V1gb, V1sb, S2b, U2b, scrB, gS1g, gS1s, gU1g, gU1s, gV1g, gV1s, gS2, gU2, gV2, DK, DKP, DV, DVC, R1, R1P,
+            R2, R2P, GLU, OP1, OP2, ACC, BM, BN, PREC, FAST, True)
+    for rb in range(rbm, nrb):
+        gS1g, gS1s, gU1g, gU1s, gV1g, gV1s, gS2, gU2, gV2 = _par_step(
+            q, c1, c2, P1, Q2, DY, COEF, DP1, DQ2, kg, ks, vj, g, s, bh, rb, TQ, TK, row0, l0, lg, lmask, S1gb, S1sb,
+            V1gb, V1sb, S2b, U2b, scrB, gS1g, gS1s, gU1g, gU1s, gV1g, gV1s, gS2, gU2, gV2, DK, DKP, DV, DVC, R1, R1P,
+            R2, R2P, GLU, OP1, OP2, ACC, BM, BN, PREC, FAST, False)
     if OP1:  # per batch element b: (B, H1, W, R1) and (B, H1, W)
         _store_rows(DU1 + (b * H1 + eg) * W * R1, gU1g, lg, lmask, R1, R1P)
         _store_rows(DV1 + (b * H1 + eg) * W * R1, gV1g, lg, lmask, R1, R1P)
@@ -624,19 +809,29 @@ def choose(TQ, TK, DK, DV, R1, R2, dtype, block=None):
                 num_warps=blk["num_warps"])
 
 
-def _row_sweeps(TQ, TK, row0, BM):
-    """Key blocks summed over the row blocks: row block rb sweeps the keys below min(TK, row0 + (rb + 1) BM)."""
-    return sum(_cdiv(min(TK, row0 + rb * BM + BM), BM) for rb in range(_cdiv(TQ, BM)))
+def _row_loops(TQ, TK, row0, BM):
+    """Body runs of a row-block kernel's two sweeps over the keys, summed over its row blocks: the keys below
+    (row0 + rb BM) // BM * BM unmasked, then the rest up to min(TK, row0 + (rb + 1) BM) masked."""
+    lo = [(row0 + rb * BM) // BM for rb in range(_cdiv(TQ, BM))]
+    hi = [_cdiv(min(TK, row0 + rb * BM + BM) - l * BM, BM) for rb, l in enumerate(lo)]
+    return [sum(lo), sum(hi)]
 
 
-def _key_sweeps(TQ, row0, n_blocks, BM):
-    """Row blocks summed over key (or lag) blocks kb: rows from max(kb BM - row0, 0) // BM to the last."""
-    return sum(_cdiv(TQ, BM) - max(kb * BM - row0, 0) // BM for kb in range(n_blocks))
+def _col_loops(TQ, row0, n_blocks, BM):
+    """Body runs of a key- (or lag-) block kernel's two sweeps over the row blocks, summed over its blocks: the
+    row blocks that meet the diagonal, masked, then those below it."""
+    nrb, masked, below = _cdiv(TQ, BM), 0, 0
+    for kb in range(n_blocks):
+        rb0 = max(kb * BM - row0, 0) // BM
+        rbm = min(_cdiv(max(kb * BM + BM - row0, 0), BM), nrb)
+        masked, below = masked + rbm - rb0, below + nrb - rbm
+    return [masked, below]
 
 
 def plan(B, h, TQ, TK, DK, DV, R1, R2, glu, op1, op2, norm, dtype, row0=0, block=None, prec=None):
     """(forward launches, backward launches) of one call: q (B,H1,TQ,DK), k (B,H1,TK,DK), v (B,h,TK,DV), ranks R1,
-    R2 (1 where a mixer is off), lag parameters cut to W = TK lags. scripts/kernel_cost.py counts the same plan."""
+    R2 (1 where a mixer is off), lag parameters for W = TK lags, zero-padded by 2 BM on either side.
+    scripts/kernel_cost.py counts the same plan."""
     cfg = choose(TQ, TK, DK, DV, R1, R2, dtype, block)
     BM, DVO, DVC, warps = cfg["BM"], cfg["DVO"], cfg["DVC"], cfg["num_warps"]
     H1 = 2 * h if glu else h
@@ -645,14 +840,14 @@ def plan(B, h, TQ, TK, DK, DV, R1, R2, glu, op1, op2, norm, dtype, row0=0, block
     ACC = tl.float64 if dtype == torch.float64 else tl.float32
     if prec is None:
         prec = "ieee" if dtype == torch.float64 else ("tf32" if dtype == torch.float32 else None)
-    sh = dict(DK=DK, DKP=_pow2(DK), R1=R1, R1P=_pow2(R1), R2=R2, R2P=_pow2(R2), GLU=glu, OP1=op1, OP2=op2, ACC=ACC, BM=BM, BN=BM,
-              PREC=prec, FAST=os.environ.get("TRITON_INTERPRET", "0") != "1")
-    sc = dict(h=h, TQ=TQ, TK=TK, W=W, row0=row0)
+    sh = dict(DK=DK, DKP=_pow2(DK), R1=R1, R1P=_pow2(R1), R2=R2, R2P=_pow2(R2), GLU=glu, OP1=op1, OP2=op2, ACC=ACC,
+              BM=BM, BN=BM, PREC=prec, FAST=os.environ.get("TRITON_INTERPRET", "0") != "1")
+    sc = dict(h=h, TQ=TQ, TK=TK, WP=W + 4 * BM, row0=row0)
     X, f = dtype, acc
     size, fsize = torch.tensor([], dtype=dtype).element_size(), torch.tensor([], dtype=acc).element_size()
-    nr, nk = _cdiv(TQ, BM), _cdiv(TK, BM)
-    rows, keys = B * h * _row_sweeps(TQ, TK, row0, BM), B * h * _key_sweeps(TQ, row0, nk, BM)
-    nv = _cdiv(DV, DVO)
+    nr, nk, nv = _cdiv(TQ, BM), _cdiv(TK, BM), _cdiv(DV, DVO)
+    rows, keys = [B * h * n for n in _row_loops(TQ, TK, row0, BM)], [B * h * n for n in _col_loops(TQ, row0, nk, BM)]
+    # compulsory bytes: the inputs read once, the outputs written once
     qkv = B * (H1 * (TQ + TK) * DK + h * TK * DV) * size
     rowvec = B * (H1 * TQ * R1 + h * TQ * R2) * fsize
     par = (H1 * W * (2 * R1 + 1) + h * W * (2 * R2 + 1)) * size
@@ -660,26 +855,27 @@ def plan(B, h, TQ, TK, DK, DV, R1, R2, glu, op1, op2, norm, dtype, row0=0, block
     if op1 or op2 or norm:
         fwd.append(Launch(_fwd_stats, (nr, B * h), dict(q=X, k=X, c1=X, U1=X, V1=X, S1=f, U2=X, P1=f, Q2=f, NRM=f,
                                                          SCR=X), sc, dict(sh, NORM=norm), warps, 2,
-                          [rows] * (int(op1) + int(op2 or norm)), qkv + rowvec + par + B * h * TQ * fsize))
+                          rows * (int(op1) + int(op2 or norm)), qkv + rowvec + par + B * h * TQ * fsize))
     fwd.append(Launch(_fwd_out, (nr, B * h, nv), dict(q=X, k=X, v=X, c1=X, c2=X, V1=X, S1=f, V2=X, S2=f, P1=f, Q2=f,
                                                       NRM=f, OUT=X, SCR=X), dict(sc, eps=1e-12),
-                      dict(sh, DV=DV, DVO=DVO, NORM=norm), warps, 2, [rows * nv],
+                      dict(sh, DV=DV, DVO=DVO, NORM=norm), warps, 2, [n * nv for n in rows],
                       qkv + rowvec + par + B * h * TQ * DV * size))
     bwd = [Launch(_bwd_rows, (nr, B * h), dict(q=X, k=X, v=X, c1=X, c2=X, U1=X, V1=X, S1=f, U2=X, V2=X, S2=f, P1=f,
                                                Q2=f, DY=X, COEF=f, DQ=f, DC1=f, DC2=f, DP1=f, DQ2=f, SCR=X), sc,
-                  dict(sh, DV=DV, DVC=DVC), warps, 2, [rows] * (int(op2) + int(op1) + 1),
+                  dict(sh, DV=DV, DVC=DVC), warps, 2, rows * (int(op2) + int(op1) + 1),
                   qkv + 3 * rowvec + par + B * h * TQ * (DV * size + fsize) + B * H1 * TQ * DK * fsize),
            Launch(_bwd_keys, (nk, B * h), dict(q=X, k=X, v=X, c1=X, U1=X, V1=X, S1=f, U2=X, S2=f, P1=f, DY=X, COEF=f,
                                                 DP1=f, DQ2=f, DK_=f, SCR=X), sc, dict(sh, DV=DV, DVC=DVC), warps, 2,
-                  [keys], qkv + 2 * rowvec + par + B * h * TQ * DV * size + B * H1 * TK * DK * fsize),
+                  keys, qkv + 2 * rowvec + par + B * h * TQ * DV * size + B * H1 * TK * DK * fsize),
            Launch(_bwd_values, (nk, B * h, nv), dict(q=X, k=X, c1=X, c2=X, V1=X, S1=f, V2=X, S2=f, P1=f, Q2=f, DY=X,
                                                      DV_=f, SCR=X), sc, dict(sh, DV=DV, DVO=DVO), warps, 2,
-                  [keys * nv], qkv + rowvec + par + B * h * TQ * DV * size + B * h * TK * DV * fsize)]
+                  [n * nv for n in keys], qkv + rowvec + par + B * h * TQ * DV * size + B * h * TK * DV * fsize)]
     if op1 or op2:
         bwd.append(Launch(_bwd_params, (_cdiv(W, BM), B * h),
                           dict(q=X, k=X, v=X, c1=X, c2=X, U1=X, V1=X, S1=f, U2=X, V2=X, S2=f, P1=f, Q2=f, DY=X,
-                               COEF=f, DP1=f, DQ2=f, SCR=X, DU1=f, DV1=f, DS1=f, DU2=f, DV2=f, DS2=f), sc,
-                          dict(sh, DV=DV, DVC=DVC), warps, 2, [B * h * _key_sweeps(TQ, row0, _cdiv(W, BM), BM)],
+                               COEF=f, DP1=f, DQ2=f, SCR=X, DU1=f, DV1=f, DS1=f, DU2=f, DV2=f, DS2=f), dict(sc, W=W),
+                          dict(sh, DV=DV, DVC=DVC), warps, 2,
+                          [B * h * n for n in _col_loops(TQ, row0, _cdiv(W, BM), BM)],
                           qkv + 3 * rowvec + par + B * (H1 * W * (2 * R1 + 1) + h * W * (2 * R2 + 1)) * fsize))
     return fwd, bwd
 
@@ -688,6 +884,14 @@ def _scratch_for(launches, like):
     """One scratch buffer for the largest grid of these launches: 5 BM x BN elements per program."""
     n = max(L.programs() * 5 * L.consts["BM"] * L.consts["BN"] for L in launches)
     return like.new_empty(n)
+
+
+def _pad(x, launches):
+    """A lag parameter (H, W) or (H, W, r) with 2 BM zero lags before and after (an empty tensor stays empty)."""
+    if x.numel() == 0:
+        return x
+    p = 2 * launches[0].consts["BM"]
+    return F.pad(x, (p, p) if x.dim() == 2 else (0, 0, p, p))
 
 
 # ----------------------------------------------------------------------------- launch and autograd
@@ -733,6 +937,7 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c1: Optional[torch.T
     nrm = q.new_ones(B, h, TQ, dtype=acc)
     out = q.new_empty(B, h, TQ, DV)
     scr = _scratch_for(fwd, q)
+    U1, V1, S1, U2, V2, S2 = (_pad(x, fwd) for x in (U1, V1, S1, U2, V2, S2))
     args = dict(q=q, k=k, v=v, c1=c1, c2=c2, U1=U1, V1=V1, S1=S1, U2=U2, V2=V2, S2=S2, P1=P1, Q2=Q2, NRM=nrm,
                 OUT=out, SCR=scr)
     for L in fwd:
@@ -781,9 +986,11 @@ def _bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     dU1, dV1, dS1 = (z(B, H1, W, R1), z(B, H1, W, R1), z(B, H1, W)) if op1 else (z(0), z(0), z(0))
     dU2, dV2, dS2 = (z(B, h, W, R2), z(B, h, W, R2), z(B, h, W)) if op2 else (z(0), z(0), z(0))
     scr = _scratch_for(bwd, q)
+    pU1, pV1, pS1, pU2, pV2, pS2 = (_pad(x, bwd) for x in (U1, V1, S1, U2, V2, S2))
     args = dict(q=q, k=k, v=v, c1=c1, c2=c2, U1=U1, V1=V1, S1=S1, U2=U2, V2=V2, S2=S2, P1=P1, Q2=Q2, DY=dy,
                 COEF=coef, DQ=dq, DC1=dc1, DC2=dc2, DP1=dP1, DQ2=dQ2, DK_=dk, DV_=dv, SCR=scr, DU1=dU1, DV1=dV1,
                 DS1=dS1, DU2=dU2, DV2=dV2, DS2=dS2)
+    args.update(U1=pU1, V1=pV1, S1=pS1, U2=pU2, V2=pV2, S2=pS2)
     for L in bwd:
         run(L, **{name: args[name] for name in L.tensors})
     if op1 or op2:
