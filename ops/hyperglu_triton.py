@@ -49,11 +49,16 @@ from triton.language.extra import libdevice
 
 from ops.launch import Launch, run
 
-# tile sizes (BM == BN), value channels per program for out / dv (DVO) and per step of dy . v (DVC), warps;
-# HYPERGLU_BLOCK="BM,DVO,DVC,num_warps" overrides them. Chosen with scripts/kernel_cost.py --tune.
-BLOCK = dict(BM=64, DVO=128, DVC=64, num_warps=4)
+# per kernel: tiles BM x BN (BM == BN <= 64), value channels per program for out / dv (DVO) and per step of dy . v
+# (DVC), warps; chosen with scripts/kernel_cost.py --tune. HYPERGLU_BLOCK="BM,DVO,DVC,num_warps" in the environment
+# sets every kernel's.
+BLOCK = dict(stats=dict(BM=64, DVO=128, DVC=64, num_warps=4), out=dict(BM=32, DVO=512, DVC=64, num_warps=4),
+             rows=dict(BM=64, DVO=128, DVC=64, num_warps=4), keys=dict(BM=64, DVO=128, DVC=64, num_warps=4),
+             values=dict(BM=64, DVO=512, DVC=64, num_warps=8), params=dict(BM=64, DVO=128, DVC=64, num_warps=4))
 if os.environ.get("HYPERGLU_BLOCK"):
-    BLOCK.update(zip(("BM", "DVO", "DVC", "num_warps"), map(int, os.environ["HYPERGLU_BLOCK"].split(","))))
+    BLOCK = {k: dict(zip(("BM", "DVO", "DVC", "num_warps"), map(int, os.environ["HYPERGLU_BLOCK"].split(","))))
+             for k in BLOCK}
+PAD = 128  # zero lags on either side of the lag parameters: a tile's window reaches 2 BM - 2 lags past the ends
 
 
 # ----------------------------------------------------------------------------- device helpers
@@ -255,11 +260,11 @@ def _grad_z(dz1, S1e, lag, valid, lw0, dP, U1e, scr, R1: tl.constexpr, R1P: tl.c
 
 
 @triton.jit
-def _params(S1, U1, V1, S2, U2, V2, eg, es, j, WP, R1: tl.constexpr, R2: tl.constexpr, BN: tl.constexpr):
-    """Pointers to lag 0 of the heads' padded lag parameters: S (H, WP), U and V (H, WP, R), 2 BN zero lags first."""
-    return (S1 + eg * WP + 2 * BN, S1 + es * WP + 2 * BN, U1 + (eg * WP + 2 * BN) * R1, U1 + (es * WP + 2 * BN) * R1,
-            V1 + (eg * WP + 2 * BN) * R1, V1 + (es * WP + 2 * BN) * R1, S2 + j * WP + 2 * BN,
-            U2 + (j * WP + 2 * BN) * R2, V2 + (j * WP + 2 * BN) * R2)
+def _params(S1, U1, V1, S2, U2, V2, eg, es, j, WP, R1: tl.constexpr, R2: tl.constexpr, PAD: tl.constexpr):
+    """Pointers to lag 0 of the heads' padded lag parameters: S (H, WP), U and V (H, WP, R), PAD zero lags first."""
+    return (S1 + eg * WP + PAD, S1 + es * WP + PAD, U1 + (eg * WP + PAD) * R1, U1 + (es * WP + PAD) * R1,
+            V1 + (eg * WP + PAD) * R1, V1 + (es * WP + PAD) * R1, S2 + j * WP + PAD,
+            U2 + (j * WP + PAD) * R2, V2 + (j * WP + PAD) * R2)
 
 
 # ----------------------------------------------------------------------------- per-tile steps, with and without masks
@@ -386,7 +391,7 @@ def _dv_step(qg, qs, kg, ks, t, mmask, i0, TK, lw0, pcg, pcs, qc, dyc, S1g, S1s,
 def _fwd_stats(q, k, c1, U1, V1, S1, U2, P1, Q2, NRM, SCR, h, TQ, TK, WP, row0,
                DK: tl.constexpr, DKP: tl.constexpr, R1: tl.constexpr, R1P: tl.constexpr, R2: tl.constexpr,
                R2P: tl.constexpr, GLU: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr, NORM: tl.constexpr,
-               ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, FAST: tl.constexpr):
+               ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, FAST: tl.constexpr, PAD: tl.constexpr):
     rb, bh = tl.program_id(0), tl.program_id(1)
     j, g, s = _heads(bh, h, GLU)
     m, mmask, t, qg, qs = _row_block(q, g, s, rb, TQ, row0, DK, DKP, GLU, BM)
@@ -394,7 +399,7 @@ def _fwd_stats(q, k, c1, U1, V1, S1, U2, P1, Q2, NRM, SCR, h, TQ, TK, WP, row0,
     DT = q.dtype.element_ty
     H1 = 2 * h if GLU else h
     eg, es = g % H1, s % H1  # qk-head indices into the parameters
-    S1g, S1s, U1g, U1s, V1g, V1s, _, U2j, _ = _params(S1, U1, V1, S1, U2, U2, eg, es, j, WP, R1, R2, BN)
+    S1g, S1s, U1g, U1s, V1g, V1s, _, U2j, _ = _params(S1, U1, V1, S1, U2, U2, eg, es, j, WP, R1, R2, PAD)
     kg, ks = k + g * TK * DK, k + s * TK * DK
     t0 = row0 + rb * BM
     lo = t0 // BN * BN            # keys below lo are seen by every row of the block: no masks
@@ -437,7 +442,7 @@ def _fwd_out(q, k, v, c1, c2, V1, S1, V2, S2, P1, Q2, NRM, OUT, SCR, h, TQ, TK, 
              DK: tl.constexpr, DKP: tl.constexpr, DV: tl.constexpr, DVO: tl.constexpr, R1: tl.constexpr,
              R1P: tl.constexpr, R2: tl.constexpr, R2P: tl.constexpr, GLU: tl.constexpr, OP1: tl.constexpr,
              OP2: tl.constexpr, NORM: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-             PREC: tl.constexpr, FAST: tl.constexpr):
+             PREC: tl.constexpr, FAST: tl.constexpr, PAD: tl.constexpr):
     rb, bh, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     j, g, s = _heads(bh, h, GLU)
     m, mmask, t, qg, qs = _row_block(q, g, s, rb, TQ, row0, DK, DKP, GLU, BM)
@@ -445,7 +450,7 @@ def _fwd_out(q, k, v, c1, c2, V1, S1, V2, S2, P1, Q2, NRM, OUT, SCR, h, TQ, TK, 
     DT = q.dtype.element_ty
     H1 = 2 * h if GLU else h
     eg, es = g % H1, s % H1
-    S1g, S1s, _, _, V1g, V1s, S2j, _, V2j = _params(S1, V1, V1, S2, V2, V2, eg, es, j, WP, R1, R2, BN)
+    S1g, S1s, _, _, V1g, V1s, S2j, _, V2j = _params(S1, V1, V1, S2, V2, V2, eg, es, j, WP, R1, R2, PAD)
     kg, ks, vj = k + g * TK * DK, k + s * TK * DK, v + bh * TK * DV
     t0 = row0 + rb * BM
     lo = t0 // BN * BN
@@ -479,7 +484,7 @@ def _bwd_rows(q, k, v, c1, c2, U1, V1, S1, U2, V2, S2, P1, Q2, DY, COEF, DQ, DC1
               h, TQ, TK, WP, row0, DK: tl.constexpr, DKP: tl.constexpr, DV: tl.constexpr, DVC: tl.constexpr,
               R1: tl.constexpr, R1P: tl.constexpr, R2: tl.constexpr, R2P: tl.constexpr, GLU: tl.constexpr,
               OP1: tl.constexpr, OP2: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-              PREC: tl.constexpr, FAST: tl.constexpr):
+              PREC: tl.constexpr, FAST: tl.constexpr, PAD: tl.constexpr):
     rb, bh = tl.program_id(0), tl.program_id(1)
     j, g, s = _heads(bh, h, GLU)
     m, mmask, t, qg, qs = _row_block(q, g, s, rb, TQ, row0, DK, DKP, GLU, BM)
@@ -487,7 +492,7 @@ def _bwd_rows(q, k, v, c1, c2, U1, V1, S1, U2, V2, S2, P1, Q2, DY, COEF, DQ, DC1
     DT = q.dtype.element_ty
     H1 = 2 * h if GLU else h
     eg, es = g % H1, s % H1
-    S1g, S1s, U1g, U1s, V1g, V1s, S2j, U2j, V2j = _params(S1, U1, V1, S2, U2, V2, eg, es, j, WP, R1, R2, BN)
+    S1g, S1s, U1g, U1s, V1g, V1s, S2j, U2j, V2j = _params(S1, U1, V1, S2, U2, V2, eg, es, j, WP, R1, R2, PAD)
     kg, ks, vj, dy = k + g * TK * DK, k + s * TK * DK, v + bh * TK * DV, DY + bh * TQ * DV
     t0 = row0 + rb * BM
     lo = t0 // BN * BN
@@ -588,13 +593,13 @@ def _bwd_keys(q, k, v, c1, U1, V1, S1, U2, S2, P1, DY, COEF, DP1, DQ2, DK_, SCR,
               DK: tl.constexpr, DKP: tl.constexpr, DV: tl.constexpr, DVC: tl.constexpr, R1: tl.constexpr,
               R1P: tl.constexpr, R2: tl.constexpr, R2P: tl.constexpr, GLU: tl.constexpr, OP1: tl.constexpr,
               OP2: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
-              FAST: tl.constexpr):
+              FAST: tl.constexpr, PAD: tl.constexpr):
     kb, bh = tl.program_id(0), tl.program_id(1)
     j, g, s = _heads(bh, h, GLU)
     scrA, scrB = _scratch(SCR, BM, BN)
     H1 = 2 * h if GLU else h
     eg, es = g % H1, s % H1
-    S1g, S1s, U1g, U1s, V1g, V1s, S2j, U2j, _ = _params(S1, U1, V1, S2, U2, U2, eg, es, j, WP, R1, R2, BN)
+    S1g, S1s, U1g, U1s, V1g, V1s, S2j, U2j, _ = _params(S1, U1, V1, S2, U2, U2, eg, es, j, WP, R1, R2, PAD)
     i0 = kb * BN
     kg, ks, vj, dy = k + g * TK * DK, k + s * TK * DK, v + bh * TK * DV, DY + bh * TQ * DV
     nrb = tl.cdiv(TQ, BM)
@@ -643,13 +648,13 @@ def _bwd_values(q, k, c1, c2, V1, S1, V2, S2, P1, Q2, DY, DV_, SCR, h, TQ, TK, W
                 DK: tl.constexpr, DKP: tl.constexpr, DV: tl.constexpr, DVO: tl.constexpr, R1: tl.constexpr,
                 R1P: tl.constexpr, R2: tl.constexpr, R2P: tl.constexpr, GLU: tl.constexpr, OP1: tl.constexpr,
                 OP2: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
-                FAST: tl.constexpr):
+                FAST: tl.constexpr, PAD: tl.constexpr):
     kb, bh, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     j, g, s = _heads(bh, h, GLU)
     scrA, scrB = _scratch(SCR, BM, BN)
     H1 = 2 * h if GLU else h
     eg, es = g % H1, s % H1
-    S1g, S1s, _, _, V1g, V1s, S2j, _, V2j = _params(S1, V1, V1, S2, V2, V2, eg, es, j, WP, R1, R2, BN)
+    S1g, S1s, _, _, V1g, V1s, S2j, _, V2j = _params(S1, V1, V1, S2, V2, V2, eg, es, j, WP, R1, R2, PAD)
     i0 = kb * BN
     kg, ks = k + g * TK * DK, k + s * TK * DK
     d = cb * DVO + tl.arange(0, DVO)
@@ -730,7 +735,7 @@ def _bwd_params(q, k, v, c1, c2, U1, V1, S1, U2, V2, S2, P1, Q2, DY, COEF, DP1, 
                 DU1, DV1, DS1, DU2, DV2, DS2, h, TQ, TK, W, WP, row0, DK: tl.constexpr, DKP: tl.constexpr,
                 DV: tl.constexpr, DVC: tl.constexpr, R1: tl.constexpr, R1P: tl.constexpr, R2: tl.constexpr,
                 R2P: tl.constexpr, GLU: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr, ACC: tl.constexpr,
-                BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, FAST: tl.constexpr):
+                BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, FAST: tl.constexpr, PAD: tl.constexpr):
     """Over tiles of BM rows x BN lags, where the lag parameters are plain vectors; one partial per batch element."""
     lb, bh = tl.program_id(0), tl.program_id(1)
     j, g, s = _heads(bh, h, GLU)
@@ -742,7 +747,7 @@ def _bwd_params(q, k, v, c1, c2, U1, V1, S1, U2, V2, S2, P1, Q2, DY, COEF, DP1, 
     l0 = lb * BN
     lg = l0 + tl.arange(0, BN)
     lmask = lg < W
-    S1g, S1s, U1g, U1s, V1g, V1s, S2j, U2j, V2j = _params(S1, U1, V1, S2, U2, V2, eg, es, j, WP, R1, R2, BN)
+    S1g, S1s, U1g, U1s, V1g, V1s, S2j, U2j, V2j = _params(S1, U1, V1, S2, U2, V2, eg, es, j, WP, R1, R2, PAD)
     kg, ks, vj = k + g * TK * DK, k + s * TK * DK, v + bh * TK * DV
     # the block's parameters, lag rows l0.. (padded: mixers that are off are zero-width, never read)
     S1gb = tl.zeros((BN,), dtype=ACC)
@@ -802,9 +807,10 @@ def _cdiv(a, b):
     return -(-a // b)
 
 
-def choose(TQ, TK, DK, DV, R1, R2, dtype, block=None):
-    """The tiles for a shape: BM (= BN), DVO and DVC (powers of two, at most DV's), warps."""
-    blk = dict(BLOCK, **(block or {}))
+def choose(kernel, DV, block=None):
+    """A kernel's tiles: BM (= BN), DVO and DVC (powers of two, at most DV's), warps (BLOCK, or block's)."""
+    blk = (block or BLOCK)[kernel]
+    assert blk["BM"] <= PAD // 2, "the lag parameters' zero padding covers tiles of up to PAD / 2 rows"
     return dict(BM=blk["BM"], DVO=min(blk["DVO"], _pow2(DV)), DVC=min(blk["DVC"], _pow2(DV)),
                 num_warps=blk["num_warps"])
 
@@ -830,53 +836,60 @@ def _col_loops(TQ, row0, n_blocks, BM):
 
 def plan(B, h, TQ, TK, DK, DV, R1, R2, glu, op1, op2, norm, dtype, row0=0, block=None, prec=None):
     """(forward launches, backward launches) of one call: q (B,H1,TQ,DK), k (B,H1,TK,DK), v (B,h,TK,DV), ranks R1,
-    R2 (1 where a mixer is off), lag parameters for W = TK lags, zero-padded by 2 BM on either side.
-    scripts/kernel_cost.py counts the same plan."""
-    cfg = choose(TQ, TK, DK, DV, R1, R2, dtype, block)
-    BM, DVO, DVC, warps = cfg["BM"], cfg["DVO"], cfg["DVC"], cfg["num_warps"]
+    R2 (1 where a mixer is off), lag parameters for W = TK lags, zero-padded by PAD on either side. Each kernel's
+    tiles come from choose(). scripts/kernel_cost.py counts the same plan."""
     H1 = 2 * h if glu else h
     W = TK
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    ACC = tl.float64 if dtype == torch.float64 else tl.float32
     if prec is None:
         prec = "ieee" if dtype == torch.float64 else ("tf32" if dtype == torch.float32 else None)
-    sh = dict(DK=DK, DKP=_pow2(DK), R1=R1, R1P=_pow2(R1), R2=R2, R2P=_pow2(R2), GLU=glu, OP1=op1, OP2=op2, ACC=ACC,
-              BM=BM, BN=BM, PREC=prec, FAST=os.environ.get("TRITON_INTERPRET", "0") != "1")
-    sc = dict(h=h, TQ=TQ, TK=TK, WP=W + 4 * BM, row0=row0)
     X, f = dtype, acc
     size, fsize = torch.tensor([], dtype=dtype).element_size(), torch.tensor([], dtype=acc).element_size()
-    nr, nk, nv = _cdiv(TQ, BM), _cdiv(TK, BM), _cdiv(DV, DVO)
-    rows, keys = [B * h * n for n in _row_loops(TQ, TK, row0, BM)], [B * h * n for n in _col_loops(TQ, row0, nk, BM)]
     # compulsory bytes: the inputs read once, the outputs written once
     qkv = B * (H1 * (TQ + TK) * DK + h * TK * DV) * size
     rowvec = B * (H1 * TQ * R1 + h * TQ * R2) * fsize
     par = (H1 * W * (2 * R1 + 1) + h * W * (2 * R2 + 1)) * size
+    sc = dict(h=h, TQ=TQ, TK=TK, WP=W + 2 * PAD, row0=row0)
+
+    def launch(kernel, fn, tensors, over, loops, nbytes, **extra):
+        """over: "rows", "keys" or "lags" (the grid's first axis and the loops' trip counts); extra constexprs."""
+        c = choose(kernel, DV, block)
+        BM = c["BM"]
+        nv = _cdiv(DV, c["DVO"]) if "DVO" in extra else 1
+        n = _cdiv(TQ if over == "rows" else TK, BM)
+        per = _row_loops(TQ, TK, row0, BM) if over == "rows" else _col_loops(TQ, row0, n, BM)
+        consts = dict(DK=DK, DKP=_pow2(DK), R1=R1, R1P=_pow2(R1), R2=R2, R2P=_pow2(R2), GLU=glu, OP1=op1, OP2=op2,
+                      ACC=tl.float64 if dtype == torch.float64 else tl.float32, BM=BM, BN=BM, PREC=prec,
+                      FAST=os.environ.get("TRITON_INTERPRET", "0") != "1", PAD=PAD,
+                      **{k: (c[k] if k in ("DVO", "DVC") else v) for k, v in extra.items()})
+        return Launch(fn, (n, B * h) + ((nv,) if nv > 1 or "DVO" in extra else ()), tensors,
+                      dict(sc, W=W) if kernel == "params" else dict(sc, eps=1e-12) if kernel == "out" else sc,
+                      consts, c["num_warps"], 2, [B * h * nv * per[i] for i in loops], nbytes)
+
     fwd = []
     if op1 or op2 or norm:
-        fwd.append(Launch(_fwd_stats, (nr, B * h), dict(q=X, k=X, c1=X, U1=X, V1=X, S1=f, U2=X, P1=f, Q2=f, NRM=f,
-                                                         SCR=X), sc, dict(sh, NORM=norm), warps, 2,
-                          rows * (int(op1) + int(op2 or norm)), qkv + rowvec + par + B * h * TQ * fsize))
-    fwd.append(Launch(_fwd_out, (nr, B * h, nv), dict(q=X, k=X, v=X, c1=X, c2=X, V1=X, S1=f, V2=X, S2=f, P1=f, Q2=f,
-                                                      NRM=f, OUT=X, SCR=X), dict(sc, eps=1e-12),
-                      dict(sh, DV=DV, DVO=DVO, NORM=norm), warps, 2, [n * nv for n in rows],
-                      qkv + rowvec + par + B * h * TQ * DV * size))
-    bwd = [Launch(_bwd_rows, (nr, B * h), dict(q=X, k=X, v=X, c1=X, c2=X, U1=X, V1=X, S1=f, U2=X, V2=X, S2=f, P1=f,
-                                               Q2=f, DY=X, COEF=f, DQ=f, DC1=f, DC2=f, DP1=f, DQ2=f, SCR=X), sc,
-                  dict(sh, DV=DV, DVC=DVC), warps, 2, rows * (int(op2) + int(op1) + 1),
-                  qkv + 3 * rowvec + par + B * h * TQ * (DV * size + fsize) + B * H1 * TQ * DK * fsize),
-           Launch(_bwd_keys, (nk, B * h), dict(q=X, k=X, v=X, c1=X, U1=X, V1=X, S1=f, U2=X, S2=f, P1=f, DY=X, COEF=f,
-                                                DP1=f, DQ2=f, DK_=f, SCR=X), sc, dict(sh, DV=DV, DVC=DVC), warps, 2,
-                  keys, qkv + 2 * rowvec + par + B * h * TQ * DV * size + B * H1 * TK * DK * fsize),
-           Launch(_bwd_values, (nk, B * h, nv), dict(q=X, k=X, c1=X, c2=X, V1=X, S1=f, V2=X, S2=f, P1=f, Q2=f, DY=X,
-                                                     DV_=f, SCR=X), sc, dict(sh, DV=DV, DVO=DVO), warps, 2,
-                  [n * nv for n in keys], qkv + rowvec + par + B * h * TQ * DV * size + B * h * TK * DV * fsize)]
+        fwd.append(launch("stats", _fwd_stats, dict(q=X, k=X, c1=X, U1=X, V1=X, S1=f, U2=X, P1=f, Q2=f, NRM=f, SCR=X),
+                          "rows", [0, 1] * int(op1) + [0, 1] * int(op2 or norm),
+                          qkv + rowvec + par + B * h * TQ * fsize, NORM=norm))
+    fwd.append(launch("out", _fwd_out, dict(q=X, k=X, v=X, c1=X, c2=X, V1=X, S1=f, V2=X, S2=f, P1=f, Q2=f, NRM=f,
+                                            OUT=X, SCR=X), "rows", [0, 1],
+                      qkv + rowvec + par + B * h * TQ * DV * size, DV=DV, DVO=0, NORM=norm))
+    bwd = [launch("rows", _bwd_rows, dict(q=X, k=X, v=X, c1=X, c2=X, U1=X, V1=X, S1=f, U2=X, V2=X, S2=f, P1=f, Q2=f,
+                                          DY=X, COEF=f, DQ=f, DC1=f, DC2=f, DP1=f, DQ2=f, SCR=X), "rows",
+                  [0, 1] * (int(op2) + int(op1) + 1),
+                  qkv + 3 * rowvec + par + B * h * TQ * (DV * size + fsize) + B * H1 * TQ * DK * fsize, DV=DV, DVC=0),
+           launch("keys", _bwd_keys, dict(q=X, k=X, v=X, c1=X, U1=X, V1=X, S1=f, U2=X, S2=f, P1=f, DY=X, COEF=f,
+                                          DP1=f, DQ2=f, DK_=f, SCR=X), "keys", [0, 1],
+                  qkv + 2 * rowvec + par + B * h * TQ * DV * size + B * H1 * TK * DK * fsize, DV=DV, DVC=0),
+           launch("values", _bwd_values, dict(q=X, k=X, c1=X, c2=X, V1=X, S1=f, V2=X, S2=f, P1=f, Q2=f, DY=X, DV_=f,
+                                              SCR=X), "keys", [0, 1],
+                  qkv + rowvec + par + B * h * TQ * DV * size + B * h * TK * DV * fsize, DV=DV, DVO=0)]
     if op1 or op2:
-        bwd.append(Launch(_bwd_params, (_cdiv(W, BM), B * h),
-                          dict(q=X, k=X, v=X, c1=X, c2=X, U1=X, V1=X, S1=f, U2=X, V2=X, S2=f, P1=f, Q2=f, DY=X,
-                               COEF=f, DP1=f, DQ2=f, SCR=X, DU1=f, DV1=f, DS1=f, DU2=f, DV2=f, DS2=f), dict(sc, W=W),
-                          dict(sh, DV=DV, DVC=DVC), warps, 2,
-                          [B * h * n for n in _col_loops(TQ, row0, _cdiv(W, BM), BM)],
-                          qkv + 3 * rowvec + par + B * (H1 * W * (2 * R1 + 1) + h * W * (2 * R2 + 1)) * fsize))
+        bwd.append(launch("params", _bwd_params, dict(q=X, k=X, v=X, c1=X, c2=X, U1=X, V1=X, S1=f, U2=X, V2=X, S2=f,
+                                                      P1=f, Q2=f, DY=X, COEF=f, DP1=f, DQ2=f, SCR=X, DU1=f, DV1=f,
+                                                      DS1=f, DU2=f, DV2=f, DS2=f), "lags", [0, 1],
+                          qkv + 3 * rowvec + par + B * (H1 * W * (2 * R1 + 1) + h * W * (2 * R2 + 1)) * fsize,
+                          DV=DV, DVC=0))
     return fwd, bwd
 
 
@@ -886,12 +899,11 @@ def _scratch_for(launches, like):
     return like.new_empty(n)
 
 
-def _pad(x, launches):
-    """A lag parameter (H, W) or (H, W, r) with 2 BM zero lags before and after (an empty tensor stays empty)."""
+def _pad(x):
+    """A lag parameter (H, W) or (H, W, r) with PAD zero lags before and after (an empty tensor stays empty)."""
     if x.numel() == 0:
         return x
-    p = 2 * launches[0].consts["BM"]
-    return F.pad(x, (p, p) if x.dim() == 2 else (0, 0, p, p))
+    return F.pad(x, (PAD, PAD) if x.dim() == 2 else (0, 0, PAD, PAD))
 
 
 # ----------------------------------------------------------------------------- launch and autograd
@@ -937,7 +949,7 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c1: Optional[torch.T
     nrm = q.new_ones(B, h, TQ, dtype=acc)
     out = q.new_empty(B, h, TQ, DV)
     scr = _scratch_for(fwd, q)
-    U1, V1, S1, U2, V2, S2 = (_pad(x, fwd) for x in (U1, V1, S1, U2, V2, S2))
+    U1, V1, S1, U2, V2, S2 = (_pad(x) for x in (U1, V1, S1, U2, V2, S2))
     args = dict(q=q, k=k, v=v, c1=c1, c2=c2, U1=U1, V1=V1, S1=S1, U2=U2, V2=V2, S2=S2, P1=P1, Q2=Q2, NRM=nrm,
                 OUT=out, SCR=scr)
     for L in fwd:
@@ -986,7 +998,7 @@ def _bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     dU1, dV1, dS1 = (z(B, H1, W, R1), z(B, H1, W, R1), z(B, H1, W)) if op1 else (z(0), z(0), z(0))
     dU2, dV2, dS2 = (z(B, h, W, R2), z(B, h, W, R2), z(B, h, W)) if op2 else (z(0), z(0), z(0))
     scr = _scratch_for(bwd, q)
-    pU1, pV1, pS1, pU2, pV2, pS2 = (_pad(x, bwd) for x in (U1, V1, S1, U2, V2, S2))
+    pU1, pV1, pS1, pU2, pV2, pS2 = (_pad(x) for x in (U1, V1, S1, U2, V2, S2))
     args = dict(q=q, k=k, v=v, c1=c1, c2=c2, U1=U1, V1=V1, S1=S1, U2=U2, V2=V2, S2=S2, P1=P1, Q2=Q2, DY=dy,
                 COEF=coef, DQ=dq, DC1=dc1, DC2=dc2, DP1=dP1, DQ2=dQ2, DK_=dk, DV_=dv, SCR=scr, DU1=dU1, DV1=dV1,
                 DS1=dS1, DU2=dU2, DV2=dV2, DS2=dS2)

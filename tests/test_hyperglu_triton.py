@@ -25,9 +25,8 @@ from test_ops import saved_bytes  # noqa: E402
 def triton_path(monkeypatch):
     """Route impl="fast" through the kernels on the CPU, on 16 x 16 tiles, 16 value channels per program and per step."""
     monkeypatch.setattr(ops.hyperglu, "use_triton", lambda cfg, q: ops.hyperglu_triton.supports(cfg))
-    monkeypatch.setitem(ops.hyperglu_triton.BLOCK, "BM", 16)
-    monkeypatch.setitem(ops.hyperglu_triton.BLOCK, "DVO", 16)
-    monkeypatch.setitem(ops.hyperglu_triton.BLOCK, "DVC", 16)
+    monkeypatch.setattr(ops.hyperglu_triton, "BLOCK", {k: dict(BM=16, DVO=16, DVC=16, num_warps=4)
+                                                       for k in ops.hyperglu_triton.BLOCK})
 
 
 def worst(a, b):
