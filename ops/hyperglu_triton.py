@@ -19,8 +19,8 @@ activation (+ coef z1_g for the norm), dPc_e = sum_i dz1_e V1_e[l], dz_e = dz1_e
 How the kernels are built (scripts/kernel_cost.py counts them; docs/performance.md has the numbers):
 - Tiles of BM query rows x BN keys in key order (BM = BN): q k^T, A V and their gradients are tensor-core dots
   over exact tiles, and each program computes a tile's chain once for all DVO value channels it owns.
-- The lag terms live in the tile's lag window, the BM + BN - 1 lags it spans, as 2 BN columns: a rank-r term is
-  one dot there, (BM x r).(r x 2BN), a row reduction against a lag parameter is (BM x 2BN).(2BN x r). The window
+- The lag terms live in the tile's lag window, the BM + BN - 1 lags it spans, as 2 BM columns: a rank-r term is
+  one dot there, (BM x r).(r x 2BM), a row reduction against a lag parameter is (BM x 2BM).(2BM x r). The window
   and the key order meet through a skew: a round trip through the program's own scratch rows in global memory
   (written, a barrier, read back with row-shifted addresses), which stay in L2. The diagonal I + diag(d) is a
   load of the lag vector per element.
@@ -101,48 +101,49 @@ def _heads(bh, h, GLU: tl.constexpr):
 
 
 @triton.jit
-def _scratch(SCR, BM: tl.constexpr, BN: tl.constexpr):
-    """This program's scratch: rows of 3 BN for _to_lag, outer thirds zeroed here, then rows of 2 BN for _from_lag."""
+def _scratch(SCR, BM: tl.constexpr):
+    """This program's scratch (5 BM^2 elements): rows of 3 BM for _to_lag, zero but where a tile is written, then
+    rows of 2 BM for _from_lag."""
     pid = tl.program_id(0) + tl.num_programs(0) * (tl.program_id(1) + tl.num_programs(1) * tl.program_id(2))
-    a = SCR + pid * (5 * BM * BN)
+    a = SCR + pid * (5 * BM * BM)
     m = tl.arange(0, BM)
-    n = tl.arange(0, BN)
-    zero = tl.zeros((BM, BN), dtype=SCR.dtype.element_ty)
-    tl.store(a + m[:, None] * (3 * BN) + n[None, :], zero)
-    tl.store(a + m[:, None] * (3 * BN) + 2 * BN + n[None, :], zero)
-    return a, a + 3 * BM * BN
+    c = tl.arange(0, 2 * BM)
+    tl.store(a + m[:, None] * (3 * BM) + c[None, :], tl.zeros((BM, 2 * BM), dtype=SCR.dtype.element_ty))
+    tl.store(a + m[:, None] * (3 * BM) + 2 * BM + m[None, :], tl.zeros((BM, BM), dtype=SCR.dtype.element_ty))
+    return a, a + 3 * BM * BM
 
 
 @triton.jit
 def _to_lag(x, scr, BM: tl.constexpr, BN: tl.constexpr):
-    """(BM, BN) tile in key order -> its (BM, 2BN) lag window, out[m, c] = x[m, m - c + BN - 1] (0 outside the tile):
-    column c of row m is lag (t0 - i0 - BN + 1) + c. x goes to the middle third of the zero-padded scratch rows."""
+    """(BM, BN) tile in key order -> its (BM, 2 BM) lag window, out[m, c] = x[m, m - c + BN - 1] (0 outside the
+    tile): column c of row m is lag (t0 - i0 - BN + 1) + c. x goes to columns 2 BM - BN .. 2 BM of zeroed scratch
+    rows 3 BM wide, so every read lands in the row."""
     m = tl.arange(0, BM)
     n = tl.arange(0, BN)
-    c = tl.arange(0, 2 * BN)
+    c = tl.arange(0, 2 * BM)
     tl.debug_barrier()  # the last reader of the scratch is done
-    tl.store(scr + m[:, None] * (3 * BN) + BN + n[None, :], x.to(scr.dtype.element_ty))
+    tl.store(scr + m[:, None] * (3 * BM) + (2 * BM - BN) + n[None, :], x.to(scr.dtype.element_ty))
     tl.debug_barrier()
-    return tl.load(scr + m[:, None] * (3 * BN) + m[:, None] - c[None, :] + (2 * BN - 1))
+    return tl.load(scr + m[:, None] * (3 * BM) + m[:, None] - c[None, :] + (2 * BM - 1))
 
 
 @triton.jit
 def _from_lag(y, scr, BM: tl.constexpr, BN: tl.constexpr):
-    """(BM, 2BN) lag window -> (BM, BN) key order, out[m, n] = y[m, m - n + BN - 1] (the inverse of _to_lag); also a
-    (BM, 2BN) key window -> (BM, BN) lags, the same index map."""
+    """(BM, 2 BM) lag window -> (BM, BN) key order, out[m, n] = y[m, m - n + BN - 1] (the inverse of _to_lag); also a
+    (BM, 2 BM) key window -> (BM, BN) lags, the same index map."""
     m = tl.arange(0, BM)
     n = tl.arange(0, BN)
-    c = tl.arange(0, 2 * BN)
+    c = tl.arange(0, 2 * BM)
     tl.debug_barrier()
-    tl.store(scr + m[:, None] * (2 * BN) + c[None, :], y.to(scr.dtype.element_ty))
+    tl.store(scr + m[:, None] * (2 * BM) + c[None, :], y.to(scr.dtype.element_ty))
     tl.debug_barrier()
-    return tl.load(scr + m[:, None] * (2 * BN) + m[:, None] - n[None, :] + (BN - 1))
+    return tl.load(scr + m[:, None] * (2 * BM) + m[:, None] - n[None, :] + (BN - 1))
 
 
 @triton.jit
 def _win(par, l0, R: tl.constexpr, RP: tl.constexpr, NL: tl.constexpr):
     """(NL, RP) rows l0.. of a lag-major (lags, R) parameter, par pointing at lag 0 of a zero-padded copy (lags
-    -2 BN .. W + 2 BN - 1 exist, so a window needs no mask)."""
+    -PAD .. W + PAD - 1 exist, so a window needs no mask)."""
     lag = l0 + tl.arange(0, NL)
     r = tl.arange(0, RP)
     if R == RP:
@@ -204,7 +205,7 @@ def _masked(x, valid, MASK: tl.constexpr):
 def _lowrank_key(x, par, lw0, valid, R: tl.constexpr, RP: tl.constexpr, scr, BM: tl.constexpr, BN: tl.constexpr,
                  PREC: tl.constexpr, MASK: tl.constexpr):
     """(BM, BN): x[m] . par[l] for a per-row (BM, RP) x and a lag-major parameter, through the lag window."""
-    y = tl.dot(x, tl.trans(_win(par, lw0, R, RP, 2 * BN)), input_precision=PREC)
+    y = tl.dot(x, tl.trans(_win(par, lw0, R, RP, 2 * BM)), input_precision=PREC)
     return _masked(_from_lag(y, scr, BM, BN), valid, MASK)
 
 
@@ -278,10 +279,10 @@ def _p_step(qg, qs, kg, ks, t, mmask, i0, TK, lw0, U1g, U1s, scr, Pg, Ps, DK: tl
     nmask = n < TK
     valid = mmask[:, None] & nmask[None, :] & (t[:, None] >= n[None, :])
     zg = _masked(tl.dot(qg, tl.trans(_rows(kg, n, nmask, DK, DKP)), input_precision=PREC), valid, MASK)
-    Pg += tl.dot(_to_lag(zg, scr, BM, BN), _win(U1g, lw0, R1, R1P, 2 * BN), input_precision=PREC).to(ACC)
+    Pg += tl.dot(_to_lag(zg, scr, BM, BN), _win(U1g, lw0, R1, R1P, 2 * BM), input_precision=PREC).to(ACC)
     if GLU:
         zs = _masked(tl.dot(qs, tl.trans(_rows(ks, n, nmask, DK, DKP)), input_precision=PREC), valid, MASK)
-        Ps += tl.dot(_to_lag(zs, scr, BM, BN), _win(U1s, lw0, R1, R1P, 2 * BN), input_precision=PREC).to(ACC)
+        Ps += tl.dot(_to_lag(zs, scr, BM, BN), _win(U1s, lw0, R1, R1P, 2 * BM), input_precision=PREC).to(ACC)
     return Pg, Ps
 
 
@@ -298,7 +299,7 @@ def _nq_step(qg, qs, kg, ks, t, mmask, i0, TK, lw0, pcg, pcs, S1g, S1s, V1g, V1s
     if NORM:
         nsq += tl.sum(z1g * z1g, 1)
     if OP2:
-        Q += tl.dot(_to_lag(a, scrA, BM, BN), _win(U2j, lw0, R2, R2P, 2 * BN), input_precision=PREC).to(ACC)
+        Q += tl.dot(_to_lag(a, scrA, BM, BN), _win(U2j, lw0, R2, R2P, 2 * BM), input_precision=PREC).to(ACC)
     return nsq, Q
 
 
@@ -328,7 +329,7 @@ def _dqc_step(dy, vj, m, mmask, t, i0, TK, lw0, V2j, scr, dQc, DV: tl.constexpr,
     nmask = n < TK
     valid = mmask[:, None] & nmask[None, :] & (t[:, None] >= n[None, :])
     da2 = _masked(_dav(dy, vj, m, mmask, n, nmask, DV, DVC, ACC, PREC), valid, MASK)
-    return dQc + tl.dot(_to_lag(da2, scr, BM, BN), _win(V2j, lw0, R2, R2P, 2 * BN), input_precision=PREC).to(ACC)
+    return dQc + tl.dot(_to_lag(da2, scr, BM, BN), _win(V2j, lw0, R2, R2P, 2 * BM), input_precision=PREC).to(ACC)
 
 
 @triton.jit
@@ -344,9 +345,9 @@ def _dpc_step(qg, qs, kg, ks, dy, vj, m, mmask, t, i0, TK, lw0, pcg, pcs, dQ, co
     da2, da = _grad_a(dy, vj, m, mmask, n, nmask, lag, valid, lw0, dQ, U2j, S2j, scrB, DV, DVC, R2, R2P, OP2, ACC,
                       BM, BN, PREC, MASK)
     dz1g, dz1s = _act_bwd(da, z1g, z1s, coef, GLU, FAST)
-    dPcg += tl.dot(_to_lag(dz1g, scrA, BM, BN), _win(V1g, lw0, R1, R1P, 2 * BN), input_precision=PREC).to(ACC)
+    dPcg += tl.dot(_to_lag(dz1g, scrA, BM, BN), _win(V1g, lw0, R1, R1P, 2 * BM), input_precision=PREC).to(ACC)
     if GLU:
-        dPcs += tl.dot(_to_lag(dz1s, scrA, BM, BN), _win(V1s, lw0, R1, R1P, 2 * BN), input_precision=PREC).to(ACC)
+        dPcs += tl.dot(_to_lag(dz1s, scrA, BM, BN), _win(V1s, lw0, R1, R1P, 2 * BM), input_precision=PREC).to(ACC)
     return dPcg, dPcs
 
 
@@ -395,7 +396,7 @@ def _fwd_stats(q, k, c1, U1, V1, S1, U2, P1, Q2, NRM, SCR, h, TQ, TK, WP, row0,
     rb, bh = tl.program_id(0), tl.program_id(1)
     j, g, s = _heads(bh, h, GLU)
     m, mmask, t, qg, qs = _row_block(q, g, s, rb, TQ, row0, DK, DKP, GLU, BM)
-    scrA, scrB = _scratch(SCR, BM, BN)
+    scrA, scrB = _scratch(SCR, BM)
     DT = q.dtype.element_ty
     H1 = 2 * h if GLU else h
     eg, es = g % H1, s % H1  # qk-head indices into the parameters
@@ -446,7 +447,7 @@ def _fwd_out(q, k, v, c1, c2, V1, S1, V2, S2, P1, Q2, NRM, OUT, SCR, h, TQ, TK, 
     rb, bh, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     j, g, s = _heads(bh, h, GLU)
     m, mmask, t, qg, qs = _row_block(q, g, s, rb, TQ, row0, DK, DKP, GLU, BM)
-    scrA, scrB = _scratch(SCR, BM, BN)
+    scrA, scrB = _scratch(SCR, BM)
     DT = q.dtype.element_ty
     H1 = 2 * h if GLU else h
     eg, es = g % H1, s % H1
@@ -488,7 +489,7 @@ def _bwd_rows(q, k, v, c1, c2, U1, V1, S1, U2, V2, S2, P1, Q2, DY, COEF, DQ, DC1
     rb, bh = tl.program_id(0), tl.program_id(1)
     j, g, s = _heads(bh, h, GLU)
     m, mmask, t, qg, qs = _row_block(q, g, s, rb, TQ, row0, DK, DKP, GLU, BM)
-    scrA, scrB = _scratch(SCR, BM, BN)
+    scrA, scrB = _scratch(SCR, BM)
     DT = q.dtype.element_ty
     H1 = 2 * h if GLU else h
     eg, es = g % H1, s % H1
@@ -596,7 +597,7 @@ def _bwd_keys(q, k, v, c1, U1, V1, S1, U2, S2, P1, DY, COEF, DP1, DQ2, DK_, SCR,
               FAST: tl.constexpr, PAD: tl.constexpr):
     kb, bh = tl.program_id(0), tl.program_id(1)
     j, g, s = _heads(bh, h, GLU)
-    scrA, scrB = _scratch(SCR, BM, BN)
+    scrA, scrB = _scratch(SCR, BM)
     H1 = 2 * h if GLU else h
     eg, es = g % H1, s % H1
     S1g, S1s, U1g, U1s, V1g, V1s, S2j, U2j, _ = _params(S1, U1, V1, S2, U2, U2, eg, es, j, WP, R1, R2, PAD)
@@ -651,7 +652,7 @@ def _bwd_values(q, k, c1, c2, V1, S1, V2, S2, P1, Q2, DY, DV_, SCR, h, TQ, TK, W
                 FAST: tl.constexpr, PAD: tl.constexpr):
     kb, bh, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     j, g, s = _heads(bh, h, GLU)
-    scrA, scrB = _scratch(SCR, BM, BN)
+    scrA, scrB = _scratch(SCR, BM)
     H1 = 2 * h if GLU else h
     eg, es = g % H1, s % H1
     S1g, S1s, _, _, V1g, V1s, S2j, _, V2j = _params(S1, V1, V1, S2, V2, V2, eg, es, j, WP, R1, R2, PAD)
@@ -685,7 +686,7 @@ def _par_step(q, c1, c2, P1, Q2, DY, COEF, DP1, DQ2, kg, ks, vj, g, s, bh, rb, T
     m, mmask, t, qg, qs = _row_block(q, g, s, rb, TQ, row0, DK, DKP, GLU, BM)
     coef = tl.load(COEF + bh * TQ + m, mask=mmask, other=0.0)
     valid = mmask[:, None] & lmask[None, :] & (t[:, None] >= lg[None, :])
-    w = row0 + rb * BM - l0 - BN + 1 + tl.arange(0, 2 * BN)  # the keys of the window
+    w = row0 + rb * BM - l0 - BN + 1 + tl.arange(0, 2 * BM)  # the keys of the window
     wmask = (w >= 0) & (w < TK)
     zg = _masked(_from_lag(tl.dot(qg, tl.trans(_rows(kg, w, wmask, DK, DKP)), input_precision=PREC), scr, BM, BN)
                  .to(ACC), valid, MASK)
@@ -739,7 +740,7 @@ def _bwd_params(q, k, v, c1, c2, U1, V1, S1, U2, V2, S2, P1, Q2, DY, COEF, DP1, 
     """Over tiles of BM rows x BN lags, where the lag parameters are plain vectors; one partial per batch element."""
     lb, bh = tl.program_id(0), tl.program_id(1)
     j, g, s = _heads(bh, h, GLU)
-    scrA, scrB = _scratch(SCR, BM, BN)
+    scrA, scrB = _scratch(SCR, BM)
     DT = q.dtype.element_ty
     H1 = 2 * h if GLU else h
     eg, es = g % H1, s % H1
@@ -810,26 +811,27 @@ def _cdiv(a, b):
 def choose(kernel, DV, block=None):
     """A kernel's tiles: BM (= BN), DVO and DVC (powers of two, at most DV's), warps (BLOCK, or block's)."""
     blk = (block or BLOCK)[kernel]
-    assert blk["BM"] <= PAD // 2, "the lag parameters' zero padding covers tiles of up to PAD / 2 rows"
-    return dict(BM=blk["BM"], DVO=min(blk["DVO"], _pow2(DV)), DVC=min(blk["DVC"], _pow2(DV)),
-                num_warps=blk["num_warps"])
+    assert blk["BM"] <= PAD // 2, "the lag parameters' zero padding covers windows of up to PAD lags"
+    assert blk.get("BN", blk["BM"]) <= blk["BM"], "key (or lag) tiles no wider than the row tiles"
+    return dict(BM=blk["BM"], BN=blk.get("BN", blk["BM"]), DVO=min(blk["DVO"], _pow2(DV)),
+                DVC=min(blk["DVC"], _pow2(DV)), num_warps=blk["num_warps"])
 
 
-def _row_loops(TQ, TK, row0, BM):
-    """Body runs of a row-block kernel's two sweeps over the keys, summed over its row blocks: the keys below
-    (row0 + rb BM) // BM * BM unmasked, then the rest up to min(TK, row0 + (rb + 1) BM) masked."""
-    lo = [(row0 + rb * BM) // BM for rb in range(_cdiv(TQ, BM))]
-    hi = [_cdiv(min(TK, row0 + rb * BM + BM) - l * BM, BM) for rb, l in enumerate(lo)]
+def _row_loops(TQ, TK, row0, BM, BN):
+    """Body runs of a row-block kernel's two sweeps over the key blocks, summed over its row blocks: the keys below
+    (row0 + rb BM) // BN * BN unmasked, then the rest up to min(TK, row0 + (rb + 1) BM) masked."""
+    lo = [(row0 + rb * BM) // BN for rb in range(_cdiv(TQ, BM))]
+    hi = [_cdiv(min(TK, row0 + rb * BM + BM) - l * BN, BN) for rb, l in enumerate(lo)]
     return [sum(lo), sum(hi)]
 
 
-def _col_loops(TQ, row0, n_blocks, BM):
-    """Body runs of a key- (or lag-) block kernel's two sweeps over the row blocks, summed over its blocks: the
-    row blocks that meet the diagonal, masked, then those below it."""
+def _col_loops(TQ, row0, n_blocks, BM, BN):
+    """Body runs of a key- (or lag-) block kernel's two sweeps over the row blocks, summed over its blocks of BN:
+    the row blocks that meet the diagonal, masked, then those below it."""
     nrb, masked, below = _cdiv(TQ, BM), 0, 0
     for kb in range(n_blocks):
-        rb0 = max(kb * BM - row0, 0) // BM
-        rbm = min(_cdiv(max(kb * BM + BM - row0, 0), BM), nrb)
+        rb0 = max(kb * BN - row0, 0) // BM
+        rbm = min(_cdiv(max(kb * BN + BN - row0, 0), BM), nrb)
         masked, below = masked + rbm - rb0, below + nrb - rbm
     return [masked, below]
 
@@ -854,17 +856,17 @@ def plan(B, h, TQ, TK, DK, DV, R1, R2, glu, op1, op2, norm, dtype, row0=0, block
     def launch(kernel, fn, tensors, over, loops, nbytes, **extra):
         """over: "rows", "keys" or "lags" (the grid's first axis and the loops' trip counts); extra constexprs."""
         c = choose(kernel, DV, block)
-        BM = c["BM"]
+        BM, BN = c["BM"], c["BN"]
         nv = _cdiv(DV, c["DVO"]) if "DVO" in extra else 1
-        n = _cdiv(TQ if over == "rows" else TK, BM)
-        per = _row_loops(TQ, TK, row0, BM) if over == "rows" else _col_loops(TQ, row0, n, BM)
+        n = _cdiv(TQ, BM) if over == "rows" else _cdiv(TK, BN)
+        per = _row_loops(TQ, TK, row0, BM, BN) if over == "rows" else _col_loops(TQ, row0, n, BM, BN)
         consts = dict(DK=DK, DKP=_pow2(DK), R1=R1, R1P=_pow2(R1), R2=R2, R2P=_pow2(R2), GLU=glu, OP1=op1, OP2=op2,
-                      ACC=tl.float64 if dtype == torch.float64 else tl.float32, BM=BM, BN=BM, PREC=prec,
+                      ACC=tl.float64 if dtype == torch.float64 else tl.float32, BM=BM, BN=BN, PREC=prec,
                       FAST=os.environ.get("TRITON_INTERPRET", "0") != "1", PAD=PAD,
                       **{k: (c[k] if k in ("DVO", "DVC") else v) for k, v in extra.items()})
         return Launch(fn, (n, B * h) + ((nv,) if nv > 1 or "DVO" in extra else ()), tensors,
                       dict(sc, W=W) if kernel == "params" else dict(sc, eps=1e-12) if kernel == "out" else sc,
-                      consts, c["num_warps"], 2, [B * h * nv * per[i] for i in loops], nbytes)
+                      consts, c["num_warps"], int(os.environ.get("HG_STAGES", 2)), [B * h * nv * per[i] for i in loops], nbytes)
 
     fwd = []
     if op1 or op2 or norm:
@@ -894,8 +896,8 @@ def plan(B, h, TQ, TK, DK, DV, R1, R2, glu, op1, op2, norm, dtype, row0=0, block
 
 
 def _scratch_for(launches, like):
-    """One scratch buffer for the largest grid of these launches: 5 BM x BN elements per program."""
-    n = max(L.programs() * 5 * L.consts["BM"] * L.consts["BN"] for L in launches)
+    """One scratch buffer for the largest grid of these launches: 5 BM^2 elements per program."""
+    n = max(L.programs() * 5 * L.consts["BM"] ** 2 for L in launches)
     return like.new_empty(n)
 
 

@@ -281,6 +281,29 @@ def hyperglu_cost(B, T, dtype=torch.bfloat16, arch=90):
     return c
 
 
+TUNE = [dict(BM=bm, BN=bn, DVO=dvo, DVC=64, num_warps=w) for bm, bn in ((64, 64), (64, 32), (32, 32), (32, 16))
+        for w in (4, 8) for dvo in (128, 512)]
+
+
+def tune(B, T, dtype=torch.bfloat16, arch=90, candidates=TUNE):
+    """Each HyperGLU kernel's cheapest tiles by this model at one shape that compile without spilling (a stack
+    frame disqualifies): {kernel: (est seconds, tiles, registers, stack)}. The kernels are independent launches, so
+    each is tuned alone; a kernel that spills with every candidate keeps its least-spilling one."""
+    from ops import hyperglu_triton
+    h, DK, DV, r1, r2 = hyperglu_shape(T)
+    best = {}
+    for cand in candidates:
+        block = {k: cand for k in hyperglu_triton.BLOCK}
+        fwd, bwd = hyperglu_triton.plan(B, h, T, T, DK, DV, r1, r2, glu=True, op1=True, op2=True, norm=True,
+                                        dtype=dtype, block=block)
+        for L, kernel in zip(fwd + bwd, ("stats", "out", "rows", "keys", "values", "params")):
+            n = count(L, arch)
+            key = (n["stack"] > 0, n["stack"], estimate(n)[0]) if n["stack"] else (False, 0, estimate(n)[0])
+            if kernel not in best or key < best[kernel][0]:
+                best[kernel] = (key, dict(cand), n["registers"], n["stack"])
+    return {k: (key[2], cand, regs, stack) for k, (key, cand, regs, stack) in best.items()}
+
+
 def chunked_cost(B, T, dtype=torch.bfloat16):
     """The roofline of ops/hyperglu.py's chunked torch path (the GPU path with HYPERGLU_TRITON=0): its FLOPs and the
     bytes its ops move, counted by running it on the meta device under a dispatch mode, forward and backward."""
@@ -345,7 +368,15 @@ def main():
     p.add_argument("--B", type=int, default=None)
     p.add_argument("--detail", action="store_true", help="launch by launch, with the instruction classes")
     p.add_argument("--arch", type=int, default=90)
+    p.add_argument("--tune", action="store_true", help="each HyperGLU kernel's cheapest tiles among TUNE, at --T/--B "
+                   "(default T=1024, B=16); ops/hyperglu_triton.BLOCK holds the choice")
     args = p.parse_args()
+    if args.tune:
+        T, B = args.T or 1024, args.B or 16
+        print(f"tiles by the model, T={T} B={B}, triton {triton.__version__}:")
+        for kernel, (t, cand, regs, stack) in tune(B, T, arch=args.arch).items():
+            print(f"  {kernel}: {fmt_ms(t)} ms with {cand} ({regs} registers, {stack} stack bytes)")
+        return
     shapes = [(args.T, args.B or 1)] if args.T else SHAPES
     t0 = time.time()
     print(f"static cost model: sm_{args.arch}, bf16, triton {triton.__version__}, torch {torch.__version__}; "
