@@ -668,6 +668,33 @@ class KVCache:
         self.n = 0
 
 
+class MuonAdamW:
+    """Muon and AdamW over disjoint parameters (GPT.configure_optimizers), stepped as one optimizer: param_groups
+    lists both optimizers' groups, state_dict holds both states ({"muon": ..., "adamw": ...})."""
+
+    def __init__(self, muon, adamw):
+        self.optimizers = {"muon": muon, "adamw": adamw}
+
+    @property
+    def param_groups(self):  # read anew: load_state_dict replaces an optimizer's group dicts
+        return [g for opt in self.optimizers.values() for g in opt.param_groups]
+
+    def step(self):
+        for opt in self.optimizers.values():
+            opt.step()
+
+    def zero_grad(self, set_to_none=True):
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
+
+    def load_state_dict(self, state):
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state[name])
+
+
 class GPT(nn.Module):
 
     def __init__(self, config):
@@ -757,20 +784,49 @@ class GPT(nn.Module):
                     if mix.d is not None:
                         mix.d = nn.Parameter(mix.d[:, -block_size:])
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW with two groups. No decay: biases, norm weights, HC/mHC static parameters and gate scalars,
-        the op1/op2 diagonals (each module lists these in `no_decay`) and anything below 2-D.
-        Decay: 2-D weights, embeddings, the HyperGLU U/Vt factors and convs, the dynamic HC/mHC projections."""
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer="adamw",
+                             muon_lr=0.02, muon_momentum=0.95):
+        """optimizer="adamw": AdamW with two groups. No decay: biases, norm weights, HC/mHC static parameters and
+        gate scalars, the op1/op2 diagonals (each module lists these in `no_decay`) and anything below 2-D.
+        Decay: 2-D weights, embeddings, the HyperGLU U/Vt factors and convs, the dynamic HC/mHC projections.
+
+        optimizer="muon": torch.optim.Muon (orthogonalized momentum, Newton-Schulz) takes the blocks' hidden
+        matrices: the weight of every nn.Linear inside a Block (softmax's c_attn, HyperGLU/HyperMLP's q, k, v,
+        both attentions' c_proj and gates, the op1/op2 controls, the MLP's c_fc and c_proj). Each maps one
+        activation to another, the case Muon is built for; the split follows nanochat and modded-nanogpt, which
+        give Muon the blocks' matrices and AdamW the rest. AdamW keeps the two groups above for the rest: wte
+        (tied to lm_head, so also the head) and wpe (lookup tables, not maps), norms and biases (1-D), the HC/mHC
+        coefficients (static_alpha/beta, s_*, W_alpha/W_beta, phi, alpha_*, b_*: they make the n x n stream
+        mixing, mHC's projected to doubly stochastic, not activations), HyperGLU's lag-indexed mixers (U, Vt: 3-D
+        (heads, L, rank); d) and the causal convs (3-D depthwise): Muon takes 2-D matrices only, and orthogonalizing
+        a lag or stream coefficient has no meaning. Muon's weight decay is weight_decay, decoupled as AdamW's.
+
+        Every group carries lr_scale: train.py sets group lr = schedule(step) * lr_scale, so all groups follow one
+        schedule shape (warmup, decay to min_lr / learning_rate of their peak). AdamW's groups have lr_scale 1
+        (learning_rate), Muon's muon_lr / learning_rate. Muon steps with torch's defaults: Nesterov, 5 quintic
+        Newton-Schulz steps in bf16 (modded-nanogpt's coefficients), lr scaled by sqrt(max(1, rows/cols))."""
         skip = {id(getattr(m, name)) for m in self.modules() for name in getattr(m, "no_decay", ())
                 if getattr(m, name, None) is not None}  # (static HC has no s_alpha, s_beta)
+        hidden = set()
+        if optimizer == "muon":
+            hidden = {id(m.weight) for m in self.transformer.h.modules() if isinstance(m, nn.Linear)}
         params = {id(p): (n, p) for n, p in self.named_parameters() if p.requires_grad}
-        decay = [p for i, (n, p) in params.items() if p.dim() >= 2 and i not in skip]
-        no_decay = [p for i, (n, p) in params.items() if p.dim() < 2 or i in skip]
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        matrices = [p for i, (n, p) in params.items() if i in hidden]
+        decay = [p for i, (n, p) in params.items() if p.dim() >= 2 and i not in skip and i not in hidden]
+        no_decay = [p for i, (n, p) in params.items() if (p.dim() < 2 or i in skip) and i not in hidden]
+        groups = [{"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
+                  {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
+        if matrices:
+            print(f"num Muon parameter tensors: {len(matrices)}, with {sum(p.numel() for p in matrices):,} parameters")
         print(f"num decayed parameter tensors: {len(decay)}, with {sum(p.numel() for p in decay):,} parameters")
         print(f"num non-decayed parameter tensors: {len(no_decay)}, with {sum(p.numel() for p in no_decay):,} parameters")
         fused = device_type == "cuda"
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+        adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+        if optimizer == "adamw":
+            return adamw
+        muon = torch.optim.Muon([{"params": matrices, "lr_scale": muon_lr / learning_rate}], lr=muon_lr,
+                                weight_decay=weight_decay, momentum=muon_momentum)
+        return MuonAdamW(muon, adamw)
 
     def flops_per_token(self, T=None):
         """Training FLOPs per token (forward + backward = 3x forward) at context T (default block_size): 6 N for

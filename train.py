@@ -81,16 +81,22 @@ bias = False
 attn = "softmax"                 # "softmax" | "hyperglu" | "hypermlp"
 residual = "plain"               # "plain" | "hc" | "mhc"
 pos = "learned"                  # "learned" | "rope" | "none"
-# AdamW
-learning_rate = 6e-4
+# optimizer: AdamW for every parameter, or Muon for the blocks' hidden matrices and AdamW for the rest (model.py
+# GPT.configure_optimizers says which parameter goes where, and why)
+optimizer = "adamw"              # "adamw" | "muon"
+learning_rate = 6e-4             # AdamW's peak lr (with optimizer="muon", of the parameters AdamW keeps)
 max_iters = 5000
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0                  # 0 disables clipping
-# learning-rate schedule: linear warmup, then cosine or linear decay to min_lr
+muon_lr = 0.02                   # Muon's peak lr: nanochat's matrix_lr (modded-nanogpt uses 0.05); schedule as learning_rate
+muon_momentum = 0.95             # Muon's Nesterov momentum (nanochat and modded-nanogpt)
+# learning-rate schedule: linear warmup, then cosine or linear decay to min_lr, or (wsd) constant and then a linear
+# warmdown to min_lr over the last warmdown_frac of lr_decay_iters (modded-nanogpt's cooldown: 0.4, to 0.1x)
 decay_lr = True
-lr_schedule = "cosine"           # "cosine" | "linear"
+lr_schedule = "cosine"           # "cosine" | "linear" | "wsd"
+warmdown_frac = 0.4              # wsd only
 warmup_iters = 100
 lr_decay_iters = None            # None = max_iters
 min_lr = 6e-5
@@ -136,21 +142,24 @@ def fail(msg):
 
 try:
     configure(globals(), config_keys, sys.argv[1:], _types)
-    _checks = [("init_from", ("scratch", "resume")), ("lr_schedule", ("cosine", "linear")),
+    _checks = [("init_from", ("scratch", "resume")), ("lr_schedule", ("cosine", "linear", "wsd")),
+               ("optimizer", ("adamw", "muon")),
                ("data_order", ("random", "sequential")), ("dtype", (None, "float32", "bfloat16", "float16"))]
     for _k, _allowed in _checks:
         if globals()[_k] not in _allowed:
             raise ValueError(f"{_k}={globals()[_k]!r} is not valid; expected one of {list(_allowed)}")
     for _k in ("eval_interval", "log_interval", "eval_iters", "batch_size", "block_size", "gradient_accumulation_steps",
-               "learning_rate") + (("lr_decay_iters",) if lr_decay_iters is not None else ()):
+               "learning_rate", "muon_lr") + (("lr_decay_iters",) if lr_decay_iters is not None else ()):
         if globals()[_k] <= 0:
             raise ValueError(f"{_k}={globals()[_k]} is not valid; expected a positive number")
     for _k in ("max_iters", "warmup_iters", "min_lr", "weight_decay", "grad_clip"):
         if globals()[_k] < 0:
             raise ValueError(f"{_k}={globals()[_k]} is not valid; expected a number >= 0")
-    for _k in ("beta1", "beta2"):
+    for _k in ("beta1", "beta2", "muon_momentum", "warmdown_frac"):
         if not 0 <= globals()[_k] < 1:
             raise ValueError(f"{_k}={globals()[_k]} is not valid; expected 0 <= {_k} < 1")
+    if lr_schedule == "wsd" and warmdown_frac == 0 and decay_lr:
+        raise ValueError("warmdown_frac=0 is not valid with lr_schedule='wsd'; expected 0 < warmdown_frac < 1 (or decay_lr=False)")
 except ValueError as _e:
     fail(_e)
 config = {k: globals()[k] for k in config_keys}
@@ -299,6 +308,8 @@ def resume_differences(ckpt):
     same = lambda k: old[k] == now[k] or (k == "dataset"  # the same folder, however it is written
                                           and os.path.realpath(data_folder(old[k])) == os.path.realpath(data_dir))
     fixed += [f"{k}: {old[k]!r} -> {now[k]!r}" for k in DATA if k in old and not same(k)]
+    if old.get("optimizer", "adamw") != optimizer:  # the optimizer's state is kept (files before it: AdamW)
+        fixed.append(f"optimizer: {old.get('optimizer', 'adamw')!r} -> {optimizer!r}")
     spec = lambda t: {k: v for k, v in t.items() if k != "source"}  # pystdlib's note of the Python it came from
     if spec(ckpt["tokenizer"]) != spec(tokenizer):
         fixed.append(f"tokenizer: {ckpt['tokenizer']['kind']} (vocab {ckpt['tokenizer']['vocab_size']}) -> the "
@@ -346,13 +357,14 @@ model.grad_ckpt = grad_ckpt
 model.to(device)
 log(f"model: {attn} attention, {residual} residual, {model.get_num_params() / 1e6:.2f}M parameters")
 with nullcontext() if master else redirect_stdout(io.StringIO()):  # model.py prints the groups: once, not per rank
-    optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+    optim = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer,
+                                       muon_lr, muon_momentum)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
 start_step, best_val, elapsed0 = 0, float("inf"), 0.0
 if ckpt is not None:
-    fresh = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    optimizer.load_state_dict(ckpt["optimizer"])
-    for group, settings in zip(optimizer.param_groups, fresh):  # the moments are the checkpoint's, the
+    fresh = [{k: v for k, v in group.items() if k != "params"} for group in optim.param_groups]
+    optim.load_state_dict(ckpt["optimizer"])
+    for group, settings in zip(optim.param_groups, fresh):  # the moments are the checkpoint's, the
         group.update(settings)                                   # hyperparameters (weight decay, betas) this command's
     scaler.load_state_dict(ckpt["scaler"])
     start_step, best_val, elapsed0 = ckpt["step"], ckpt["best_val_loss"], ckpt["elapsed_s"]
@@ -449,7 +461,10 @@ def get_lr(it):
         return learning_rate
     if it >= decay_iters:
         return min_lr
-    ratio = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
+    start = decay_iters - round(warmdown_frac * decay_iters) if lr_schedule == "wsd" else warmup_iters
+    if it < start:  # wsd's constant part
+        return learning_rate
+    ratio = (it - start) / max(1, decay_iters - start)
     coeff = 0.5 * (1.0 + math.cos(math.pi * ratio)) if lr_schedule == "cosine" else 1.0 - ratio
     return min_lr + coeff * (learning_rate - min_lr)
 
@@ -529,7 +544,7 @@ def save_checkpoint(paths, step, elapsed):
         states = [rng_state()]
     if not master:
         return
-    state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+    state = {"model": raw_model.state_dict(), "optimizer": optim.state_dict(), "scaler": scaler.state_dict(),
              "model_args": model_args, "config": config, "tokenizer": tokenizer, "step": step,
              "best_val_loss": best_val, "elapsed_s": elapsed, "loader": loader.state(step - start_step), "rng": states}
     for path in paths:
@@ -539,12 +554,21 @@ def save_checkpoint(paths, step, elapsed):
     os.close(dirfd)
 
 
-def git_commit():
+def git(*args):
+    """git's output in this file's repository, or None where git or the repository is missing."""
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                              capture_output=True, text=True, timeout=5).stdout.strip() or "unknown"
+        r = subprocess.run(["git", *args], cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True,
+                           text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return None
+    return r.stdout if r.returncode == 0 else None
+
+
+def git_dirty():
+    """Whether tracked files differ from git_commit (edited, staged, deleted, renamed); None without git.
+    Untracked files (run folders, data, notes) do not count."""
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return None if status is None else bool(status.strip())
 
 
 COLUMNS = ["step", "tokens", "train_loss", "val_loss", "lr", "grad_norm", "ms_per_step", "tok_per_s", "mfu", "elapsed_s",
@@ -553,7 +577,8 @@ metrics_path = os.path.join(out_dir, "metrics.csv")
 if master:
     write_atomic(os.path.join(out_dir, "config.json"), lambda f: json.dump(
         dict(config, model_args=model_args, tokenizer_kind=tokenizer["kind"], world_size=world,
-             tokens_per_step=tokens_per_step, device=device, dtype=dtype, compile=compile, git_commit=git_commit(),
+             tokens_per_step=tokens_per_step, device=device, dtype=dtype, compile=compile,
+             git_commit=(git("rev-parse", "HEAD") or "").strip() or "unknown", git_dirty=git_dirty(),
              torch_version=torch.__version__, python_version=platform.python_version(), argv=sys.argv), f, indent=2))
     if init_from == "scratch" or not os.path.isfile(metrics_path) or os.path.getsize(metrics_path) == 0:
         # a new run (the folder holds no checkpoint): rows of an attempt that never saved one do not carry over
@@ -606,8 +631,8 @@ step, t_start, dt_avg = start_step, time.time() - elapsed0, None
 while step < max_iters:
     t0 = time.time()
     lr = get_lr(step)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    for group in optim.param_groups:  # one schedule shape, scaled to each group's peak (configure_optimizers)
+        group["lr"] = lr * group["lr_scale"]
     loss_sum = torch.zeros((), device=device)
     for micro in range(accum):
         x, y = loader.batch(step - start_step, micro)
@@ -620,11 +645,11 @@ while step < max_iters:
         scaler.scale(loss).backward()
     grad_norm = None
     if grad_clip > 0:
-        scaler.unscale_(optimizer)
+        scaler.unscale_(optim)
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip).item()
-    scaler.step(optimizer)
+    scaler.step(optim)
     scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    optim.zero_grad(set_to_none=True)
     if ddp:
         dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
     train_loss = loss_sum.item()
