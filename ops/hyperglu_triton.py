@@ -49,12 +49,15 @@ from triton.language.extra import libdevice
 
 from ops.launch import Launch, run
 
-# per kernel: tiles BM x BN (BM == BN <= 64), value channels per program for out / dv (DVO) and per step of dy . v
-# (DVC), warps; chosen with scripts/kernel_cost.py --tune. HYPERGLU_BLOCK="BM,DVO,DVC,num_warps" in the environment
-# sets every kernel's.
-BLOCK = dict(stats=dict(BM=64, DVO=128, DVC=64, num_warps=4), out=dict(BM=32, DVO=512, DVC=64, num_warps=4),
-             rows=dict(BM=64, DVO=128, DVC=64, num_warps=4), keys=dict(BM=64, DVO=128, DVC=64, num_warps=4),
-             values=dict(BM=64, DVO=512, DVC=64, num_warps=8), params=dict(BM=64, DVO=128, DVC=64, num_warps=4))
+# per kernel: tiles of BM rows x BN keys (or lags; BN <= BM <= 64), value channels per program for out / dv (DVO) and
+# per step of dy . v (DVC), warps; chosen by scripts/kernel_cost.py --tune (T=1024, B=16, the 12 x 768 model).
+# HYPERGLU_BLOCK="BM,DVO,DVC,num_warps" in the environment sets every kernel's (BN = BM).
+BLOCK = dict(stats=dict(BM=64, BN=64, DVO=128, DVC=64, num_warps=8),
+             out=dict(BM=32, BN=32, DVO=512, DVC=64, num_warps=4),
+             rows=dict(BM=64, BN=64, DVO=128, DVC=64, num_warps=8),
+             keys=dict(BM=32, BN=32, DVO=128, DVC=64, num_warps=4),
+             values=dict(BM=64, BN=64, DVO=512, DVC=64, num_warps=4),
+             params=dict(BM=64, BN=64, DVO=128, DVC=64, num_warps=4))
 if os.environ.get("HYPERGLU_BLOCK"):
     BLOCK = {k: dict(zip(("BM", "DVO", "DVC", "num_warps"), map(int, os.environ["HYPERGLU_BLOCK"].split(","))))
              for k in BLOCK}
@@ -392,7 +395,8 @@ def _dv_step(qg, qs, kg, ks, t, mmask, i0, TK, lw0, pcg, pcs, qc, dyc, S1g, S1s,
 def _fwd_stats(q, k, c1, U1, V1, S1, U2, P1, Q2, NRM, SCR, h, TQ, TK, WP, row0,
                DK: tl.constexpr, DKP: tl.constexpr, R1: tl.constexpr, R1P: tl.constexpr, R2: tl.constexpr,
                R2P: tl.constexpr, GLU: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr, NORM: tl.constexpr,
-               ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, FAST: tl.constexpr, PAD: tl.constexpr):
+               ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, FAST: tl.constexpr,
+               PAD: tl.constexpr):
     rb, bh = tl.program_id(0), tl.program_id(1)
     j, g, s = _heads(bh, h, GLU)
     m, mmask, t, qg, qs = _row_block(q, g, s, rb, TQ, row0, DK, DKP, GLU, BM)
@@ -485,7 +489,9 @@ def _bwd_rows(q, k, v, c1, c2, U1, V1, S1, U2, V2, S2, P1, Q2, DY, COEF, DQ, DC1
               h, TQ, TK, WP, row0, DK: tl.constexpr, DKP: tl.constexpr, DV: tl.constexpr, DVC: tl.constexpr,
               R1: tl.constexpr, R1P: tl.constexpr, R2: tl.constexpr, R2P: tl.constexpr, GLU: tl.constexpr,
               OP1: tl.constexpr, OP2: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-              PREC: tl.constexpr, FAST: tl.constexpr, PAD: tl.constexpr):
+              PREC: tl.constexpr, FAST: tl.constexpr, PAD: tl.constexpr, SWEEP: tl.constexpr):
+    """One of the three sweeps over a row block's keys (SWEEP 1: dQc; 2: dPc; 3: dq), a launch each, so that each
+    holds only its own state; the per-row results go through global memory (DQ2, DP1) between them."""
     rb, bh = tl.program_id(0), tl.program_id(1)
     j, g, s = _heads(bh, h, GLU)
     m, mmask, t, qg, qs = _row_block(q, g, s, rb, TQ, row0, DK, DKP, GLU, BM)
@@ -505,7 +511,9 @@ def _bwd_rows(q, k, v, c1, c2, U1, V1, S1, U2, V2, S2, P1, Q2, DY, COEF, DQ, DC1
         pcg = _coefs(P1, c1, g, m, mmask, TQ, R1, R1P, DT)
         pcs = _coefs(P1, c1, s, m, mmask, TQ, R1, R1P, DT)
     dQ = tl.zeros((BM, R2P), dtype=DT)
-    if OP2:  # sweep 1: dQc = sum_i da2[i] V2[l], da2 = dy . v[i]
+    if OP2 and SWEEP > 1:
+        dQ = _rows(DQ2 + bh * TQ * R2, m, mmask, R2, R2P).to(DT)
+    if OP2 and SWEEP == 1:  # sweep 1: dQc = sum_i da2[i] V2[l], da2 = dy . v[i]
         dQc = tl.zeros((BM, R2P), dtype=ACC)
         for i0 in range(0, lo, BN):
             dQc = _dqc_step(dy, vj, m, mmask, t, i0, TK, t0 - i0 - BN + 1, V2j, scrA, dQc, DV, DVC, R2, R2P, ACC,
@@ -516,10 +524,12 @@ def _bwd_rows(q, k, v, c1, c2, U1, V1, S1, U2, V2, S2, P1, Q2, DY, COEF, DQ, DC1
         c2r = _rows(c2 + bh * TQ * R2, m, mmask, R2, R2P).to(ACC)
         _store_rows(DC2 + bh * TQ * R2, dQc * _rows(Q2 + bh * TQ * R2, m, mmask, R2, R2P), m, mmask, R2, R2P)
         _store_rows(DQ2 + bh * TQ * R2, dQc * c2r, m, mmask, R2, R2P)
-        dQ = (dQc * c2r).to(DT)
     dPg = tl.zeros((BM, R1P), dtype=DT)
     dPs = dPg
-    if OP1:  # sweep 2: dPc_e = sum_i dz1_e[i] V1_e[l]
+    if OP1 and SWEEP == 3:
+        dPg = _rows(DP1 + g * TQ * R1, m, mmask, R1, R1P).to(DT)
+        dPs = _rows(DP1 + s * TQ * R1, m, mmask, R1, R1P).to(DT)
+    if OP1 and SWEEP == 2:  # sweep 2: dPc_e = sum_i dz1_e[i] V1_e[l]
         dPcg = tl.zeros((BM, R1P), dtype=ACC)
         dPcs = dPcg
         for i0 in range(0, lo, BN):
@@ -533,12 +543,24 @@ def _bwd_rows(q, k, v, c1, c2, U1, V1, S1, U2, V2, S2, P1, Q2, DY, COEF, DQ, DC1
         c1g = _rows(c1 + g * TQ * R1, m, mmask, R1, R1P).to(ACC)
         _store_rows(DC1 + g * TQ * R1, dPcg * _rows(P1 + g * TQ * R1, m, mmask, R1, R1P), m, mmask, R1, R1P)
         _store_rows(DP1 + g * TQ * R1, dPcg * c1g, m, mmask, R1, R1P)
-        dPg = (dPcg * c1g).to(DT)
         if GLU:
             c1s = _rows(c1 + s * TQ * R1, m, mmask, R1, R1P).to(ACC)
             _store_rows(DC1 + s * TQ * R1, dPcs * _rows(P1 + s * TQ * R1, m, mmask, R1, R1P), m, mmask, R1, R1P)
             _store_rows(DP1 + s * TQ * R1, dPcs * c1s, m, mmask, R1, R1P)
-            dPs = (dPcs * c1s).to(DT)
+    if SWEEP == 3:
+        _dq_sweep(qg, qs, kg, ks, dy, vj, m, mmask, t, t0, lo, hi, TK, pcg, pcs, dQ, dPg, dPs, coef, S1g, S1s, U1g,
+                  U1s, V1g, V1s, S2j, U2j, scrB, DQ, g, s, TQ, DK, DKP, DV, DVC, R1, R1P, R2, R2P, GLU, OP1, OP2, ACC, BM, BN,
+                  PREC, FAST)
+
+
+@triton.jit
+def _dq_sweep(qg, qs, kg, ks, dy, vj, m, mmask, t, t0, lo, hi, TK, pcg, pcs, dQ, dPg, dPs, coef, S1g, S1s, U1g, U1s,
+              V1g, V1s, S2j, U2j, scrB, DQ, g, s, TQ, DK: tl.constexpr, DKP: tl.constexpr, DV: tl.constexpr,
+              DVC: tl.constexpr, R1: tl.constexpr, R1P: tl.constexpr, R2: tl.constexpr, R2P: tl.constexpr,
+              GLU: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr,
+              BN: tl.constexpr, PREC: tl.constexpr, FAST: tl.constexpr):
+    """Sweep 3 of _bwd_rows: dz_e on every tile and dq_e = sum_i dz_e[i] k_e[i]."""
+    DT = qg.dtype
     dqg = tl.zeros((BM, DKP), dtype=ACC)
     dqs = dqg
     for i0 in range(0, lo, BN):  # sweep 3: dz_e and dq_e = sum_i dz_e[i] k_e[i]
@@ -676,9 +698,9 @@ def _bwd_values(q, k, c1, c2, V1, S1, V2, S2, P1, Q2, DY, DV_, SCR, h, TQ, TK, W
 
 @triton.jit
 def _par_step(q, c1, c2, P1, Q2, DY, COEF, DP1, DQ2, kg, ks, vj, g, s, bh, rb, TQ, TK, row0, l0, lg, lmask,
-              S1g, S1s, V1g, V1s, S2j, U2j, scr, gS1g, gS1s, gU1g, gU1s, gV1g, gV1s, gS2, gU2, gV2, DK: tl.constexpr, DKP: tl.constexpr, DV: tl.constexpr,
-              DVC: tl.constexpr, R1: tl.constexpr, R1P: tl.constexpr, R2: tl.constexpr, R2P: tl.constexpr,
-              GLU: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr,
+              S1g, S1s, V1g, V1s, S2j, U2j, scr, gS1g, gS1s, gU1g, gU1s, gV1g, gV1s, gS2, gU2, gV2, DK: tl.constexpr,
+              DKP: tl.constexpr, DV: tl.constexpr, DVC: tl.constexpr, R1: tl.constexpr, R1P: tl.constexpr,
+              R2: tl.constexpr, R2P: tl.constexpr, GLU: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr,
               BN: tl.constexpr, PREC: tl.constexpr, FAST: tl.constexpr, MASK: tl.constexpr):
     """The lag parameters' gradients over the tile of row block rb and this program's lags: z and da2 from the
     2 BN keys the rows meet at those lags, skewed into lag columns; S, U and V are plain vectors here."""
@@ -866,7 +888,7 @@ def plan(B, h, TQ, TK, DK, DV, R1, R2, glu, op1, op2, norm, dtype, row0=0, block
                       **{k: (c[k] if k in ("DVO", "DVC") else v) for k, v in extra.items()})
         return Launch(fn, (n, B * h) + ((nv,) if nv > 1 or "DVO" in extra else ()), tensors,
                       dict(sc, W=W) if kernel == "params" else dict(sc, eps=1e-12) if kernel == "out" else sc,
-                      consts, c["num_warps"], int(os.environ.get("HG_STAGES", 2)), [B * h * nv * per[i] for i in loops], nbytes)
+                      consts, c["num_warps"], 2, [B * h * nv * per[i] for i in loops], nbytes, kernel)
 
     fwd = []
     if op1 or op2 or norm:
@@ -876,16 +898,20 @@ def plan(B, h, TQ, TK, DK, DV, R1, R2, glu, op1, op2, norm, dtype, row0=0, block
     fwd.append(launch("out", _fwd_out, dict(q=X, k=X, v=X, c1=X, c2=X, V1=X, S1=f, V2=X, S2=f, P1=f, Q2=f, NRM=f,
                                             OUT=X, SCR=X), "rows", [0, 1],
                       qkv + rowvec + par + B * h * TQ * DV * size, DV=DV, DVO=0, NORM=norm))
-    bwd = [launch("rows", _bwd_rows, dict(q=X, k=X, v=X, c1=X, c2=X, U1=X, V1=X, S1=f, U2=X, V2=X, S2=f, P1=f, Q2=f,
-                                          DY=X, COEF=f, DQ=f, DC1=f, DC2=f, DP1=f, DQ2=f, SCR=X), "rows",
-                  [0, 1] * (int(op2) + int(op1) + 1),
-                  qkv + 3 * rowvec + par + B * h * TQ * (DV * size + fsize) + B * H1 * TQ * DK * fsize, DV=DV, DVC=0),
-           launch("keys", _bwd_keys, dict(q=X, k=X, v=X, c1=X, U1=X, V1=X, S1=f, U2=X, S2=f, P1=f, DY=X, COEF=f,
+    rows = dict(q=X, k=X, v=X, c1=X, c2=X, U1=X, V1=X, S1=f, U2=X, V2=X, S2=f, P1=f, Q2=f, DY=X, COEF=f, DQ=f, DC1=f,
+                DC2=f, DP1=f, DQ2=f, SCR=X)
+    bwd = [launch("rows", _bwd_rows, rows, "rows", [0, 1], B * (h * TQ * DV * size + h * TK * DV * size + 2 * h * TQ *
+                                                               R2 * fsize), DV=DV, DVC=0, SWEEP=sweep)
+           for sweep, on in ((1, op2), (2, op1)) if on]
+    bwd += [launch("rows", _bwd_rows, rows, "rows", [0, 1],
+                   qkv + 3 * rowvec + par + B * h * TQ * (DV * size + fsize) + B * H1 * TQ * DK * fsize, DV=DV, DVC=0,
+                   SWEEP=3),
+            launch("keys", _bwd_keys, dict(q=X, k=X, v=X, c1=X, U1=X, V1=X, S1=f, U2=X, S2=f, P1=f, DY=X, COEF=f,
                                           DP1=f, DQ2=f, DK_=f, SCR=X), "keys", [0, 1],
-                  qkv + 2 * rowvec + par + B * h * TQ * DV * size + B * H1 * TK * DK * fsize, DV=DV, DVC=0),
-           launch("values", _bwd_values, dict(q=X, k=X, c1=X, c2=X, V1=X, S1=f, V2=X, S2=f, P1=f, Q2=f, DY=X, DV_=f,
-                                              SCR=X), "keys", [0, 1],
-                  qkv + rowvec + par + B * h * TQ * DV * size + B * h * TK * DV * fsize, DV=DV, DVO=0)]
+                   qkv + 2 * rowvec + par + B * h * TQ * DV * size + B * H1 * TK * DK * fsize, DV=DV, DVC=0),
+             launch("values", _bwd_values, dict(q=X, k=X, c1=X, c2=X, V1=X, S1=f, V2=X, S2=f, P1=f, Q2=f, DY=X,
+                                               DV_=f, SCR=X), "keys", [0, 1],
+                   qkv + rowvec + par + B * h * TQ * DV * size + B * h * TK * DV * fsize, DV=DV, DVO=0)]
     if op1 or op2:
         bwd.append(launch("params", _bwd_params, dict(q=X, k=X, v=X, c1=X, c2=X, U1=X, V1=X, S1=f, U2=X, V2=X, S2=f,
                                                       P1=f, Q2=f, DY=X, COEF=f, DP1=f, DQ2=f, SCR=X, DU1=f, DV1=f,

@@ -20,10 +20,12 @@ class Launch:
     num_stages: int = 2
     loops: list = field(default_factory=list)  # body executions of each runtime loop over the grid, program order
     hbm_bytes: int = 0              # compulsory global traffic
+    block: str = ""                 # the op's name for this launch's tile choice
 
     @property
     def name(self):
-        return self.fn.__name__
+        sweep = self.consts.get("SWEEP")
+        return self.fn.__name__ + (f"/{sweep}" if sweep is not None else "")
 
     def programs(self):
         n = 1
