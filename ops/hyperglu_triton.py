@@ -549,8 +549,8 @@ def _bwd_rows(q, k, v, c1, c2, U1, V1, S1, U2, V2, S2, P1, Q2, DY, COEF, DQ, DC1
             _store_rows(DP1 + s * TQ * R1, dPcs * c1s, m, mmask, R1, R1P)
     if SWEEP == 3:
         _dq_sweep(qg, qs, kg, ks, dy, vj, m, mmask, t, t0, lo, hi, TK, pcg, pcs, dQ, dPg, dPs, coef, S1g, S1s, U1g,
-                  U1s, V1g, V1s, S2j, U2j, scrB, DQ, g, s, TQ, DK, DKP, DV, DVC, R1, R1P, R2, R2P, GLU, OP1, OP2, ACC, BM, BN,
-                  PREC, FAST)
+                  U1s, V1g, V1s, S2j, U2j, scrB, DQ, g, s, TQ, DK, DKP, DV, DVC, R1, R1P, R2, R2P, GLU, OP1, OP2, ACC,
+                  BM, BN, PREC, FAST)
 
 
 @triton.jit
@@ -700,8 +700,9 @@ def _bwd_values(q, k, c1, c2, V1, S1, V2, S2, P1, Q2, DY, DV_, SCR, h, TQ, TK, W
 def _par_step(q, c1, c2, P1, Q2, DY, COEF, DP1, DQ2, kg, ks, vj, g, s, bh, rb, TQ, TK, row0, l0, lg, lmask,
               S1g, S1s, V1g, V1s, S2j, U2j, scr, gS1g, gS1s, gU1g, gU1s, gV1g, gV1s, gS2, gU2, gV2, DK: tl.constexpr,
               DKP: tl.constexpr, DV: tl.constexpr, DVC: tl.constexpr, R1: tl.constexpr, R1P: tl.constexpr,
-              R2: tl.constexpr, R2P: tl.constexpr, GLU: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr,
-              BN: tl.constexpr, PREC: tl.constexpr, FAST: tl.constexpr, MASK: tl.constexpr):
+              R2: tl.constexpr, R2P: tl.constexpr, GLU: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr,
+              ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, FAST: tl.constexpr,
+              MASK: tl.constexpr):
     """The lag parameters' gradients over the tile of row block rb and this program's lags: z and da2 from the
     2 BN keys the rows meet at those lags, skewed into lag columns; S, U and V are plain vectors here."""
     DT = q.dtype.element_ty
