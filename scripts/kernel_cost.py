@@ -267,11 +267,12 @@ def hyperglu_shape(T, n_layer=12, n_embd=768):
     return h, cfg.qk_rank // (2 * h), (cfg.vo_rank or n_embd) // h, cfg.op1_rank, cfg.op2_rank
 
 
-def flash_cost(B, T, H=12, D=64, dtype=torch.bfloat16, arch=90):
-    """The flash baseline at its cheapest tile configuration by this model."""
+def flash_cost(B, T, H=12, D=64, dtype=torch.bfloat16, arch=90, configs=None):
+    """The flash baseline at the cheapest of its tile configurations by this model (default: CONFIGS[0], which
+    --tune shows is the cheapest of them)."""
     from scripts import flash_baseline
     best = None
-    for cfg in flash_baseline.CONFIGS:
+    for cfg in configs or flash_baseline.CONFIGS[:1]:
         fwd, bwd = flash_baseline.plan(B, H, T, D, dtype, cfg)
         c = total(fwd + bwd, arch)
         if best is None or c["est_s"] < best["est_s"]:
@@ -385,6 +386,10 @@ def main():
     args = p.parse_args()
     if args.tune:
         T, B = args.T or 1024, args.B or 16
+        from scripts import flash_baseline
+        fl = flash_cost(B, T, arch=args.arch, configs=flash_baseline.CONFIGS)
+        print(f"flash baseline, T={T} B={B}: {fmt_ms(fl['est_s'])} ms with {fl['cfg']} "
+              f"(CONFIGS[0] is {flash_baseline.CONFIGS[0]})")
         print(f"tiles by the model, T={T} B={B}, triton {triton.__version__}:")
         for kernel, (t, cand, regs, stack) in tune(B, T, arch=args.arch).items():
             print(f"  {kernel}: {fmt_ms(t)} ms with {cand} ({regs} registers, {stack} stack bytes)")
