@@ -63,6 +63,12 @@ def _pad(n):
     return triton.next_power_of_2(n)
 
 
+def _link(x):
+    """The pre ops' link output: x's shape, one zero in memory (an expanded scalar), so it costs nothing; autograd
+    hands its gradient, dH' from post, to the pre op's backward."""
+    return x.new_zeros(()).expand(x.shape)
+
+
 def _groups(n):
     """mHC's projection in groups of NP columns: 0 pre, 1 post, 2 + i row i of res, padded so that G NP >= 16."""
     return max(triton.next_power_of_2(n + 2), 16 // _pad(n))
@@ -226,11 +232,12 @@ def _mhc_pre_fwd(x_ptr, phi_ptr, a_ptr, b_ptr, u_ptr, res_ptr, post_ptr, z_ptr, 
 
 
 @triton.jit
-def _mhc_pre_bwd(x_ptr, phi_ptr, a_ptr, b_ptr, z_ptr, r_ptr, gu_ptr, gres_ptr, gpost_ptr, gx_ptr, gact_ptr, ws_ptr,
-                 N, C, iters, n: tl.constexpr, NP: tl.constexpr, G: tl.constexpr, BT: tl.constexpr,
+def _mhc_pre_bwd(x_ptr, phi_ptr, a_ptr, b_ptr, z_ptr, r_ptr, gu_ptr, gres_ptr, gpost_ptr, res_ptr, go_ptr, gx_ptr,
+                 gact_ptr, ws_ptr, N, C, iters, n: tl.constexpr, NP: tl.constexpr, G: tl.constexpr, BT: tl.constexpr,
                  BC: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
-    """Per BT tokens: d act (BT, K) (the gradient of alpha r z + b, written for the weights' sums) and
-    dx = pre_j du + (r d h) phi^T - (r^3 / D)(d h . z) x, with d h = alpha d act."""
+    """Per BT tokens: d act (BT, K) (the gradient of alpha r z + b, written for the weights' sums) and the whole
+    dx_j = sum_i H_res[i, j] dH'_i (post's part, from go = dH') + pre_j du + (r d h) phi^T - (r^3 / D)(d h . z) x_j,
+    with d h = alpha d act: x's two gradients summed here, in one pass, rather than by autograd."""
     K = n * n + 2 * n
     D = n * C
     t = tl.program_id(0) * BT + tl.arange(0, BT)
@@ -267,16 +274,22 @@ def _mhc_pre_bwd(x_ptr, phi_ptr, a_ptr, b_ptr, z_ptr, r_ptr, gu_ptr, gres_ptr, g
     p = tl.arange(0, G * NP)
     pk = (p // NP) * n + p % NP
     pm = (p % NP < n) & (p // NP < n + 2)
+    W = tl.load(res_ptr + t64[:, None, None] * (n * n) + i3 * n + j3, mask=tm[:, None, None] & (i3 < n) & (j3 < n),
+                other=0.0).to(ACC)
     for c0 in range(0, C, BC):
         cc = c0 + c
         cm = cc < C
         m = tm[:, None] & cm[None, :]
+        c3 = cc[None, None, :]
         gu = tl.load(gu_ptr + t64[:, None] * C + cc[None, :], mask=m, other=0.0).to(ACC)
+        go = tl.load(go_ptr + t64[:, None, None] * D + i3 * C + c3, mask=tm[:, None, None] & (i3 < n) & (c3 < C),
+                     other=0.0).to(ACC)
         for j in tl.static_range(n):
             xj = tl.load(x_ptr + t64[:, None] * D + j * C + cc[None, :], mask=m, other=0.0).to(ACC)
             phT = tl.load(phi_ptr + (j * C + cc)[None, :] * K + pk[:, None], mask=pm[:, None] & cm[None, :],
                           other=0.0).to(ACC)
             gx = tl.dot(gz, phT, input_precision=PREC) - xr[:, None] * xj + _col(pre, j, NP)[:, None] * gu
+            gx += tl.sum(_col3(W, j, NP)[:, :, None] * go, axis=1)
             tl.store(gx_ptr + t64[:, None] * D + j * C + cc[None, :], gx.to(gx_ptr.dtype.element_ty), mask=m)
 
 
@@ -358,12 +371,13 @@ def _hc_pre_fwd(x_ptr, gw_ptr, cw_ptr, bw_ptr, s_ptr, sc_ptr, u_ptr, res_ptr, po
 
 
 @triton.jit
-def _hc_pre_bwd(x_ptr, gw_ptr, cw_ptr, bw_ptr, s_ptr, sc_ptr, d_ptr, st_ptr, gu_ptr, gres_ptr, gpost_ptr,
-                gx_ptr, gcoef_ptr, gd_ptr, N, C, n: tl.constexpr, NP: tl.constexpr, KP: tl.constexpr,
+def _hc_pre_bwd(x_ptr, gw_ptr, cw_ptr, bw_ptr, s_ptr, sc_ptr, d_ptr, st_ptr, gu_ptr, gres_ptr, gpost_ptr, res_ptr,
+                go_ptr, gx_ptr, gcoef_ptr, gd_ptr, N, C, w_stride, n: tl.constexpr, NP: tl.constexpr, KP: tl.constexpr,
                 BT: tl.constexpr, BC: tl.constexpr, DYNAMIC: tl.constexpr, LN: tl.constexpr, HAS_B: tl.constexpr,
                 TANH: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     """Per rows (token, stream): d A_m = du . x_i, the gradient of the coefficients d coef (rows, n+2) and of d,
-    written for the weights' sums (static HC: d A_m (N, n)), and dx_i = A_m[i] du + the norm-projection backward
+    written for the weights' sums (static HC: d A_m (N, n)), and the whole dx_i = sum_a A_r^T[a, i] dH'_a (post's
+    part, from go = dH'; w_stride 0 for the shared static A_r^T) + A_m[i] du + the norm-projection backward
     (ops.streams.np_backward's formula): (r dd) gW^T - r m1 + r^2 m2 (mu - x), m1 = dd . colsum(gW) / C,
     m2 = dd . (d - bW) / C."""
     K = n + 2
@@ -419,11 +433,18 @@ def _hc_pre_bwd(x_ptr, gw_ptr, cw_ptr, bw_ptr, s_ptr, sc_ptr, d_ptr, st_ptr, gu_
     else:
         w_in = tl.load(s_ptr + i, mask=i < n, other=0.0).to(ACC)
         tl.store(gcoef_ptr + row, gwin, mask=rm)
+    a2 = tl.arange(0, NP)[None, :]
+    wcol = tl.load(res_ptr + t64[:, None] * w_stride + a2 * n + i[:, None], mask=rm[:, None] & (a2 < n),
+                   other=0.0).to(ACC)  # A_r^T[t, a, i] over a: what row (t, i) receives from each dH'_a
     for c0 in range(0, C, BC):
         cc = c0 + c
         cm = cc < C
         m = rm[:, None] & cm[None, :]
+        c3 = cc[None, None, :]
+        go = tl.load(go_ptr + t64[:, None, None] * (n * C) + a2[:, :, None] * C + c3,
+                     mask=rm[:, None, None] & (a2[:, :, None] < n) & (c3 < C), other=0.0).to(ACC)
         gx = w_in[:, None] * tl.load(gu_ptr + t64[:, None] * C + cc[None, :], mask=m, other=0.0).to(ACC)
+        gx += tl.sum(wcol[:, :, None] * go, axis=1)
         if DYNAMIC:
             xt = tl.load(xrow[:, None] + cc[None, :], mask=m, other=0.0).to(ACC)
             wT = tl.load(gw_ptr + cc[None, :] * K + k[:, None], mask=km[:, None] & cm[None, :], other=0.0).to(ACC)
@@ -461,10 +482,10 @@ def _post_fwd(x_ptr, w_ptr, p_ptr, y_ptr, o_ptr, N, C, w_stride, p_stride, n: tl
 
 
 @triton.jit
-def _post_bwd(x_ptr, w_ptr, p_ptr, y_ptr, go_ptr, gx_ptr, gw_ptr, gp_ptr, gy_ptr, N, C, w_stride, p_stride,
+def _post_bwd(x_ptr, p_ptr, y_ptr, go_ptr, gw_ptr, gp_ptr, gy_ptr, N, C, p_stride,
               n: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
-    """dx_j = sum_i w_res[i, j] dH'_i, dy = sum_i post_i dH'_i, and per token d w_res[i, j] = dH'_i . x_j,
-    d post_i = dH'_i . y."""
+    """dy = sum_i post_i dH'_i, and per token d w_res[i, j] = dH'_i . x_j, d post_i = dH'_i . y. (dx_j = sum_i
+    w_res[i, j] dH'_i is added by the pre kernel's backward, which writes x's whole gradient.)"""
     t = tl.program_id(0) * BT + tl.arange(0, BT)
     tm = t < N
     t64 = t.to(tl.int64)
@@ -473,7 +494,6 @@ def _post_bwd(x_ptr, w_ptr, p_ptr, y_ptr, go_ptr, gx_ptr, gw_ptr, gp_ptr, gy_ptr
     i3 = tl.arange(0, NP)[None, :, None]
     j3 = tl.arange(0, NP)[None, None, :]
     wm = tm[:, None, None] & (i3 < n) & (j3 < n)
-    W = tl.load(w_ptr + t64[:, None, None] * w_stride + i3 * n + j3, mask=wm, other=0.0).to(ACC)
     P = tl.load(p_ptr + t64[:, None] * p_stride + i2, mask=tm[:, None] & (i2 < n), other=0.0).to(ACC)
     gW = tl.zeros((BT, NP, NP), dtype=ACC)
     gP = tl.zeros((BT, NP), dtype=ACC)
@@ -490,8 +510,6 @@ def _post_bwd(x_ptr, w_ptr, p_ptr, y_ptr, go_ptr, gx_ptr, gw_ptr, gp_ptr, gy_ptr
         for j in tl.static_range(n):
             xj = tl.load(x_ptr + t64[:, None] * (n * C) + j * C + cc[None, :], mask=m, other=0.0).to(ACC)
             gW += tl.where(j3 == j, tl.sum(G * xj[:, None, :], axis=2)[:, :, None], 0.0)
-            gxj = tl.sum(_col3(W, j, NP)[:, :, None] * G, axis=1)
-            tl.store(gx_ptr + t64[:, None] * (n * C) + j * C + cc[None, :], gxj.to(gx_ptr.dtype.element_ty), mask=m)
     tl.store(gw_ptr + t64[:, None, None] * (n * n) + i3 * n + j3, gW, mask=wm)
     tl.store(gp_ptr + t64[:, None] * n + i2, gP, mask=tm[:, None] & (i2 < n))
 
@@ -504,9 +522,10 @@ def _mhc_grid(N):
 
 @torch.library.custom_op("hc_streams::mhc_pre", mutates_args=())
 def mhc_pre(x: Tensor, phi: Tensor, a: Tensor, b: Tensor, iters: int, eps: float
-            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """mHC before the sublayer: x (N,n,C), phi (nC, n^2+2n), a = (alpha_pre, alpha_post, alpha_res), b = [b_pre |
-    b_post | vec(b_res)] -> u (N,C), H_res (N,n,n), H_post (N,n), and z (N,K), r (N,) for the backward."""
+    b_post | vec(b_res)] -> u (N,C), H_res (N,n,n), H_post (N,n), z (N,K), r (N,) for the backward, and link, an
+    unwritten (N,n,C) tensor for post: its gradient is post's dH', with which this op's backward writes all of dx."""
     x = x.contiguous()
     N, n, C = x.shape
     acc = _acc(x.dtype)
@@ -515,7 +534,7 @@ def mhc_pre(x: Tensor, phi: Tensor, a: Tensor, b: Tensor, iters: int, eps: float
     z, r = x.new_empty(N, n * n + 2 * n, dtype=acc), x.new_empty(N, dtype=acc)
     _mhc_pre_fwd[_mhc_grid(N)](x, phi.contiguous(), a, b, u, res, post, z, r, N, C, eps, iters, n=n, NP=_pad(n),
                                G=_groups(n), BT=MHC_TOKENS, BC=_chunk(C), ACC=_tl(x.dtype), PREC=_prec(x), num_warps=WARPS)
-    return u, res, post, z, r
+    return u, res, post, z, r, _link(x)
 
 
 @mhc_pre.register_fake
@@ -523,13 +542,14 @@ def _(x, phi, a, b, iters, eps):
     N, n, C = x.shape
     acc = _acc(x.dtype)
     return (x.new_empty(N, C), x.new_empty(N, n, n, dtype=acc), x.new_empty(N, n, dtype=acc),
-            x.new_empty(N, n * n + 2 * n, dtype=acc), x.new_empty(N, dtype=acc))
+            x.new_empty(N, n * n + 2 * n, dtype=acc), x.new_empty(N, dtype=acc), _link(x))
 
 
 @torch.library.custom_op("hc_streams::mhc_pre_bwd", mutates_args=())
 def mhc_pre_bwd(x: Tensor, phi: Tensor, a: Tensor, b: Tensor, z: Tensor, r: Tensor, gu: Tensor, gres: Tensor,
-                gpost: Tensor, iters: int) -> tuple[Tensor, Tensor]:
-    """-> dx (N,n,C) through pre (u and the coefficients) and d act (N,K), the gradient of alpha r z + b."""
+                gpost: Tensor, res: Tensor, go: Tensor, iters: int) -> tuple[Tensor, Tensor]:
+    """-> dx (N,n,C), through pre (u and the coefficients) and through post (H_res^T go, go = dH'), and d act (N,K),
+    the gradient of alpha r z + b."""
     x = x.contiguous()
     N, n, C = x.shape
     NP = _pad(n)
@@ -537,27 +557,29 @@ def mhc_pre_bwd(x: Tensor, phi: Tensor, a: Tensor, b: Tensor, z: Tensor, r: Tens
     gact = torch.empty_like(z)
     ws = x.new_empty(N, 2 * iters, NP, NP, dtype=z.dtype)
     _mhc_pre_bwd[_mhc_grid(N)](x, phi.contiguous(), a, b, z, r, gu.contiguous(), gres.contiguous(),
-                               gpost.contiguous(), gx, gact, ws, N, C, iters, n=n, NP=NP, G=_groups(n),
-                               BT=MHC_TOKENS, BC=_chunk(C), ACC=_tl(x.dtype), PREC=_prec(x), num_warps=WARPS)
+                               gpost.contiguous(), res.contiguous(), go.contiguous(), gx, gact, ws, N, C, iters, n=n,
+                               NP=NP, G=_groups(n), BT=MHC_TOKENS, BC=_chunk(C), ACC=_tl(x.dtype), PREC=_prec(x),
+                               num_warps=WARPS)
     return gx, gact
 
 
 @mhc_pre_bwd.register_fake
-def _(x, phi, a, b, z, r, gu, gres, gpost, iters):
+def _(x, phi, a, b, z, r, gu, gres, gpost, res, go, iters):
     return torch.empty_like(x), torch.empty_like(z)
 
 
 def _mhc_pre_setup(ctx, inputs, output):
     x, phi, a, b, iters, _ = inputs
-    ctx.save_for_backward(x, phi, a, b, output[3], output[4])
+    ctx.save_for_backward(x, phi, a, b, output[3], output[4], output[1])
     ctx.iters = iters
 
 
-def _mhc_pre_backward(ctx, gu, gres, gpost, _gz, _gr):
-    x, phi, a, b, z, r = ctx.saved_tensors
+def _mhc_pre_backward(ctx, gu, gres, gpost, _gz, _gr, glink):
+    x, phi, a, b, z, r, res = ctx.saved_tensors
     N, n, C = x.shape
+    glink = torch.zeros_like(x) if glink is None else glink
     with torch.autocast(x.device.type, enabled=False):
-        gx, gact = mhc_pre_bwd(x, phi, a, b, z, r, gu, gres, gpost, ctx.iters)
+        gx, gact = mhc_pre_bwd(x, phi, a, b, z, r, gu, gres, gpost, res, glink, ctx.iters)
         ah = (gact * (r[:, None] * z)).sum(0)                       # d alpha: per group sums of d act . h
         ga = torch.stack([ah[:n].sum(), ah[n:2 * n].sum(), ah[2 * n:].sum()])
         acol = torch.cat([a[0].expand(n), a[1].expand(n), a[2].expand(n * n)])
@@ -575,10 +597,11 @@ def _hc_blocks(n):
 
 @torch.library.custom_op("hc_streams::hc_pre", mutates_args=())
 def hc_pre(x: Tensor, gw: Tensor, cw: Optional[Tensor], bw: Optional[Tensor], s: Tensor, sc: Tensor, tanh: bool,
-           eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+           eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Dynamic HC before the sublayer: x (N,n,C), gW = diag(g) [W_alpha | W_beta] (C, n+2), cW = colsum(gW)
     (LayerNorm; None for RMSNorm), bW = b W (None without a norm bias), s = [static_alpha | static_beta] (n, n+2),
-    sc = (s_alpha x (n+1), s_beta) -> u (N,C), A_r^T (N,n,n), B (N,n), and d (N,n,n+2), (r, mu) (N,n,2)."""
+    sc = (s_alpha x (n+1), s_beta) -> u (N,C), A_r^T (N,n,n), B (N,n), d (N,n,n+2), (r, mu) (N,n,2), and link
+    (see mhc_pre)."""
     x = x.contiguous()
     N, n, C = x.shape
     acc = _acc(x.dtype)
@@ -590,7 +613,7 @@ def hc_pre(x: Tensor, gw: Tensor, cw: Optional[Tensor], bw: Optional[Tensor], s:
         x, gw.contiguous(), x if cw is None else cw, x if bw is None else bw, s.contiguous(), sc, u, res, post, d, st,
         N, C, eps, n=n, NP=NP, KP=max(16, triton.next_power_of_2(n + 2)), BT=BT, BC=_chunk(C), DYNAMIC=True,
         LN=cw is not None, HAS_B=bw is not None, TANH=tanh, ACC=_tl(x.dtype), PREC=_prec(x), num_warps=WARPS)
-    return u, res, post, d, st
+    return u, res, post, d, st, _link(x)
 
 
 @hc_pre.register_fake
@@ -598,41 +621,43 @@ def _(x, gw, cw, bw, s, sc, tanh, eps):
     N, n, C = x.shape
     acc = _acc(x.dtype)
     return (x.new_empty(N, C), x.new_empty(N, n, n, dtype=acc), x.new_empty(N, n, dtype=acc),
-            x.new_empty(N, n, n + 2, dtype=acc), x.new_empty(N, n, 2, dtype=acc))
+            x.new_empty(N, n, n + 2, dtype=acc), x.new_empty(N, n, 2, dtype=acc), _link(x))
 
 
 @torch.library.custom_op("hc_streams::hc_pre_bwd", mutates_args=())
 def hc_pre_bwd(x: Tensor, gw: Tensor, cw: Optional[Tensor], bw: Optional[Tensor], s: Tensor, sc: Tensor, d: Tensor,
-               st: Tensor, gu: Tensor, gres: Tensor, gpost: Tensor, tanh: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """-> dx (N,n,C) through pre, d coef and d d (N,n,n+2) for the weights' sums."""
+               st: Tensor, gu: Tensor, gres: Tensor, gpost: Tensor, res: Tensor, go: Tensor, tanh: bool
+               ) -> tuple[Tensor, Tensor, Tensor]:
+    """-> dx (N,n,C) through pre and post (A_r go, go = dH'), d coef and d d (N,n,n+2) for the weights' sums."""
     x = x.contiguous()
     N, n, C = x.shape
     NP, BT = _hc_blocks(n)
     gx, gcoef, gd = torch.empty_like(x), torch.empty_like(d), torch.empty_like(d)
     _hc_pre_bwd[(triton.cdiv(N, BT),)](
         x, gw.contiguous(), x if cw is None else cw, x if bw is None else bw, s.contiguous(), sc, d, st,
-        gu.contiguous(), gres.contiguous(), gpost.contiguous(), gx, gcoef, gd, N, C, n=n, NP=NP,
-        KP=max(16, triton.next_power_of_2(n + 2)), BT=BT, BC=_chunk(C), DYNAMIC=True, LN=cw is not None,
-        HAS_B=bw is not None, TANH=tanh, ACC=_tl(x.dtype), PREC=_prec(x), num_warps=WARPS)
+        gu.contiguous(), gres.contiguous(), gpost.contiguous(), res.contiguous(), go.contiguous(), gx, gcoef, gd,
+        N, C, n * n, n=n, NP=NP, KP=max(16, triton.next_power_of_2(n + 2)), BT=BT, BC=_chunk(C), DYNAMIC=True,
+        LN=cw is not None, HAS_B=bw is not None, TANH=tanh, ACC=_tl(x.dtype), PREC=_prec(x), num_warps=WARPS)
     return gx, gcoef, gd
 
 
 @hc_pre_bwd.register_fake
-def _(x, gw, cw, bw, s, sc, d, st, gu, gres, gpost, tanh):
+def _(x, gw, cw, bw, s, sc, d, st, gu, gres, gpost, res, go, tanh):
     return torch.empty_like(x), torch.empty_like(d), torch.empty_like(d)
 
 
 def _hc_pre_setup(ctx, inputs, output):
     x, gw, cw, bw, s, sc, tanh, _ = inputs
-    ctx.save_for_backward(x, gw, cw, bw, s, sc, output[3], output[4])
+    ctx.save_for_backward(x, gw, cw, bw, s, sc, output[3], output[4], output[1])
     ctx.tanh = tanh
 
 
-def _hc_pre_backward(ctx, gu, gres, gpost, _gd, _gst):
-    x, gw, cw, bw, s, sc, d, st = ctx.saved_tensors
+def _hc_pre_backward(ctx, gu, gres, gpost, _gd, _gst, glink):
+    x, gw, cw, bw, s, sc, d, st, res = ctx.saved_tensors
     N, n, C = x.shape
+    glink = torch.zeros_like(x) if glink is None else glink
     with torch.autocast(x.device.type, enabled=False):
-        gx, gcoef, gd = hc_pre_bwd(x, gw, cw, bw, s, sc, d, st, gu, gres, gpost, ctx.tanh)
+        gx, gcoef, gd = hc_pre_bwd(x, gw, cw, bw, s, sc, d, st, gu, gres, gpost, res, glink, ctx.tanh)
         tt = torch.tanh(d) if ctx.tanh else d
         r, mu = st[..., 0:1], st[..., 1:2]
         ggw = x.reshape(N * n, C).T.to(gd.dtype) @ (r * gd).reshape(N * n, n + 2)   # one GEMM over the rows
@@ -646,8 +671,9 @@ hc_pre.register_autograd(_hc_pre_backward, setup_context=_hc_pre_setup)
 
 
 @torch.library.custom_op("hc_streams::static_pre", mutates_args=())
-def static_pre(x: Tensor, w_in: Tensor) -> Tensor:
-    """Static HC before the sublayer: u = sum_i A_m[i] x_i for x (N,n,C), A_m (n,)."""
+def static_pre(x: Tensor, w_in: Tensor, w_res: Tensor) -> tuple[Tensor, Tensor]:
+    """Static HC before the sublayer: u = sum_i A_m[i] x_i for x (N,n,C), A_m (n,), and link (see mhc_pre); A_r^T
+    (n,n) is taken for the backward, which writes post's part of dx too."""
     x = x.contiguous()
     N, n, C = x.shape
     NP, BT = _hc_blocks(n)
@@ -655,29 +681,30 @@ def static_pre(x: Tensor, w_in: Tensor) -> Tensor:
     _hc_pre_fwd[(triton.cdiv(N, BT),)](
         x, x, x, x, w_in.contiguous(), x, u, x, x, x, x, N, C, 0.0, n=n, NP=NP, KP=16, BT=BT, BC=_chunk(C),
         DYNAMIC=False, LN=False, HAS_B=False, TANH=False, ACC=_tl(x.dtype), PREC=_prec(x), num_warps=WARPS)
-    return u
+    return u, _link(x)
 
 
 @static_pre.register_fake
-def _(x, w_in):
-    return x.new_empty(x.shape[0], x.shape[2])
+def _(x, w_in, w_res):
+    return x.new_empty(x.shape[0], x.shape[2]), _link(x)
 
 
 @torch.library.custom_op("hc_streams::static_pre_bwd", mutates_args=())
-def static_pre_bwd(x: Tensor, w_in: Tensor, gu: Tensor) -> tuple[Tensor, Tensor]:
-    """-> dx_i = A_m[i] du (N,n,C) and the per-token d A_m (N,n)."""
+def static_pre_bwd(x: Tensor, w_in: Tensor, w_res: Tensor, gu: Tensor, go: Tensor) -> tuple[Tensor, Tensor]:
+    """-> dx_i = A_m[i] du + sum_a A_r^T[a, i] dH'_a (N,n,C) and the per-token d A_m (N,n)."""
     x = x.contiguous()
     N, n, C = x.shape
     NP, BT = _hc_blocks(n)
     gx, gw = torch.empty_like(x), x.new_empty(N, n, dtype=_acc(x.dtype))
     _hc_pre_bwd[(triton.cdiv(N, BT),)](
-        x, x, x, x, w_in.contiguous(), x, x, x, gu.contiguous(), x, x, gx, gw, x, N, C, n=n, NP=NP, KP=16, BT=BT,
-        BC=_chunk(C), DYNAMIC=False, LN=False, HAS_B=False, TANH=False, ACC=_tl(x.dtype), PREC=_prec(x), num_warps=WARPS)
+        x, x, x, x, w_in.contiguous(), x, x, x, gu.contiguous(), x, x, w_res.contiguous(), go.contiguous(), gx, gw,
+        x, N, C, 0, n=n, NP=NP, KP=16, BT=BT, BC=_chunk(C), DYNAMIC=False, LN=False, HAS_B=False, TANH=False,
+        ACC=_tl(x.dtype), PREC=_prec(x), num_warps=WARPS)
     return gx, gw
 
 
 @static_pre_bwd.register_fake
-def _(x, w_in, gu):
+def _(x, w_in, w_res, gu, go):
     return torch.empty_like(x), x.new_empty(x.shape[0], x.shape[1], dtype=_acc(x.dtype))
 
 
@@ -685,10 +712,11 @@ def _static_pre_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
-def _static_pre_backward(ctx, gu):
-    x, w_in = ctx.saved_tensors
-    gx, gw = static_pre_bwd(x, w_in, gu)
-    return gx, gw.sum(0).to(w_in.dtype)
+def _static_pre_backward(ctx, gu, glink):
+    x, w_in, w_res = ctx.saved_tensors
+    glink = torch.zeros_like(x) if glink is None else glink
+    gx, gw = static_pre_bwd(x, w_in, w_res, gu, glink)
+    return gx, gw.sum(0).to(w_in.dtype), None  # A_r's gradient is post's
 
 
 static_pre.register_autograd(_static_pre_backward, setup_context=_static_pre_setup)
@@ -700,9 +728,10 @@ def _post_blocks(n):
 
 
 @torch.library.custom_op("hc_streams::post", mutates_args=())
-def post(x: Tensor, w_res: Tensor, w_post: Tensor, y: Tensor) -> Tensor:
+def post(x: Tensor, w_res: Tensor, w_post: Tensor, y: Tensor, link: Tensor) -> Tensor:
     """After the sublayer: H' = w_res x + w_post^T y for x (N,n,C), y (N,C), w_res (N,n,n) and w_post (N,n) per
-    token, or (1,n,n), (1,n) shared (static HC)."""
+    token, or (1,n,n), (1,n) shared (static HC). link is the pre op's: x's gradient through here, w_res^T dH', is
+    written by that op's backward, which receives dH' as link's gradient (this op gives x none)."""
     x = x.contiguous()
     N, n, C = x.shape
     NP, BT = _post_blocks(n)
@@ -715,44 +744,46 @@ def post(x: Tensor, w_res: Tensor, w_post: Tensor, y: Tensor) -> Tensor:
 
 
 @post.register_fake
-def _(x, w_res, w_post, y):
+def _(x, w_res, w_post, y, link):
     return torch.empty_like(x)
 
 
 @torch.library.custom_op("hc_streams::post_bwd", mutates_args=())
-def post_bwd(x: Tensor, w_res: Tensor, w_post: Tensor, y: Tensor, go: Tensor
-             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> dx (N,n,C), per-token d w_res (N,n,n), d w_post (N,n), and dy (N,C) in y's dtype."""
+def post_bwd(x: Tensor, w_post: Tensor, y: Tensor, go: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """-> per-token d w_res (N,n,n), d w_post (N,n), and dy (N,C) in y's dtype."""
     x, y = x.contiguous(), y.contiguous()
     N, n, C = x.shape
     NP, BT = _post_blocks(n)
-    w_res, w_post = w_res.contiguous(), w_post.contiguous()
+    w_post = w_post.contiguous()
     acc = _acc(x.dtype)
-    gx, gy = torch.empty_like(x), torch.empty_like(y)
+    gy = torch.empty_like(y)
     gw, gp = x.new_empty(N, n, n, dtype=acc), x.new_empty(N, n, dtype=acc)
-    _post_bwd[(triton.cdiv(N, BT),)](x, w_res, w_post, y, go.contiguous(), gx, gw, gp, gy, N, C,
-                                      0 if w_res.shape[0] == 1 else n * n, 0 if w_post.shape[0] == 1 else n,
-                                      n=n, NP=NP, BT=BT, BC=_chunk(C), ACC=_tl(x.dtype), num_warps=WARPS)
-    return gx, gw, gp, gy
+    _post_bwd[(triton.cdiv(N, BT),)](x, w_post, y, go.contiguous(), gw, gp, gy, N, C,
+                                      0 if w_post.shape[0] == 1 else n, n=n, NP=NP, BT=BT, BC=_chunk(C),
+                                      ACC=_tl(x.dtype), num_warps=WARPS)
+    return gw, gp, gy
 
 
 @post_bwd.register_fake
-def _(x, w_res, w_post, y, go):
+def _(x, w_post, y, go):
     N, n, _ = x.shape
     acc = _acc(x.dtype)
-    return torch.empty_like(x), x.new_empty(N, n, n, dtype=acc), x.new_empty(N, n, dtype=acc), torch.empty_like(y)
+    return x.new_empty(N, n, n, dtype=acc), x.new_empty(N, n, dtype=acc), torch.empty_like(y)
 
 
 def _post_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    x, w_res, w_post, y, _ = inputs
+    ctx.save_for_backward(x, w_post, y)
+    ctx.shared = w_res.shape[0] == 1
+    ctx.dtypes = (w_res.dtype, w_post.dtype)
 
 
 def _post_backward(ctx, go):
-    x, w_res, w_post, y = ctx.saved_tensors
-    gx, gw, gp, gy = post_bwd(x, w_res, w_post, y, go)
-    if w_res.shape[0] == 1:  # shared (static HC): the sum over tokens
+    x, w_post, y = ctx.saved_tensors
+    gw, gp, gy = post_bwd(x, w_post, y, go)
+    if ctx.shared:  # shared (static HC): the sum over tokens
         gw, gp = gw.sum(0, keepdim=True), gp.sum(0, keepdim=True)
-    return gx, gw.to(w_res.dtype), gp.to(w_post.dtype), gy
+    return None, gw.to(ctx.dtypes[0]), gp.to(ctx.dtypes[1]), gy, go
 
 
 post.register_autograd(_post_backward, setup_context=_post_setup)
@@ -769,19 +800,19 @@ def connect(x, f, kind, params=(), W=None, norm=None, tanh=True, iters=20, stati
     with torch.autocast(x.device.type, enabled=False):  # the coefficients and the stream update in fp32
         if static is not None:
             w_in, w_res, w_post = static
-            u = static_pre(xs, w_in)
+            u, link = static_pre(xs, w_in, w_res)
             w_res, w_post = w_res[None], w_post[None]
         elif kind == "mhc":
             a_pre, a_post, a_res, b_pre, b_post, b_res = params
-            u, w_res, w_post, _, _ = mhc_pre(xs, W, torch.stack([a_pre, a_post, a_res]),
-                                             torch.cat([b_pre, b_post, b_res.flatten()]), iters, norm[3])
+            u, w_res, w_post, _, _, link = mhc_pre(xs, W, torch.stack([a_pre, a_post, a_res]),
+                                                   torch.cat([b_pre, b_post, b_res.flatten()]), iters, norm[3])
         else:
             g, b, rms, eps = norm
             static_alpha, static_beta, s_alpha, s_beta = params
             gw = W if g is None else g[:, None] * W
-            u, w_res, w_post, _, _ = hc_pre(xs, gw, None if rms else gw.sum(0), None if b is None else b @ W,
-                                            torch.cat([static_alpha, static_beta[:, None]], 1),
-                                            torch.cat([s_alpha.expand(n + 1), s_beta.expand(1)]), tanh, eps)
+            u, w_res, w_post, _, _, link = hc_pre(xs, gw, None if rms else gw.sum(0), None if b is None else b @ W,
+                                                  torch.cat([static_alpha, static_beta[:, None]], 1),
+                                                  torch.cat([s_alpha.expand(n + 1), s_beta.expand(1)]), tanh, eps)
     y = f(u.view(B, T, C))
     with torch.autocast(x.device.type, enabled=False):
-        return post(xs, w_res, w_post, y.reshape(N, C)).view(B, T, n, C)
+        return post(xs, w_res, w_post, y.reshape(N, C), link).view(B, T, n, C)

@@ -104,7 +104,7 @@ def test_sinkhorn_in_registers_equals_the_reference_and_is_doubly_stochastic():
     b = torch.cat([torch.zeros(2 * n), (2 * (2 * torch.eye(n) - 1)).flatten()])
     for alpha, col_tol in ((2e-4, 1e-5), (0.1, 5e-3)):
         a = torch.tensor([0.0, 0.0, alpha])
-        _, res, _, z, r = st.mhc_pre(x, phi, a, b, 20, 1e-6)
+        _, res, _, z, r, _ = st.mhc_pre(x, phi, a, b, 20, 1e-6)
         logits = (alpha * r[:, None] * z[:, 2 * n:] + b[2 * n:]).view(-1, n, n)
         assert (res - sinkhorn(logits, 20)).abs().max() < 1e-6
         assert (res.sum(-1) - 1).abs().max() < 1e-5
@@ -178,8 +178,9 @@ def test_custom_ops_pass_opcheck_and_compile_without_graph_breaks():
     cases = [(st.mhc_pre, (x, rnd(n * C, n * n + 2 * n), rnd(3), rnd(n * n + 2 * n), 20, 1e-6)),
              (st.hc_pre, (x, rnd(C, n + 2), rnd(n + 2), rnd(n + 2), rnd(n, n + 2), rnd(n + 2), True, 1e-5)),
              (st.hc_pre, (x, rnd(C, n + 2), None, None, rnd(n, n + 2), rnd(n + 2), False, 1e-6)),
-             (st.static_pre, (x, rnd(n))),
-             (st.post, (x, rnd(N, n, n), rnd(N, n), y)), (st.post, (x, rnd(1, n, n), rnd(1, n), y))]
+             (st.static_pre, (x, rnd(n), rnd(n, n))),
+             (st.post, (x, rnd(N, n, n), rnd(N, n), y, torch.randn(N, n, C, requires_grad=True))),
+             (st.post, (x, rnd(1, n, n), rnd(1, n), y, torch.randn(N, n, C, requires_grad=True)))]
     for op, args in cases:
         torch.library.opcheck(op, args)
     m, f = site("mhc", n, dtype=torch.float32)
