@@ -34,6 +34,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ops.launch import Launch, run
+
 # Tile sizes: compiled for sm_90 with triton 3.9 they run without register spills (not yet timed on a GPU).
 MHC_TOKENS = 32   # tokens per program in mHC's pre kernels: the M of x (32, 32) @ phi (32, n^2 + 2n padded)
 HC_ROWS = 64      # (token, stream) rows per program in HC's pre kernels
@@ -514,10 +516,79 @@ def _post_bwd(x_ptr, p_ptr, y_ptr, go_ptr, gw_ptr, gp_ptr, gy_ptr, N, C, p_strid
     tl.store(gp_ptr + t64[:, None] * n + i2, gP, mask=tm[:, None] & (i2 < n))
 
 
-# ----------------------------------------------------------------------------- custom ops (launch, fake, autograd)
+# ----------------------------------------------------------------------------- launches (the ops and scripts/kernel_cost.py)
 
-def _mhc_grid(N):
-    return (triton.cdiv(N, MHC_TOKENS),)
+_PTR = {"mhc_pre": ("x_ptr", "phi_ptr", "a_ptr", "b_ptr", "u_ptr", "res_ptr", "post_ptr", "z_ptr", "r_ptr"),
+        "mhc_pre_bwd": ("x_ptr", "phi_ptr", "a_ptr", "b_ptr", "z_ptr", "r_ptr", "gu_ptr", "gres_ptr", "gpost_ptr",
+                        "res_ptr", "go_ptr", "gx_ptr", "gact_ptr", "ws_ptr"),
+        "hc_pre": ("x_ptr", "gw_ptr", "cw_ptr", "bw_ptr", "s_ptr", "sc_ptr", "u_ptr", "res_ptr", "post_ptr", "d_ptr",
+                   "st_ptr"),
+        "hc_pre_bwd": ("x_ptr", "gw_ptr", "cw_ptr", "bw_ptr", "s_ptr", "sc_ptr", "d_ptr", "st_ptr", "gu_ptr",
+                       "gres_ptr", "gpost_ptr", "res_ptr", "go_ptr", "gx_ptr", "gcoef_ptr", "gd_ptr"),
+        "post": ("x_ptr", "w_ptr", "p_ptr", "y_ptr", "o_ptr"),
+        "post_bwd": ("x_ptr", "p_ptr", "y_ptr", "go_ptr", "gw_ptr", "gp_ptr", "gy_ptr")}
+
+
+def launch(op, N, n, C, dtype, prec="ieee", iters=20, eps=1e-6, dynamic=True, ln=False, has_b=False, tanh=True,
+           shared=False):
+    """The Launch of one kernel for N tokens of n streams of width C in dtype: its grid, tiles and loops (their trip
+    counts over the grid) and the bytes it moves of per-token tensors (the streams, u or y and their gradients,
+    the per-token coefficients). op: mhc_pre, mhc_pre_bwd, hc_pre, hc_pre_bwd (dynamic or static), post,
+    post_bwd (shared: static HC's weights)."""
+    NP, BC, ACC = _pad(n), _chunk(C), _tl(dtype)
+    e, f = torch.tensor([], dtype=dtype).element_size(), torch.tensor([], dtype=_acc(dtype)).element_size()
+    X, U = N * n * C * e, N * C * e                 # one pass over the streams; over u, y or their gradients
+    kc = -(-C // BC)
+    tensors = {name: (dtype if name in ("x_ptr", "u_ptr", "y_ptr", "o_ptr", "gu_ptr", "go_ptr", "gx_ptr", "gy_ptr")
+                      else _acc(dtype)) for name in _PTR[op]}
+    if op.startswith("mhc_pre"):
+        K, G, nb = n * n + 2 * n, _groups(n), -(-N // MHC_TOKENS)
+        consts = dict(n=n, NP=NP, G=G, BT=MHC_TOKENS, BC=BC, ACC=ACC, PREC=prec)
+        if op == "mhc_pre":   # x twice (the projection, then u); u, H_res, H_post, z, r out
+            return Launch(_mhc_pre_fwd, (nb,), tensors, dict(N=N, C=C, eps=eps, iters=iters), consts, WARPS, 2,
+                          [nb * -(-n * C // BC), nb * iters, nb * kc], 2 * X + U + N * (n * n + n + K + 1) * f)
+        # x twice (d H_pre, then dx), du twice, dH', dx out; z, r, the coefficients' gradients; the Sinkhorn rows
+        ws = N * 2 * iters * NP * NP * f
+        return Launch(_mhc_pre_bwd, (nb,), tensors, dict(N=N, C=C, iters=iters), consts, WARPS, 2,
+                      [nb * kc, nb * iters, nb * iters, nb * kc], 3 * X + 2 * U + X + N * (2 * K + 1 + 2 * n * n + n) * f
+                      + 2 * ws)
+    if op.startswith("hc_pre"):
+        BT = max(1, HC_ROWS // NP)
+        nb = -(-N // BT)
+        consts = dict(n=n, NP=NP, KP=max(16, triton.next_power_of_2(n + 2)) if dynamic else 16, BT=BT, BC=BC,
+                      DYNAMIC=dynamic, LN=ln, HAS_B=has_b, TANH=tanh, ACC=ACC, PREC=prec)
+        coef = N * n * (n + 2 + 2) * f if dynamic else 0
+        if op == "hc_pre":
+            return Launch(_hc_pre_fwd, (nb,), tensors, dict(N=N, C=C, eps=eps), consts, WARPS, 2,
+                          [nb * kc] * (2 if dynamic else 1), (2 if dynamic else 1) * X + U + coef + N * n * (n + 1) * f)
+        return Launch(_hc_pre_bwd, (nb,), tensors, dict(N=N, C=C, w_stride=0 if not dynamic else n * n), consts,
+                      WARPS, 2, [nb * kc] * 2, (3 if dynamic else 2) * X + 2 * U + X + 2 * coef + N * n * n * f)
+    BT = max(1, POST_ROWS // NP)
+    nb = -(-N // BT)
+    consts = dict(n=n, NP=NP, BT=BT, BC=BC, ACC=ACC)
+    w = 0 if shared else N * (n * n + n) * f
+    if op == "post":   # x and y in, H' out
+        return Launch(_post_fwd, (nb,), tensors, dict(N=N, C=C, w_stride=0 if shared else n * n,
+                                                      p_stride=0 if shared else n), consts, WARPS, 2, [nb * kc],
+                      2 * X + U + w)
+    return Launch(_post_bwd, (nb,), tensors, dict(N=N, C=C, p_stride=0 if shared else n), consts, WARPS, 2,
+                  [nb * kc], 2 * X + 2 * U + w + N * (n * n + n) * f)
+
+
+def site_plan(kind, N, n, C, dtype=torch.float32, **kw):
+    """The launches of one site, forward and backward, and the bytes the backward's torch ops move of per-token
+    tensors: the projection's weight gradient, one GEMM that reads x (dynamic HC, mHC)."""
+    if kind == "mhc":
+        names = ("mhc_pre", "post", "post_bwd", "mhc_pre_bwd")
+    else:
+        names = ("hc_pre", "post", "post_bwd", "hc_pre_bwd")
+    launches = [launch(op, N, n, C, dtype, shared=kind == "static", dynamic=kind != "static", **kw) for op in names]
+    e = torch.tensor([], dtype=dtype).element_size()
+    torch_bytes = 0 if kind == "static" else N * n * C * e  # x^T dz for phi or W
+    return launches, torch_bytes
+
+
+# ----------------------------------------------------------------------------- custom ops (launch, fake, autograd)
 
 
 @torch.library.custom_op("hc_streams::mhc_pre", mutates_args=())
@@ -532,8 +603,8 @@ def mhc_pre(x: Tensor, phi: Tensor, a: Tensor, b: Tensor, iters: int, eps: float
     u = x.new_empty(N, C)
     res, post = x.new_empty(N, n, n, dtype=acc), x.new_empty(N, n, dtype=acc)
     z, r = x.new_empty(N, n * n + 2 * n, dtype=acc), x.new_empty(N, dtype=acc)
-    _mhc_pre_fwd[_mhc_grid(N)](x, phi.contiguous(), a, b, u, res, post, z, r, N, C, eps, iters, n=n, NP=_pad(n),
-                               G=_groups(n), BT=MHC_TOKENS, BC=_chunk(C), ACC=_tl(x.dtype), PREC=_prec(x), num_warps=WARPS)
+    run(launch("mhc_pre", N, n, C, x.dtype, _prec(x), iters, eps), x_ptr=x, phi_ptr=phi.contiguous(), a_ptr=a,
+        b_ptr=b, u_ptr=u, res_ptr=res, post_ptr=post, z_ptr=z, r_ptr=r)
     return u, res, post, z, r, _link(x)
 
 
@@ -556,10 +627,9 @@ def mhc_pre_bwd(x: Tensor, phi: Tensor, a: Tensor, b: Tensor, z: Tensor, r: Tens
     gx = torch.empty_like(x)
     gact = torch.empty_like(z)
     ws = x.new_empty(N, 2 * iters, NP, NP, dtype=z.dtype)
-    _mhc_pre_bwd[_mhc_grid(N)](x, phi.contiguous(), a, b, z, r, gu.contiguous(), gres.contiguous(),
-                               gpost.contiguous(), res.contiguous(), go.contiguous(), gx, gact, ws, N, C, iters, n=n,
-                               NP=NP, G=_groups(n), BT=MHC_TOKENS, BC=_chunk(C), ACC=_tl(x.dtype), PREC=_prec(x),
-                               num_warps=WARPS)
+    run(launch("mhc_pre_bwd", N, n, C, x.dtype, _prec(x), iters), x_ptr=x, phi_ptr=phi.contiguous(), a_ptr=a,
+        b_ptr=b, z_ptr=z, r_ptr=r, gu_ptr=gu.contiguous(), gres_ptr=gres.contiguous(), gpost_ptr=gpost.contiguous(),
+        res_ptr=res.contiguous(), go_ptr=go.contiguous(), gx_ptr=gx, gact_ptr=gact, ws_ptr=ws)
     return gx, gact
 
 
@@ -590,11 +660,6 @@ def _mhc_pre_backward(ctx, gu, gres, gpost, _gz, _gr, glink):
 mhc_pre.register_autograd(_mhc_pre_backward, setup_context=_mhc_pre_setup)
 
 
-def _hc_blocks(n):
-    NP = _pad(n)
-    return NP, max(1, HC_ROWS // NP)
-
-
 @torch.library.custom_op("hc_streams::hc_pre", mutates_args=())
 def hc_pre(x: Tensor, gw: Tensor, cw: Optional[Tensor], bw: Optional[Tensor], s: Tensor, sc: Tensor, tanh: bool,
            eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -605,14 +670,12 @@ def hc_pre(x: Tensor, gw: Tensor, cw: Optional[Tensor], bw: Optional[Tensor], s:
     x = x.contiguous()
     N, n, C = x.shape
     acc = _acc(x.dtype)
-    NP, BT = _hc_blocks(n)
     u = x.new_empty(N, C)
     res, post = x.new_empty(N, n, n, dtype=acc), x.new_empty(N, n, dtype=acc)
     d, st = x.new_empty(N, n, n + 2, dtype=acc), x.new_empty(N, n, 2, dtype=acc)
-    _hc_pre_fwd[(triton.cdiv(N, BT),)](
-        x, gw.contiguous(), x if cw is None else cw, x if bw is None else bw, s.contiguous(), sc, u, res, post, d, st,
-        N, C, eps, n=n, NP=NP, KP=max(16, triton.next_power_of_2(n + 2)), BT=BT, BC=_chunk(C), DYNAMIC=True,
-        LN=cw is not None, HAS_B=bw is not None, TANH=tanh, ACC=_tl(x.dtype), PREC=_prec(x), num_warps=WARPS)
+    run(launch("hc_pre", N, n, C, x.dtype, _prec(x), eps=eps, ln=cw is not None, has_b=bw is not None, tanh=tanh),
+        x_ptr=x, gw_ptr=gw.contiguous(), cw_ptr=x if cw is None else cw, bw_ptr=x if bw is None else bw,
+        s_ptr=s.contiguous(), sc_ptr=sc, u_ptr=u, res_ptr=res, post_ptr=post, d_ptr=d, st_ptr=st)
     return u, res, post, d, st, _link(x)
 
 
@@ -631,13 +694,12 @@ def hc_pre_bwd(x: Tensor, gw: Tensor, cw: Optional[Tensor], bw: Optional[Tensor]
     """-> dx (N,n,C) through pre and post (A_r go, go = dH'), d coef and d d (N,n,n+2) for the weights' sums."""
     x = x.contiguous()
     N, n, C = x.shape
-    NP, BT = _hc_blocks(n)
     gx, gcoef, gd = torch.empty_like(x), torch.empty_like(d), torch.empty_like(d)
-    _hc_pre_bwd[(triton.cdiv(N, BT),)](
-        x, gw.contiguous(), x if cw is None else cw, x if bw is None else bw, s.contiguous(), sc, d, st,
-        gu.contiguous(), gres.contiguous(), gpost.contiguous(), res.contiguous(), go.contiguous(), gx, gcoef, gd,
-        N, C, n * n, n=n, NP=NP, KP=max(16, triton.next_power_of_2(n + 2)), BT=BT, BC=_chunk(C), DYNAMIC=True,
-        LN=cw is not None, HAS_B=bw is not None, TANH=tanh, ACC=_tl(x.dtype), PREC=_prec(x), num_warps=WARPS)
+    run(launch("hc_pre_bwd", N, n, C, x.dtype, _prec(x), ln=cw is not None, has_b=bw is not None, tanh=tanh),
+        x_ptr=x, gw_ptr=gw.contiguous(), cw_ptr=x if cw is None else cw, bw_ptr=x if bw is None else bw,
+        s_ptr=s.contiguous(), sc_ptr=sc, d_ptr=d, st_ptr=st, gu_ptr=gu.contiguous(), gres_ptr=gres.contiguous(),
+        gpost_ptr=gpost.contiguous(), res_ptr=res.contiguous(), go_ptr=go.contiguous(), gx_ptr=gx, gcoef_ptr=gcoef,
+        gd_ptr=gd)
     return gx, gcoef, gd
 
 
@@ -676,11 +738,9 @@ def static_pre(x: Tensor, w_in: Tensor, w_res: Tensor) -> tuple[Tensor, Tensor]:
     (n,n) is taken for the backward, which writes post's part of dx too."""
     x = x.contiguous()
     N, n, C = x.shape
-    NP, BT = _hc_blocks(n)
     u = x.new_empty(N, C)
-    _hc_pre_fwd[(triton.cdiv(N, BT),)](
-        x, x, x, x, w_in.contiguous(), x, u, x, x, x, x, N, C, 0.0, n=n, NP=NP, KP=16, BT=BT, BC=_chunk(C),
-        DYNAMIC=False, LN=False, HAS_B=False, TANH=False, ACC=_tl(x.dtype), PREC=_prec(x), num_warps=WARPS)
+    run(launch("hc_pre", N, n, C, x.dtype, _prec(x), eps=0.0, dynamic=False, tanh=False), x_ptr=x, gw_ptr=x,
+        cw_ptr=x, bw_ptr=x, s_ptr=w_in.contiguous(), sc_ptr=x, u_ptr=u, res_ptr=x, post_ptr=x, d_ptr=x, st_ptr=x)
     return u, _link(x)
 
 
@@ -694,12 +754,10 @@ def static_pre_bwd(x: Tensor, w_in: Tensor, w_res: Tensor, gu: Tensor, go: Tenso
     """-> dx_i = A_m[i] du + sum_a A_r^T[a, i] dH'_a (N,n,C) and the per-token d A_m (N,n)."""
     x = x.contiguous()
     N, n, C = x.shape
-    NP, BT = _hc_blocks(n)
     gx, gw = torch.empty_like(x), x.new_empty(N, n, dtype=_acc(x.dtype))
-    _hc_pre_bwd[(triton.cdiv(N, BT),)](
-        x, x, x, x, w_in.contiguous(), x, x, x, gu.contiguous(), x, x, w_res.contiguous(), go.contiguous(), gx, gw,
-        x, N, C, 0, n=n, NP=NP, KP=16, BT=BT, BC=_chunk(C), DYNAMIC=False, LN=False, HAS_B=False, TANH=False,
-        ACC=_tl(x.dtype), PREC=_prec(x), num_warps=WARPS)
+    run(launch("hc_pre_bwd", N, n, C, x.dtype, _prec(x), dynamic=False, tanh=False), x_ptr=x, gw_ptr=x, cw_ptr=x,
+        bw_ptr=x, s_ptr=w_in.contiguous(), sc_ptr=x, d_ptr=x, st_ptr=x, gu_ptr=gu.contiguous(), gres_ptr=x,
+        gpost_ptr=x, res_ptr=w_res.contiguous(), go_ptr=go.contiguous(), gx_ptr=gx, gcoef_ptr=gw, gd_ptr=x)
     return gx, gw
 
 
@@ -722,11 +780,6 @@ def _static_pre_backward(ctx, gu, glink):
 static_pre.register_autograd(_static_pre_backward, setup_context=_static_pre_setup)
 
 
-def _post_blocks(n):
-    NP = _pad(n)
-    return NP, max(1, POST_ROWS // NP)
-
-
 @torch.library.custom_op("hc_streams::post", mutates_args=())
 def post(x: Tensor, w_res: Tensor, w_post: Tensor, y: Tensor, link: Tensor) -> Tensor:
     """After the sublayer: H' = w_res x + w_post^T y for x (N,n,C), y (N,C), w_res (N,n,n) and w_post (N,n) per
@@ -734,12 +787,10 @@ def post(x: Tensor, w_res: Tensor, w_post: Tensor, y: Tensor, link: Tensor) -> T
     written by that op's backward, which receives dH' as link's gradient (this op gives x none)."""
     x = x.contiguous()
     N, n, C = x.shape
-    NP, BT = _post_blocks(n)
     w_res, w_post = w_res.contiguous(), w_post.contiguous()
     out = torch.empty_like(x)
-    _post_fwd[(triton.cdiv(N, BT),)](x, w_res, w_post, y.contiguous(), out, N, C,
-                                      0 if w_res.shape[0] == 1 else n * n, 0 if w_post.shape[0] == 1 else n,
-                                      n=n, NP=NP, BT=BT, BC=_chunk(C), ACC=_tl(x.dtype), num_warps=WARPS)
+    run(launch("post", N, n, C, x.dtype, shared=w_res.shape[0] == 1), x_ptr=x, w_ptr=w_res, p_ptr=w_post,
+        y_ptr=y.contiguous(), o_ptr=out)
     return out
 
 
@@ -753,14 +804,12 @@ def post_bwd(x: Tensor, w_post: Tensor, y: Tensor, go: Tensor) -> tuple[Tensor, 
     """-> per-token d w_res (N,n,n), d w_post (N,n), and dy (N,C) in y's dtype."""
     x, y = x.contiguous(), y.contiguous()
     N, n, C = x.shape
-    NP, BT = _post_blocks(n)
     w_post = w_post.contiguous()
     acc = _acc(x.dtype)
     gy = torch.empty_like(y)
     gw, gp = x.new_empty(N, n, n, dtype=acc), x.new_empty(N, n, dtype=acc)
-    _post_bwd[(triton.cdiv(N, BT),)](x, w_post, y, go.contiguous(), gw, gp, gy, N, C,
-                                      0 if w_post.shape[0] == 1 else n, n=n, NP=NP, BT=BT, BC=_chunk(C),
-                                      ACC=_tl(x.dtype), num_warps=WARPS)
+    run(launch("post_bwd", N, n, C, x.dtype, shared=w_post.shape[0] == 1), x_ptr=x, p_ptr=w_post, y_ptr=y,
+        go_ptr=go.contiguous(), gw_ptr=gw, gp_ptr=gp, gy_ptr=gy)
     return gw, gp, gy
 
 

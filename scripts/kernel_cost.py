@@ -13,7 +13,6 @@ $ python scripts/kernel_cost.py --T=1024 --B=16 --detail   # one shape, launch b
 import argparse
 import contextlib
 import json
-import math
 import os
 import re
 import subprocess
@@ -368,6 +367,32 @@ def chunked_cost(B, T, dtype=torch.bfloat16):
                 bound="tensor" if t_tensor > t_mem else "memory")
 
 
+STREAMS = dict(n=4, C=768, tokens=8 * 1024, sites=24, plain_step_s=27e-3, h200_hbm=4.8e12)
+
+
+def streams_cost(kind, n=STREAMS["n"], C=STREAMS["C"], N=STREAMS["tokens"], arch=90):
+    """One HC ("hc", dynamic) or mHC site's kernels, forward + backward, at n streams of width C over N tokens (fp32
+    streams, TF32 projections): the bytes per token of per-token tensors they move (each launch's reads and
+    writes of the streams, u, y, their gradients and the per-token coefficients, plus the backward's weight-
+    gradient GEMM, which reads x), in passes over the streams (X = n C 4 bytes), beyond a plain residual's
+    (x + f(x): read x and y, write the sum; in backward autograd adds two gradients: 6 C 4 bytes per token), and
+    the estimated overhead on the 12 x 768 compiled step: the extra bytes of 24 sites at the H200's 4.8 TB/s over
+    the measured plain step (27 ms at B=8, T=1024 on the H200, docs/performance.md). Also the model's time of the
+    site's kernels on an H100 (their instructions, counted as for HyperGLU)."""
+    from ops import streams_triton
+    launches, torch_bytes = streams_triton.site_plan(kind, N, n, C, torch.float32, prec="tf32")
+    rows = [count(L, arch) for L in launches]
+    est = sum(estimate(r)[0] for r in rows) + torch_bytes / H100["hbm"]
+    X = n * C * 4
+    per_token = (sum(L.hbm_bytes for L in launches) + torch_bytes) / N
+    plain = 6 * C * 4
+    extra = (per_token - plain) * STREAMS["sites"] * N
+    return dict(residual=kind, n=n, C=C, bytes_per_token_site=per_token, passes=per_token / X,
+                passes_beyond_plain=(per_token - plain) / X,
+                est_step_overhead=1 + extra / STREAMS["h200_hbm"] / STREAMS["plain_step_s"],
+                est_ms_per_site=est * 1e3, rows=rows)
+
+
 # -----------------------------------------------------------------------------
 
 def fmt_ms(s):
@@ -438,6 +463,17 @@ def main():
                                                       r["classes"].items() if v) + " |")
                 print()
     print("\n".join(table))
+    print(f"\nHC / mHC sites (n={STREAMS['n']}, C={STREAMS['C']}, {STREAMS['tokens']} tokens, fp32 streams; a pass is "
+          f"n C 4 bytes per token):\n\n| residual | bytes / token / site | passes | beyond plain | est. step overhead "
+          f"(24 sites, H200 bytes) | kernels est ms / site (H100) |\n|---|---|---|---|---|---|")
+    out["streams"] = []
+    for kind in ("hc", "mhc"):
+        sc = streams_cost(kind, arch=args.arch)
+        print(f"| {kind} | {sc['bytes_per_token_site']:,.0f} | {sc['passes']:.1f} | {sc['passes_beyond_plain']:.1f} | "
+              f"{sc['est_step_overhead']:.3f}x | {sc['est_ms_per_site']:.3f} |")
+        out["streams"].append({k: v for k, v in sc.items() if k != "rows"})
+        for r in sc["rows"]:
+            kernels.setdefault(r["name"], r)
     print("\n| kernel | registers | stack bytes | shared bytes (dynamic) | warps | resident warps/SM |\n|---|---|---|---|---|---|")
     for r in kernels.values():
         print(f"| {r['name']} | {r['registers']} | {r['stack']} | {r['shared']} | {r['warps']} | {r['occupancy']} |")
