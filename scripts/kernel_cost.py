@@ -381,8 +381,8 @@ def streams_cost(kind, n=STREAMS["n"], C=STREAMS["C"], N=STREAMS["tokens"], arch
     site's kernels on an H100 (their instructions, counted as for HyperGLU)."""
     from ops import streams_triton
     launches, torch_bytes = streams_triton.site_plan(kind, N, n, C, torch.float32, prec="tf32")
-    rows = [count(L, arch) for L in launches]
-    est = sum(estimate(r)[0] for r in rows) + torch_bytes / H100["hbm"]
+    rows = total(launches, arch)["rows"]
+    est = sum(r["est_s"] for r in rows) + torch_bytes / H100["hbm"]
     X = n * C * 4
     per_token = (sum(L.hbm_bytes for L in launches) + torch_bytes) / N
     plain = 6 * C * 4
