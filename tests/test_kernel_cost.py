@@ -92,7 +92,7 @@ def test_cost_model_writes_its_json(tmp_path):
         assert k["registers"] > 0 and k["stack_bytes"] >= 0 and k["shared_bytes"] > 0
     assert data["chunked"][0]["flops"] > 0 and data["chunked"][0]["bytes"] > 0
     assert [r["residual"] for r in data["streams"]] == ["hc", "mhc"]
-    for r in data["streams"]:
-        assert r["passes"] == pytest.approx(r["bytes_per_token_site"] / (r["n"] * r["C"] * 4))
-        assert r["passes_beyond_plain"] < r["passes"] and r["est_step_overhead"] > 1
+    for site in data["streams"]:
+        assert site["passes"] == pytest.approx(site["bytes_per_token_site"] / (site["n"] * site["C"] * 4))
+        assert site["passes_beyond_plain"] < site["passes"] and site["est_step_overhead"] > 1
     assert "| 128 | 1 |" in r.stdout
