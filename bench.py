@@ -38,7 +38,8 @@ import ops.hyperglu_cpu
 from configurator import configure, pick_device
 from dataclasses import replace
 
-from model import GPT, CausalSelfAttention, GPTConfig, HyperGLU, KVCache, match_budget, peak_flops
+from diagnostics import peak_flops
+from model import GPT, CausalSelfAttention, GPTConfig, HyperGLU, KVCache, match_budget
 
 # -----------------------------------------------------------------------------
 sections = "layer,model,decode"  # and "core" (the attention core alone)

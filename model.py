@@ -26,6 +26,7 @@ import torch.utils.checkpoint
 import ops.conv
 import ops.hyperglu
 import ops.streams
+from diagnostics import peak_flops
 
 
 def _choice(owner, name, value, allowed):
@@ -891,20 +892,6 @@ class GPT(nn.Module):
                 idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
-
-
-# bf16 dense tensor-core peak FLOPs by GPU name (substring match, most specific first)
-PEAK_FLOPS = [("H200", 989e12), ("GH200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("H800", 989e12),
-              ("H20", 148e12), ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12),
-              ("L40", 181e12), ("L4", 121e12), ("A10G", 70e12), ("A10", 125e12), ("A6000", 155e12),
-              ("4090", 165e12), ("3090", 71e12), ("V100", 125e12), ("T4", 65e12)]
-
-
-def peak_flops(device=None):
-    if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((f for key, f in PEAK_FLOPS if key in name), None)
 
 
 # -----------------------------------------------------------------------------

@@ -45,8 +45,8 @@ from configurator import configure, pick_device
 from data import mad
 from data.shards import Loader, find_shards, val_batches
 from data.tokenizer import load_meta
+from diagnostics import amax_gain, connection_matrices
 from model import GPT, GPTConfig
-from plots.plot_connections import amax_gain, connection_matrices
 
 # -----------------------------------------------------------------------------
 # settings: every global below can be overridden by a config file or --key=value
