@@ -3,12 +3,15 @@ Loading a train.py checkpoint without running code. A full unpickle (torch.load 
 whatever a file from someone else asks for; weights_only=True reads tensors, numbers, strings, lists and dicts
 only. train.py stores everything in those types (the numpy and Python RNG states as lists). Checkpoints written
 before that hold numpy objects: they load only with trust=True (train.py and sample.py: --trust_checkpoint=True).
-Older files' model_args are read as today's GPTConfig takes them (upgrade).
+Older files' model_args are read as today's GPTConfig takes them (upgrade); load_model builds the model a checkpoint
+holds.
 """
 import pickle
 import re
 
 import torch
+
+from model import GPT, GPTConfig
 
 
 def load_checkpoint(path, trust=False):
@@ -30,6 +33,14 @@ def load_checkpoint(path, trust=False):
         raise ValueError(f"{path} is not a train.py checkpoint (expected a dict with model and model_args)")
     state["model_args"] = upgrade(state["model_args"], state["model"])
     return state
+
+
+def load_model(state):
+    """The model saved in a checkpoint dict as load_checkpoint reads it (a stray torch.compile '_orig_mod.' prefix is
+    stripped)."""
+    model = GPT(GPTConfig(**state["model_args"]))
+    model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in state["model"].items()})
+    return model
 
 
 RETIRED = ("impl_default", "aligner_impl_train", "aligner_impl_eval", "op1_per_head", "op2_per_head")

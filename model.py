@@ -717,14 +717,6 @@ class GPT(nn.Module):
             if pn.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
-    @classmethod
-    def from_checkpoint(cls, state):
-        """The model saved in a checkpoint dict as checkpoint.load_checkpoint reads it (a stray torch.compile
-        '_orig_mod.' prefix is stripped)."""
-        model = cls(GPTConfig(**state["model_args"]))
-        model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in state["model"].items()})
-        return model
-
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)

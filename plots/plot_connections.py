@@ -17,10 +17,9 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from checkpoint import load_checkpoint  # noqa: E402
+from checkpoint import load_checkpoint, load_model  # noqa: E402
 from data.shards import val_batches  # noqa: E402
 from diagnostics import amax_gain, connection_matrices  # noqa: E402
-from model import GPT  # noqa: E402
 
 
 def main(argv=None):
@@ -45,7 +44,7 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     if state["model_args"]["residual"] == "plain":
         sys.exit(f"error: {args.ckpt} uses the plain residual: there are no connection matrices to plot")
-    model = GPT.from_checkpoint(state).eval()
+    model = load_model(state).eval()
     cfg = model.config
     data = args.dataset or state["config"]["dataset"]
     if not os.path.isdir(data):
