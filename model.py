@@ -283,14 +283,6 @@ def from_lag(Y, row_start):
     return P.as_strided(Y.shape, (*P.stride()[:-2], P.stride(-2) - 1, 1), W - 1 - row_start)
 
 
-def invalid_mask(M, W, row_start, lag, device):
-    """(M, W) bool, True where query row r = row_start + m must NOT use column c.
-    Lag layout: the key r + c - (W-1) does not exist (c + r < W-1). Key order: a future key (c > r)."""
-    r = torch.arange(row_start, row_start + M, device=device)[:, None]
-    c = torch.arange(W, device=device)[None, :]
-    return (c + r < W - 1) if lag else (c > r)
-
-
 def lag_mix(X, ctrl, U, Vt, d, shortcut, invalid=None):
     """R = I + diag(d) + U diag(ctrl) Vt on the right of each row of X (B, H, M, W), then masked: the paper's
     DPLR mixer R = D + A S(x) B^T.
@@ -408,7 +400,7 @@ class HyperGLU(nn.Module):
         lag = cfg.aligner_kind == "offset"
         U1, Vt1, d1, U2, Vt2, d2 = params
         S = q @ k.transpose(-1, -2)  # (B,H1,M,W) z_j = <q_t, k_{t-j}>, in key order
-        invalid = invalid_mask(M, W, row_start, lag, q.device) if cfg.do_masking else None
+        invalid = ops.hyperglu.invalid_mask(M, W, row_start, lag, q.device) if cfg.do_masking else None
         if lag:
             Z = to_lag(S, row_start)  # lag layout: column c holds lag W-1-c
         else:

@@ -66,7 +66,7 @@ def use_triton(cfg, q):
 
 
 def invalid_mask(M, W, row_start, lag, device):
-    """(M, W) bool, True where query row r = row_start + m must not use column c (as model.invalid_mask).
+    """(M, W) bool, True where query row r = row_start + m must not use column c (model.HyperGLU._rows uses it too).
     Lag layout: the key r + c - (W-1) does not exist (c + r < W-1). Key order: a future key (c > r)."""
     r = torch.arange(row_start, row_start + M, device=device)[:, None]
     c = torch.arange(W, device=device)[None, :]
