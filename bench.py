@@ -34,6 +34,7 @@ from contextlib import nullcontext
 
 import torch
 
+import ops.dispatch
 import ops.hyperglu_cpu
 from configurator import configure, pick_device
 from dataclasses import replace
@@ -161,7 +162,7 @@ def table(title, cols, rows):
 
 mem_name = "peak MiB" if dev == "cuda" else "saved MiB"
 gpu = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
-fused = dev == "cpu" and impl == "fast" and ops.hyperglu_cpu.enabled()
+fused = dev == "cpu" and impl == "fast" and "HYPERGLU_FUSED" not in ops.dispatch.OFF and ops.hyperglu_cpu.load()
 print(f"bench on {gpu}, {dtype}, torch {torch.__version__}, impl={impl}"
       + (f", {torch.get_num_threads()} threads, HyperGLU fused CPU kernel {'on' if fused else 'off'}" if dev == "cpu"
          else "") + (f", torch.compile (mode {compile_mode})" if compile else ""))
@@ -193,8 +194,11 @@ if "core" in wanted:
             y = F.scaled_dot_product_attention(*soft, is_causal=True)
             y.backward(torch.ones_like(y))
 
+        mixers = (*params[:3], True), (*params[3:], True)  # (U, Vt, d, shortcut) of op1 and op2
+        form = ops.dispatch.hyperglu("fast", hyper[0], *mixers, True, (True, True, True))
+
         def hyperglu():
-            y = ops.hyperglu.attend(hcfg, *hyper, params)
+            y = ops.hyperglu.attend(*hyper, *mixers, glu=True, norm=True, eps=hcfg.norm_eps, form=form)
             y.backward(torch.ones_like(y))
         fns = [sdpa, hyperglu]
         secs, ratios = timed(fns)

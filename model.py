@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 import ops.conv
+import ops.dispatch
 import ops.hyperglu
 import ops.streams
 from diagnostics import peak_flops
@@ -60,15 +61,15 @@ class CausalConv1d(nn.Module):
     """Depthwise causal conv over time, no bias: y_t = sum_j w_j x_{t-k+1+j}. forward takes the input already
     left-padded with its k-1 previous rows (conv_pad): the two KV convs share one padded copy."""
 
-    def __init__(self, channels, kernel_size, fast=False):
+    def __init__(self, channels, kernel_size, impl="reference"):
         super().__init__()
         self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=False)
         nn.init.normal_(self.conv.weight, std=0.02)
-        self.fast = fast  # ops.conv: shifted multiply-adds with a hand-written backward
+        self.impl = impl
 
     def forward(self, xp):  # (B, T+k-1, C) -> (B, T, C)
         w = self.conv.weight  # (C, 1, k)
-        if self.fast:
+        if ops.dispatch.conv(self.impl) == "shift":  # ops.conv: shifted multiply-adds with a hand-written backward
             return ops.conv.shift_conv(xp, w[:, 0, :])
         return F.conv1d(xp.transpose(1, 2), w, groups=w.shape[0]).transpose(1, 2)
 
@@ -144,9 +145,8 @@ class CausalSelfAttention(nn.Module):
         self.act = torch.sigmoid if config.gate_act == "sigmoid" else (lambda t: t)
         self.use_conv, self.qk_gate, self.vo_gate = (config.auto(k) for k in ("use_kv_conv", "use_qk_gate", "use_vo_gate"))
         if self.use_conv:
-            fast = config.impl == "fast"
-            self.conv1 = CausalConv1d(C, config.conv_kernel_size, fast)
-            self.conv2 = CausalConv1d(C, config.conv_kernel_size, fast)
+            self.conv1 = CausalConv1d(C, config.conv_kernel_size, config.impl)
+            self.conv2 = CausalConv1d(C, config.conv_kernel_size, config.impl)
         if self.qk_gate:
             self.left_gate = nn.Linear(C, self.widths[0], bias=True)
         if self.vo_gate:
@@ -310,6 +310,10 @@ class LagMix(nn.Module):
         self.Vt = nn.Parameter(torch.randn(heads, rank, L) * init_std)
         self.d = nn.Parameter(torch.zeros(heads, L)) if use_diag else None
 
+    def factors(self, shortcut):
+        """(U, Vt, d, shortcut): what lag_mix and the fast paths take."""
+        return self.U, self.Vt, self.d, shortcut
+
 
 class HyperGLU(nn.Module):
     """HyperGLU / HyperMLP attention layer, a drop-in for the official module: same config, same state_dict keys
@@ -333,8 +337,8 @@ class HyperGLU(nn.Module):
         self.v = nn.Linear(D, self.vo_rank, bias=cfg.bias)
         self.c_proj = nn.Linear(self.vo_rank, D, bias=cfg.bias)
         if cfg.use_kv_conv:
-            self.conv1 = CausalConv1d(D, cfg.conv_kernel_size, fast)
-            self.conv2 = CausalConv1d(D, cfg.conv_kernel_size, fast)
+            self.conv1 = CausalConv1d(D, cfg.conv_kernel_size, "fast" if fast else "reference")
+            self.conv2 = CausalConv1d(D, cfg.conv_kernel_size, "fast" if fast else "reference")
         if cfg.use_op1:
             self.op = nn.ModuleDict({"mix": LagMix(self.H1, L, cfg.op1_rank, cfg.op1_init_std, cfg.op1_use_diag)})
             self.control1 = nn.Linear(D, self.H1 * cfg.op1_rank, bias=True)
@@ -376,29 +380,31 @@ class HyperGLU(nn.Module):
         k, v = extend(cache, k, v, tail)
         c1 = heads(act(self.control1(x)), H1) if cfg.use_op1 else None  # (B, H1, T, r1)
         c2 = heads(act(self.control2(x)), h) if cfg.use_op2 else None   # (B, h, T, r2)
-        mixers = [getattr(self, op)["mix"] if hasattr(self, op) else None for op in ("op", "op2")]
-        params = tuple(getattr(m, p) if m else None for m in mixers for p in ("U", "Vt", "d"))  # (U1, Vt1, d1, U2, ..)
+        mix1 = self.op["mix"].factors(cfg.op1_shortcut) if cfg.use_op1 else None  # (U1, Vt1, d1, shortcut)
+        mix2 = self.op2["mix"].factors(cfg.op2_shortcut) if cfg.use_op2 else None
 
         # score rows, chunk by chunk over the new query rows
         step = T if impl == "dense" else (chunk_T or cfg.chunk_T or ops.hyperglu.default_chunk(x.device))
+        lag, masks = cfg.aligner_kind == "offset", (cfg.do_masking, cfg.op1_do_masking, cfg.op2_do_masking)
         if impl == "fast":
-            y = ops.hyperglu.attend(cfg, q, k, v, c1, c2, params, n_past, step)
+            y = ops.hyperglu.attend(q, k, v, c1, c2, mix1, mix2, n_past, glu=self.glu, norm=cfg.attn_norm != "none",
+                                    eps=cfg.norm_eps, lag=lag, masks=masks, chunk=step,
+                                    form=ops.dispatch.hyperglu(impl, q, mix1, mix2, lag, masks))
         else:
-            prune = cfg.aligner_kind == "offset" and cfg.do_masking  # a row only needs the keys up to itself
-            y = torch.cat([self._rows(*args, row_start, params)
+            prune = lag and cfg.do_masking  # a row only needs the keys up to itself
+            y = torch.cat([self._rows(*args, row_start, mix1, mix2)
                            for _, row_start, args in ops.hyperglu.chunks(step, n_past, prune, q, k, v, c1, c2)], 2)
         y = y.transpose(1, 2)  # (B, T, h, dv)
         if cfg.use_vo_gate:
             y = y * act(self.right_gate(x)).view(B, T, h, -1)
         return self.c_proj(y.reshape(B, T, self.vo_rank))
 
-    def _rows(self, q, k, v, c1, c2, row_start, params):
+    def _rows(self, q, k, v, c1, c2, row_start, mix1, mix2):
         """The reference rows row_start..row_start+M-1, step by step as the official module: q (B,H1,M,dqk),
-        k (B,H1,W,dqk), v (B,h,W,dv), c1 (B,H1,M,r1), c2 (B,h,M,r2) -> (B,h,M,dv)."""
+        k (B,H1,W,dqk), v (B,h,W,dv), c1 (B,H1,M,r1), c2 (B,h,M,r2), the mixers (U, Vt, d, shortcut) -> (B,h,M,dv)."""
         cfg = self.config
         M, W = q.shape[2], k.shape[2]
         lag = cfg.aligner_kind == "offset"
-        U1, Vt1, d1, U2, Vt2, d2 = params
         S = q @ k.transpose(-1, -2)  # (B,H1,M,W) z_j = <q_t, k_{t-j}>, in key order
         invalid = ops.hyperglu.invalid_mask(M, W, row_start, lag, q.device) if cfg.do_masking else None
         if lag:
@@ -406,7 +412,7 @@ class HyperGLU(nn.Module):
         else:
             Z = S.masked_fill(invalid, 0.0) if invalid is not None else S
         if cfg.use_op1:  # R1: z <- z (I + diag(d1) + U1 diag(c1) Vt1), before the nonlinearity
-            Z = lag_mix(Z, c1, U1, Vt1, d1, cfg.op1_shortcut, invalid if cfg.op1_do_masking else None)
+            Z = lag_mix(Z, c1, *mix1, invalid if cfg.op1_do_masking else None)
         h = cfg.n_head
         gate = Z[:, :h] if self.glu else Z  # GLU: qk-heads 0..h-1 gate, h..2h-1 scale (head j pairs j, h+j)
         inv = None
@@ -418,7 +424,7 @@ class HyperGLU(nn.Module):
         if self.glu:
             a = torch.logaddexp(Z[:, h:], Z.new_zeros(())) * a  # softplus, without F.softplus's x > 20 cut-off
         if cfg.use_op2:  # R2: a <- a (I + diag(d2) + U2 diag(c2) Vt2), after it
-            a = lag_mix(a, c2, U2, Vt2, d2, cfg.op2_shortcut, invalid if cfg.op2_do_masking else None)
+            a = lag_mix(a, c2, *mix2, invalid if cfg.op2_do_masking else None)
         A = from_lag(a, row_start) if lag else a  # (B,h,M,W) back in key order
         out = A @ v  # o_t = sum_j a_j v_{t-j}
         if inv is not None:  # l2 and out_scale are the same function: ReLU is positively homogeneous
@@ -443,8 +449,9 @@ class Streams(nn.Module):
     then H' = res + post^T f(u) [HC Eq. 2, mHC Eq. 3], all in fp32 outside autocast."""
 
     def forward(self, x, f):
-        if self.fast:  # the same equations: fused Triton kernels on CUDA, else StreamPre and an in-place update
-            return ops.streams.connect(x, f, self)
+        form = ops.dispatch.streams(self.config.impl, x, self.kind)
+        if form != "reference":  # the same equations: fused Triton kernels on CUDA, else StreamPre and an in-place update
+            return ops.streams.connect(x, f, self.kind, form=form, **self.fast_args())
         with torch.autocast(x.device.type, enabled=False):
             u, res, post = self.streams(_up(x))
         y = f(u.to(x.dtype))
@@ -458,16 +465,18 @@ class HyperConnection(Streams):
     W = 0 make the network equal the pre-norm network [HC §2.3]. Coefficients and mixing run in fp32."""
 
     no_decay = ("static_alpha", "static_beta", "s_alpha", "s_beta")  # static parts and scales [HC §4]
+    kind = "hc"
 
     def __init__(self, config, site):
         super().__init__()
+        self.config = config
         n, C = config.hc_streams, config.n_embd
         alpha = torch.zeros(n, n + 1)
         alpha[site % n, 0] = 1.0
         alpha[:, 1:] = torch.eye(n)
         self.static_alpha = nn.Parameter(alpha)          # [A_m | A_r]  (n, n+1)
         self.static_beta = nn.Parameter(torch.ones(n))   # B            (n,)
-        self.dynamic, self.tanh, self.fast = config.hc_dynamic, config.hc_tanh, config.impl == "fast"  # ops.streams
+        self.dynamic, self.tanh = config.hc_dynamic, config.hc_tanh
         if self.dynamic:
             self.norm = make_norm(config)
             self.W_alpha = nn.Parameter(torch.zeros(C, n + 1))  # [W_m | W_r]
@@ -475,24 +484,27 @@ class HyperConnection(Streams):
             self.s_alpha = nn.Parameter(torch.tensor(0.01))
             self.s_beta = nn.Parameter(torch.tensor(0.01))
 
-    def mix_params(self):
-        return self.static_alpha, self.static_beta, self.s_alpha, self.s_beta
-
-    def mix(self, d, static_alpha, static_beta, s_alpha, s_beta):
-        """d = norm(H) [W_alpha | W_beta] (B,T,n,n+2) -> A_m (B,T,n), A_r^T (B,T,n,n), B (B,T,n) [HC Eqs. 8-13]:
-        alpha = [A_m | A_r] + s_alpha tanh(d_alpha), beta = B + s_beta tanh(d_beta)."""
-        if self.tanh:
-            d = torch.tanh(d)
-        alpha, beta = static_alpha + s_alpha * d[..., :-1], static_beta + s_beta * d[..., -1]
-        return alpha[..., 0], alpha[..., 1:].transpose(-1, -2), beta
-
     def coefficients(self, x):
         """x (B,T,n,C) fp32 -> (w_in, w_res, post): the input weights A_m, the mixing A_r^T (row i builds stream
-        i) and B; per token (B,T,n), (B,T,n,n), (B,T,n) when dynamic, else shared (n,), (n,n), (n,)."""
+        i) and B; per token (B,T,n), (B,T,n,n), (B,T,n) when dynamic, else shared (n,), (n,n), (n,).
+        Dynamic [HC Eqs. 8-13]: alpha = [A_m | A_r] + s_alpha tanh(d_alpha), beta = B + s_beta tanh(d_beta), with
+        d = norm(H) [W_alpha | W_beta] (B,T,n,n+2), each stream's own normalised vector."""
         if not self.dynamic:
             return self.static_alpha[:, 0], self.static_alpha[:, 1:].T, self.static_beta
-        d = self.norm(x) @ torch.cat([self.W_alpha, self.W_beta], 1)  # each stream's own normalised vector
-        return self.mix(d, *self.mix_params())
+        d = self.norm(x) @ torch.cat([self.W_alpha, self.W_beta], 1)
+        if self.tanh:
+            d = torch.tanh(d)
+        alpha, beta = self.static_alpha + self.s_alpha * d[..., :-1], self.static_beta + self.s_beta * d[..., -1]
+        return alpha[..., 0], alpha[..., 1:].transpose(-1, -2), beta
+
+    def fast_args(self):
+        """What ops.streams.connect takes for this site (see there), passed explicitly."""
+        if not self.dynamic:
+            return dict(static=self.coefficients(None))
+        g, b = self.norm.weight, getattr(self.norm, "bias", None)
+        return dict(params=(self.static_alpha, self.static_beta, self.s_alpha, self.s_beta), tanh=self.tanh,
+                    W=torch.cat([self.W_alpha, self.W_beta], 1),
+                    norm=(g, b, isinstance(self.norm, nn.RMSNorm), self.norm.eps))
 
     def streams(self, H):
         w_in, w_res, post = self.coefficients(H)
@@ -517,11 +529,13 @@ class ManifoldHC(Streams):
     b_pre favouring stream k mod n and b_res = c_r (2I - 1) make it equal the pre-norm network at init."""
 
     no_decay = ("alpha_pre", "alpha_post", "alpha_res", "b_pre", "b_post", "b_res")
+    kind = "mhc"
 
     def __init__(self, config, site):
         super().__init__()
+        self.config = config
         n, C = config.hc_streams, config.n_embd
-        self.n, self.iters, self.eps, self.fast = n, config.mhc_iters, 1e-6, config.impl == "fast"  # ops.streams
+        self.n, self.iters, self.eps = n, config.mhc_iters, 1e-6
         self.phi = nn.Parameter(torch.zeros(n * C, n * n + 2 * n))  # [phi_pre | phi_post | phi_res]
         self.alpha_pre = nn.Parameter(torch.tensor(0.01))
         self.alpha_post = nn.Parameter(torch.tensor(0.01))
@@ -532,23 +546,21 @@ class ManifoldHC(Streams):
         self.b_post = nn.Parameter(torch.zeros(n))
         self.b_res = nn.Parameter(config.mhc_res_init * (2 * torch.eye(n) - 1))
 
-    def mix_params(self):
-        return self.alpha_pre, self.alpha_post, self.alpha_res, self.b_pre, self.b_post, self.b_res
-
-    def mix(self, h, alpha_pre, alpha_post, alpha_res, b_pre, b_post, b_res, sinkhorn=sinkhorn):
-        """h = RMSNorm(flat streams) phi (B,T,n^2+2n) -> H_pre (B,T,n), H_res (B,T,n,n), H_post (B,T,n) [Eqs. 7-9]."""
-        n = self.n
-        pre = torch.sigmoid(alpha_pre * h[..., :n] + b_pre)
-        post = 2 * torch.sigmoid(alpha_post * h[..., n:2 * n] + b_post)
-        logits = alpha_res * h[..., 2 * n:].unflatten(-1, (n, n)) + b_res
-        res = sinkhorn(logits, self.iters)
-        return pre, res, post
-
     def coefficients(self, x):
-        """x (B,T,n,C) fp32 -> H_pre (B,T,n), H_res (B,T,n,n), H_post (B,T,n)."""
+        """x (B,T,n,C) fp32 -> H_pre (B,T,n), H_res (B,T,n,n), H_post (B,T,n) [Eqs. 7-9], from
+        h = RMSNorm(flat streams) phi (B,T,n^2+2n)."""
+        n = self.n
         flat = x.flatten(-2)  # (B,T,nC): every coefficient sees all streams
         h = (flat * torch.rsqrt(flat.pow(2).mean(-1, keepdim=True) + self.eps)) @ self.phi  # RMSNorm (gain in phi)
-        return self.mix(h, *self.mix_params())
+        pre = torch.sigmoid(self.alpha_pre * h[..., :n] + self.b_pre)
+        post = 2 * torch.sigmoid(self.alpha_post * h[..., n:2 * n] + self.b_post)
+        res = sinkhorn(self.alpha_res * h[..., 2 * n:].unflatten(-1, (n, n)) + self.b_res, self.iters)
+        return pre, res, post
+
+    def fast_args(self):
+        """What ops.streams.connect takes for this site (see there), passed explicitly."""
+        return dict(params=(self.alpha_pre, self.alpha_post, self.alpha_res, self.b_pre, self.b_post, self.b_res),
+                    W=self.phi, norm=(None, None, True, self.eps), iters=self.iters)
 
     def streams(self, H):
         pre, res, post = self.coefficients(H)

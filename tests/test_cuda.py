@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import ops.streams
+import ops.dispatch
 from model import GPT, HyperGLU, KVCache
 from test_model import ATTNS, RESIDUALS, layer_cfg, randomize, run_layer, tiny
 
@@ -126,12 +126,12 @@ def rel(a, b):
 def test_triton_kernels_against_float64(T, dtype, variant):
     """The layer's fast path (the Triton kernels) against the float64 chunked reference on the same weights: fp32
     with TF32 off (1e-4 relative), and bf16 autocast with fp32 parameters (3e-2; gradients stay fp32)."""
-    import ops.hyperglu
+    import ops.dispatch
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(0)
     cfg = layer_cfg(n_embd=128, qk_rank=32, vo_rank=128, op1_rank=8, op2_rank=8, block_size=T, chunk_T=1024,
                     **TRITON_VARIANTS[variant])
-    assert ops.hyperglu.use_triton(cfg, torch.zeros(1, device="cuda"))
+    assert ops.dispatch.hyperglu("fast", torch.zeros(1, device="cuda"), (), (), True, (True,) * 3) == "triton"
     layer = randomize(HyperGLU(cfg, fast=True), 0.05).to(DEV)
     ref = randomize(HyperGLU(cfg), 0.0).to(DEV).double()
     ref.load_state_dict(layer.state_dict())
@@ -176,10 +176,10 @@ def test_stream_kernels_match_float64(residual, dynamic, norm, monkeypatch):
     """The HC / mHC Triton kernels (ops/streams_triton.py, what impl="fast" runs for CUDA streams) against the
     module's float64 reference, n = 4, C = 96, 1,200 tokens, output and every gradient: fp32 with TF32 off within
     twice the reference's own fp32 error (+1e-5); bf16 autocast (the sublayer in bf16) fp32 results, close."""
-    if not ops.streams.triton_usable(torch.empty(1, 1, 4, 1, device=DEV), residual):
+    if ops.dispatch.streams("fast", torch.empty(1, 1, 4, 1, device=DEV), residual) != "triton":
         pytest.skip("the Triton stream kernels do not run on this device")
     calls = []
-    kernels = ops.streams.TRITON
+    kernels = ops.dispatch.triton_module("streams_triton")
     monkeypatch.setattr(kernels, "connect", lambda *a, _connect=kernels.connect: calls.append(1) or _connect(*a))
     torch.manual_seed(0)
     model = randomize(GPT(tiny(residual=residual, hc_dynamic=dynamic, norm=norm, n_embd=96, hc_streams=4)), 0.3)
@@ -187,7 +187,7 @@ def test_stream_kernels_match_float64(residual, dynamic, norm, monkeypatch):
     H = torch.randn(4, 300, 4, 96, device=DEV) + 1.0
 
     def run(module, f, H, fast):
-        module.fast = fast
+        monkeypatch.setitem(ops.dispatch.override, "streams", None if fast else "reference")
         H = H.clone().requires_grad_(True)
         out = module(H, f)
         g = torch.linspace(-1, 1, out.numel(), device=DEV, dtype=out.dtype).view_as(out)

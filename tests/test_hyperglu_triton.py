@@ -14,7 +14,7 @@ if not torch.cuda.is_available():  # before Triton decorates the kernels
 pytest.importorskip("triton")
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter tests; tests/test_cuda.py on a GPU")
 
-import ops.hyperglu  # noqa: E402
+import ops.dispatch  # noqa: E402
 import ops.hyperglu_triton  # noqa: E402
 from model import GPT, HyperGLU  # noqa: E402
 from test_model import layer_cfg, randomize, run_layer, tiny  # noqa: E402
@@ -24,7 +24,7 @@ from test_ops import saved_bytes  # noqa: E402
 @pytest.fixture(autouse=True)
 def triton_path(monkeypatch):
     """Route impl="fast" through the kernels on the CPU, on 16 x 16 tiles, 16 value channels per program and per step."""
-    monkeypatch.setattr(ops.hyperglu, "use_triton", lambda cfg, q: ops.hyperglu_triton.supports(cfg))
+    monkeypatch.setitem(ops.dispatch.override, "hyperglu", "triton")
     monkeypatch.setattr(ops.hyperglu_triton, "BLOCK", {k: dict(BM=16, DVO=16, DVC=16, num_warps=4)
                                                        for k in ops.hyperglu_triton.BLOCK})
 

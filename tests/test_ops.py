@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import ops.conv
+import ops.dispatch
 import ops.hyperglu
 import ops.hyperglu_cpu
 import ops.sinkhorn
@@ -27,7 +28,7 @@ def cpu_kernel(monkeypatch, on):
     blocks of 2 rows, so a chunk spans several blocks, the last one partial."""
     if on and ops.hyperglu_cpu.load() is None:
         pytest.skip("the fused CPU kernel could not be built here")
-    monkeypatch.setenv("HYPERGLU_FUSED", "1" if on else "0")
+    monkeypatch.setitem(ops.dispatch.override, "hyperglu", "fused" if on else "rows")
     monkeypatch.setattr(ops.hyperglu_cpu, "ROWS", 2)
 
 
@@ -120,7 +121,7 @@ def test_hyperglu_fast_decoding_equals_full_forward(kind, rope, monkeypatch):
 
 def test_the_cpu_kernel_takes_the_lag_layout_in_fp32_and_fp64_only(monkeypatch):
     """Where the kernel builds, the fast rows go through it for fp32/fp64 CPU chunks in the lag layout, forward
-    and backward, and not for bf16 or the identity layout; HYPERGLU_FUSED=0 turns it off."""
+    and backward, and not for bf16 or the identity layout; the "rows" form turns it off."""
     cpu_kernel(monkeypatch, True)
     calls = []
     middle = ops.hyperglu_cpu.middle
@@ -134,7 +135,7 @@ def test_the_cpu_kernel_takes_the_lag_layout_in_fp32_and_fp64_only(monkeypatch):
     HyperGLU(layer_cfg(aligner_kind="identity"), fast=True)(x, chunk_T=5).sum().backward()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         HyperGLU(layer_cfg(), fast=True)(x, chunk_T=5).float().sum().backward()
-    monkeypatch.setenv("HYPERGLU_FUSED", "0")
+    monkeypatch.setitem(ops.dispatch.override, "hyperglu", "rows")
     HyperGLU(layer_cfg(), fast=True)(x, chunk_T=5).sum().backward()
     assert calls == []
 
@@ -268,9 +269,9 @@ def test_add_outer_equals_the_out_of_place_update():
             assert (a - b).abs().max() < 1e-12
 
 
-def stream_grads(module, H, f, fast):
-    """(output, gradients of H, the module's and f's parameters) of module(H, f), with the fast or reference path."""
-    module.fast = fast
+def stream_grads(module, H, f, form, monkeypatch):
+    """(output, gradients of H, the module's and f's parameters) of module(H, f), in the form given (ops.dispatch)."""
+    monkeypatch.setitem(ops.dispatch.override, "streams", form)
     params = [H, *module.parameters(), *f.parameters()]
     out = module(H, f)
     g = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
@@ -281,7 +282,7 @@ def stream_grads(module, H, f, fast):
     ("hc", True, True, "layernorm"), ("hc", True, False, "layernorm"), ("hc", True, True, "rmsnorm"),
     ("hc", False, True, "layernorm"), ("mhc", True, True, "layernorm")])
 @pytest.mark.parametrize("n", [1, 2, 4])
-def test_stream_connections_match_the_reference(residual, dynamic, tanh, norm, n):
+def test_stream_connections_match_the_reference(residual, dynamic, tanh, norm, n, monkeypatch):
     """HC (dynamic and static, tanh on and off) and mHC away from init: the fast path (StreamPre, norm_proj,
     ops.sinkhorn, add_outer) equals the module's reference equations, output and every gradient, float64, with and
     without grad (the no-grad fast path is the plain-op form)."""
@@ -291,12 +292,12 @@ def test_stream_connections_match_the_reference(residual, dynamic, tanh, norm, n
     m = model.transformer.h[0].res_attn
     f = torch.nn.Linear(32, 32).double()
     H = torch.randn(2, 5, n, 32, dtype=torch.float64, requires_grad=True)
-    out1, g1 = stream_grads(m, H, f, True)
-    out0, g0 = stream_grads(m, H, f, False)
+    out1, g1 = stream_grads(m, H, f, "pre", monkeypatch)
+    out0, g0 = stream_grads(m, H, f, "reference", monkeypatch)
     assert (out1 - out0).abs().max() < 1e-12
     for a, b in zip(g1, g0):
         assert (a is None) == (b is None) and (a is None or close(a, b, 1e-11))
-    m.fast = True
+    monkeypatch.setitem(ops.dispatch.override, "streams", "pre")
     with torch.no_grad():
         assert (m(H, f) - out0).abs().max() < 1e-12
 
