@@ -177,8 +177,8 @@ if "core" in wanted:
     peak = peak_flops(device)
     for T in [int(t) for t in T_list.split(",")]:
         base = GPTConfig(n_layer=model_layers, n_head=n_head, n_embd=n_embd, block_size=T, bias=False)
-        hcfg = matched(base, "hyperglu").hyperglu_config()
-        H1, h, r1, r2, qk = 2 * hyper_heads, hyper_heads, hcfg.op1_rank, hcfg.op2_rank, hcfg.qk_rank or n_embd // 4
+        hcfg = matched(base, "hyperglu")
+        H1, h, r1, r2, qk = 2 * hyper_heads, hyper_heads, hcfg.op1_rank, hcfg.op2_rank, hcfg.widths()[0]
         rnd = lambda *shape, scale=1.0: (torch.randn(*shape, device=device) * scale).to(dt).requires_grad_()
         hd = n_embd // n_head
         soft = [rnd(batch_size, n_head, T, hd) for _ in range(3)]
@@ -225,8 +225,8 @@ if "layer" in wanted:
                 layer = CausalSelfAttention(GPTConfig(n_embd=n_embd, n_head=n_head, block_size=T, bias=False,
                                                       impl=impl))
             else:
-                layer = HyperGLU(GPTConfig(attn=attn, n_embd=n_embd, n_head=hyper_heads, block_size=T,
-                                           bias=False).hyperglu_config(), fast=impl == "fast")
+                layer = HyperGLU(GPTConfig(attn=attn, n_embd=n_embd, n_head=hyper_heads, block_size=T, bias=False,
+                                           impl=impl))
             layers.append(layer.to(device))
 
         def fwd(layer):

@@ -16,7 +16,7 @@ Shapes: B batch, T sequence, C (= D) width, h heads, L block_size.
 
 import math
 import warnings
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -61,15 +61,15 @@ class CausalConv1d(nn.Module):
     """Depthwise causal conv over time, no bias: y_t = sum_j w_j x_{t-k+1+j}. forward takes the input already
     left-padded with its k-1 previous rows (conv_pad): the two KV convs share one padded copy."""
 
-    def __init__(self, channels, kernel_size, impl="reference"):
+    def __init__(self, config):
         super().__init__()
-        self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=False)
+        C, self.config = config.n_embd, config
+        self.conv = nn.Conv1d(C, C, config.conv_kernel_size, groups=C, bias=False)
         nn.init.normal_(self.conv.weight, std=0.02)
-        self.impl = impl
 
     def forward(self, xp):  # (B, T+k-1, C) -> (B, T, C)
         w = self.conv.weight  # (C, 1, k)
-        if ops.dispatch.conv(self.impl) == "shift":  # ops.conv: shifted multiply-adds with a hand-written backward
+        if ops.dispatch.conv(self.config.impl) == "shift":  # ops.conv: shifted multiply-adds with a hand-written backward
             return ops.conv.shift_conv(xp, w[:, 0, :])
         return F.conv1d(xp.transpose(1, 2), w, groups=w.shape[0]).transpose(1, 2)
 
@@ -139,14 +139,15 @@ class CausalSelfAttention(nn.Module):
         C, h = config.n_embd, config.n_head
         self.n_head, self.dropout = h, config.dropout
         self.rope_base = config.rope_base if config.pos == "rope" else None
-        self.widths = (config.qk_rank or C, config.qk_rank or C, config.vo_rank or C)  # q, k, v (summed over heads)
+        qk, vo = config.widths()
+        self.widths = (qk, qk, vo)  # q, k, v (summed over heads)
         self.c_attn = nn.Linear(C, sum(self.widths), bias=config.bias)
         self.c_proj = nn.Linear(self.widths[2], C, bias=config.bias)
         self.act = torch.sigmoid if config.gate_act == "sigmoid" else (lambda t: t)
         self.use_conv, self.qk_gate, self.vo_gate = (config.auto(k) for k in ("use_kv_conv", "use_qk_gate", "use_vo_gate"))
         if self.use_conv:
-            self.conv1 = CausalConv1d(C, config.conv_kernel_size, config.impl)
-            self.conv2 = CausalConv1d(C, config.conv_kernel_size, config.impl)
+            self.conv1 = CausalConv1d(config)
+            self.conv2 = CausalConv1d(config)
         if self.qk_gate:
             self.left_gate = nn.Linear(C, self.widths[0], bias=True)
         if self.vo_gate:
@@ -193,77 +194,6 @@ class CausalSelfAttention(nn.Module):
 #   o_t   = W_o [ (sum_j a_j v_{t-j}) * g_vo(x_t) ]                   v from conv2(x)
 # The sequence mixers act along the lag axis of one row, so the layer is causal by construction and
 # its per-token output does not depend on how many older tokens follow (extension consistency).
-
-
-@dataclass
-class HyperGLUOptions:
-    """The variant knobs, with the official names and defaults; fields of both HyperGLUConfig and GPTConfig."""
-    qk_rank: int = None                # total Q/K width; None -> n_embd // 4
-    vo_rank: int = None                # total V/O width; None -> n_embd
-    conv_kernel_size: int = 4
-    use_kv_conv: bool = True           # depthwise causal conv in front of K and V
-    rope_base: float = 10000.0
-    attn_norm: str = "out_scale"       # "out_scale" | "l2" | "none" (l2 == out_scale exactly)
-    gate_act: str = "sigmoid"          # "sigmoid" | "none", for both gates and both controls
-    norm_eps: float = 1e-12
-    use_qk_gate: bool = True           # dtqk: sigmoid gate on q
-    use_vo_gate: bool = True           # dtvo: sigmoid gate on the readout
-    chunk_T: int = 1024                # query rows per chunk; None: ops.hyperglu.default_chunk(device)
-    use_op1: bool = True               # R1, before the nonlinearity
-    op1_rank: int = 16
-    op1_use_diag: bool = True
-    op1_init_std: float = 0.02
-    op1_shortcut: bool = True          # the I in R = I + diag(d) + U diag(c) Vt
-    op1_do_masking: bool = True
-    use_op2: bool = True               # R2, after it
-    op2_rank: int = 16
-    op2_use_diag: bool = True
-    op2_init_std: float = 0.02
-    op2_shortcut: bool = True
-    op2_do_masking: bool = True
-    do_masking: bool = True            # causal; False is only truly bidirectional with "identity"
-    aligner_kind: str = "offset"       # "offset" (lag layout) | "identity" (left layout)
-
-
-@dataclass(kw_only=True)
-class HyperGLUConfig(HyperGLUOptions):
-    """Field names, defaults and checks follow the official HyperGLUConfig (LJC-FVNR/HyperMLP)."""
-    n_embd: int
-    n_head: int
-    block_size: int
-    bias: bool = False                 # bias on q/k/v/c_proj (gates and controls always have one)
-    n_layer: int = 24                  # unused inside the layer; sets GPT's scaled c_proj init
-    use_rope: bool = False
-    attn_kind: str = "glu"             # "glu" (HyperGLU) | "relu" (HyperMLP)
-    impl_default: str = "chunked"      # "dense" | "chunked" (chunk_T query rows at a time); forward(impl=...)
-    op1_per_head: bool = True
-    op2_per_head: bool = True
-    aligner_impl_train: str = "padview"
-    aligner_impl_eval: str = "padview"
-
-    def __post_init__(self):
-        o = "HyperGLUConfig"
-        _positive(self, "n_embd", "n_head", "block_size", "conv_kernel_size", "op1_rank", "op2_rank",
-                  *(("chunk_T",) if self.chunk_T is not None else ()))
-        for name, allowed in (("attn_kind", ("glu", "relu")), ("attn_norm", ("out_scale", "l2", "none")),
-                              ("gate_act", ("sigmoid", "none")), ("impl_default", ("dense", "chunked")),
-                              ("aligner_kind", ("offset", "identity")), ("aligner_impl_train", ("padview",)),
-                              ("aligner_impl_eval", ("padview",)), ("op1_per_head", (True,)),  # per_head=False:
-                              ("op2_per_head", (True,))):  # the official code fails at forward
-            _choice(o, name, getattr(self, name), allowed)
-        H1 = 2 * self.n_head if self.attn_kind == "glu" else self.n_head
-        qk = self.qk_rank if self.qk_rank is not None else self.n_embd // 4
-        vo = self.vo_rank if self.vo_rank is not None else self.n_embd
-        if qk <= 0 or qk % H1:
-            raise ValueError(f"{o}.qk_rank={qk} is not valid; expected a positive multiple of "
-                             f"{H1} ({'2*n_head for glu' if self.attn_kind == 'glu' else 'n_head for relu'})")
-        if vo <= 0 or vo % self.n_head:
-            raise ValueError(f"{o}.vo_rank={vo} is not valid; expected a positive multiple of n_head={self.n_head}")
-        if self.use_rope and (qk // H1) % 2:
-            raise ValueError(f"{o}.use_rope=True needs an even per-head q/k dim; qk_rank={qk} gives {qk // H1}")
-        if not self.do_masking and self.aligner_kind == "offset":
-            warnings.warn("HyperGLUConfig: do_masking=False with aligner_kind='offset' is not bidirectional "
-                          "(the lag layout never reads future keys); use aligner_kind='identity'", RuntimeWarning)
 
 
 def to_lag(S, row_start):
@@ -316,38 +246,39 @@ class LagMix(nn.Module):
 
 
 class HyperGLU(nn.Module):
-    """HyperGLU / HyperMLP attention layer, a drop-in for the official module: same config, same state_dict keys
-    and shapes, same forward(x, *, impl, chunk_T, attention_mask), (B, T, n_embd) in and out.
-    impl: "dense" (all rows at once) and "chunked" (chunk_T query rows at a time, each with only the keys it can
-    see) run the reference rows, _rows; "fast" (the default with fast=True) runs ops.hyperglu.attend, the same
-    rows with O(T d) saved activations. `cache` (GPT.generate) keeps K (ungated), V and the conv tail and
-    computes only the new rows: exact, since the lag layout is extension consistent."""
+    """HyperGLU / HyperMLP attention layer (GPTConfig.attn "hyperglu" / "hypermlp"), a drop-in for the official
+    module: HyperGLU(HyperGLUConfig(...)) takes the official config, has its state_dict keys and shapes and its
+    forward(x, *, impl, chunk_T, attention_mask), (B, T, n_embd) in and out.
+    forward's impl: None runs GPTConfig.impl's form (ops.dispatch: "fast" is ops.hyperglu.attend, the same rows with
+    O(T d) saved activations; "reference" the rows below, chunk_T at a time); "dense" (all rows at once) and
+    "chunked" (chunk_T query rows at a time, each with only the keys it can see) run the reference rows, _rows.
+    `cache` (GPT.generate) keeps K (ungated), V and the conv tail and computes only the new rows: exact, since the
+    lag layout is extension consistent."""
 
-    def __init__(self, config, fast=False):
+    def __init__(self, config):
         super().__init__()
         cfg = self.config = config
         D, h, L = cfg.n_embd, cfg.n_head, cfg.block_size
-        self.fast = fast
-        self.glu = cfg.attn_kind == "glu"
-        self.H1 = 2 * h if self.glu else h  # qk heads: the GLU gate heads then the scale heads
-        self.qk_rank = cfg.qk_rank if cfg.qk_rank is not None else D // 4
-        self.vo_rank = cfg.vo_rank if cfg.vo_rank is not None else D
+        self.glu = cfg.attn == "hyperglu"
+        self.H1 = cfg.qk_heads()  # GLU: the gate heads, then the scale heads
+        self.qk_rank, self.vo_rank = cfg.widths()
+        self.use_conv, self.qk_gate, self.vo_gate = (cfg.auto(k) for k in ("use_kv_conv", "use_qk_gate", "use_vo_gate"))
         self.q = nn.Linear(D, self.qk_rank, bias=cfg.bias)
         self.k = nn.Linear(D, self.qk_rank, bias=cfg.bias)
         self.v = nn.Linear(D, self.vo_rank, bias=cfg.bias)
         self.c_proj = nn.Linear(self.vo_rank, D, bias=cfg.bias)
-        if cfg.use_kv_conv:
-            self.conv1 = CausalConv1d(D, cfg.conv_kernel_size, "fast" if fast else "reference")
-            self.conv2 = CausalConv1d(D, cfg.conv_kernel_size, "fast" if fast else "reference")
+        if self.use_conv:
+            self.conv1 = CausalConv1d(cfg)
+            self.conv2 = CausalConv1d(cfg)
         if cfg.use_op1:
             self.op = nn.ModuleDict({"mix": LagMix(self.H1, L, cfg.op1_rank, cfg.op1_init_std, cfg.op1_use_diag)})
             self.control1 = nn.Linear(D, self.H1 * cfg.op1_rank, bias=True)
         if cfg.use_op2:
             self.op2 = nn.ModuleDict({"mix": LagMix(h, L, cfg.op2_rank, cfg.op2_init_std, cfg.op2_use_diag)})
             self.control2 = nn.Linear(D, h * cfg.op2_rank, bias=True)
-        if cfg.use_qk_gate:
+        if self.qk_gate:
             self.left_gate = nn.Linear(D, self.qk_rank, bias=True)
-        if cfg.use_vo_gate:
+        if self.vo_gate:
             self.right_gate = nn.Linear(D, self.vo_rank, bias=True)
 
     def forward(self, x, *, impl=None, chunk_T=None, attention_mask=None, cache=None):
@@ -357,22 +288,21 @@ class HyperGLU(nn.Module):
         n_past = cache["k"].shape[2] if cache is not None and "k" in cache else 0
         if n_past + T > cfg.block_size:
             raise ValueError(f"sequence length {n_past + T} exceeds block_size={cfg.block_size}")
-        impl = impl or ("fast" if self.fast else cfg.impl_default)
-        _choice("HyperGLU.forward", "impl", impl, ("fast", "dense", "chunked"))
+        _choice("HyperGLU.forward", "impl", impl, (None, "dense", "chunked"))
         act = torch.sigmoid if cfg.gate_act == "sigmoid" else (lambda t: t)
         heads = lambda t, n: t.view(B, T, n, -1).transpose(1, 2)  # (B, T, n*d) -> (B, n, T, d)
 
         # keys from conv1(x), values from conv2(x); queries, gates and controls from x itself
         xk = xv = x
         tail = None
-        if cfg.use_kv_conv:
+        if self.use_conv:
             xp, tail = conv_pad(x, cache, cfg.conv_kernel_size)
             xk, xv = self.conv1(xp), self.conv2(xp)
         q, k, v = heads(self.q(x), H1), heads(self.k(xk), H1), heads(self.v(xv), h)
-        if cfg.use_rope:
+        if cfg.pos == "rope":
             pos = torch.arange(n_past, n_past + T, device=x.device)
             q, k = apply_rope(q, pos, cfg.rope_base), apply_rope(k, pos, cfg.rope_base)
-        if cfg.use_qk_gate:
+        if self.qk_gate:
             q = q * heads(act(self.left_gate(x)), H1)
         if attention_mask is not None:  # padded keys contribute nothing (they still take a lag slot)
             m = attention_mask[:, None, :, None].to(k.dtype)
@@ -386,16 +316,16 @@ class HyperGLU(nn.Module):
         # score rows, chunk by chunk over the new query rows
         step = T if impl == "dense" else (chunk_T or cfg.chunk_T or ops.hyperglu.default_chunk(x.device))
         lag, masks = cfg.aligner_kind == "offset", (cfg.do_masking, cfg.op1_do_masking, cfg.op2_do_masking)
-        if impl == "fast":
+        form = ops.dispatch.hyperglu(cfg.impl, q, mix1, mix2, lag, masks) if impl is None else "reference"
+        if form != "reference":
             y = ops.hyperglu.attend(q, k, v, c1, c2, mix1, mix2, n_past, glu=self.glu, norm=cfg.attn_norm != "none",
-                                    eps=cfg.norm_eps, lag=lag, masks=masks, chunk=step,
-                                    form=ops.dispatch.hyperglu(impl, q, mix1, mix2, lag, masks))
+                                    eps=cfg.norm_eps, lag=lag, masks=masks, chunk=step, form=form)
         else:
             prune = lag and cfg.do_masking  # a row only needs the keys up to itself
             y = torch.cat([self._rows(*args, row_start, mix1, mix2)
                            for _, row_start, args in ops.hyperglu.chunks(step, n_past, prune, q, k, v, c1, c2)], 2)
         y = y.transpose(1, 2)  # (B, T, h, dv)
-        if cfg.use_vo_gate:
+        if self.vo_gate:
             y = y * act(self.right_gate(x)).view(B, T, h, -1)
         return self.c_proj(y.reshape(B, T, self.vo_rank))
 
@@ -430,6 +360,34 @@ class HyperGLU(nn.Module):
         if inv is not None:  # l2 and out_scale are the same function: ReLU is positively homogeneous
             out = (_up(out) * inv).to(out.dtype)
         return out
+
+
+def HyperGLUConfig(*, n_embd, n_head, block_size, bias=False, n_layer=24, qk_rank=None, vo_rank=None,
+                   conv_kernel_size=4, use_kv_conv=True, use_rope=False, rope_base=10000.0, attn_kind="glu",
+                   attn_norm="out_scale", gate_act="sigmoid", norm_eps=1e-12, use_qk_gate=True, use_vo_gate=True,
+                   impl_default="chunked", chunk_T=1024, use_op1=True, op1_rank=16, op1_per_head=True,
+                   op1_use_diag=True, op1_init_std=0.02, op1_shortcut=True, op1_do_masking=True, use_op2=True,
+                   op2_rank=16, op2_per_head=True, op2_use_diag=True, op2_init_std=0.02, op2_shortcut=True,
+                   op2_do_masking=True, do_masking=True, aligner_kind="offset", aligner_impl_train="padview",
+                   aligner_impl_eval="padview"):
+    """The official HyperGLUConfig (LJC-FVNR/HyperMLP), every field name and default, as the GPTConfig of one layer:
+    HyperGLU(HyperGLUConfig(...)) is the drop-in for the official module, on the reference rows as it runs.
+    attn_kind and use_rope become attn and pos; impl_default="dense" becomes one chunk of block_size rows (the same
+    rows); op*_per_head and aligner_impl_* accept their one valid value and are checked, not stored."""
+    kw = dict(locals())
+    for name, allowed in (("attn_kind", ("glu", "relu")), ("impl_default", ("dense", "chunked")),
+                          ("op1_per_head", (True,)), ("op2_per_head", (True,)),  # False: the official code fails
+                          ("aligner_impl_train", ("padview",)), ("aligner_impl_eval", ("padview",))):  # at forward
+        _choice("HyperGLUConfig", name, kw.pop(name), allowed)
+    rope = kw.pop("use_rope")
+    if impl_default == "dense":
+        kw["chunk_T"] = block_size
+    try:
+        return GPTConfig(**kw, attn="hyperglu" if attn_kind == "glu" else "hypermlp", pos="rope" if rope else "none",
+                         impl="reference")
+    except ValueError as e:  # in the official names
+        raise ValueError(str(e).replace("GPTConfig.pos='rope'", "GPTConfig.use_rope=True")
+                         .replace("GPTConfig", "HyperGLUConfig")) from None
 
 
 # -----------------------------------------------------------------------------
@@ -580,14 +538,17 @@ def make_residual(config, site):
 # the GPT
 
 @dataclass
-class GPTConfig(HyperGLUOptions):
+class GPTConfig:
+    """The one configuration of the model, every field a train.py setting. The attention options carry the official
+    HyperGLU names and defaults; None in use_kv_conv, use_qk_gate, use_vo_gate means on for hyperglu/hypermlp, off
+    for softmax (auto(), kept None so that replace(cfg, attn=...) re-resolves it)."""
     vocab_size: int = 50304            # GPT-2's 50257 padded up to a multiple of 64
-    block_size: int = 1024
+    block_size: int = 1024             # L, the longest sequence; HyperGLU's lag-indexed mixers have L rows
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
     dropout: float = 0.0
-    bias: bool = True                  # bias in Linears and LayerNorms (nanoGPT)
+    bias: bool = True                  # bias in Linears and LayerNorms (nanoGPT); HyperGLU: q, k, v, c_proj only
     attn: str = "softmax"              # "softmax" | "hyperglu" | "hypermlp"
     residual: str = "plain"            # "plain" | "hc" | "mhc"
     impl: str = "fast"                 # "fast": ops/ where it applies | "reference": the plain forms in this file
@@ -600,49 +561,73 @@ class GPTConfig(HyperGLUOptions):
     pos: str = "learned"               # "learned" (wpe) | "rope" (in attention) | "none"
     mlp: str = "gelu"                  # "gelu" | "swiglu"
     norm: str = "layernorm"            # "layernorm" | "rmsnorm"
-    # and the HyperGLU / HyperMLP knobs of HyperGLUOptions (use_kv_conv, conv_kernel_size also serve softmax), with
-    use_kv_conv: bool = None           # None -> on for hyperglu/hypermlp, off for softmax (see auto())
-    use_qk_gate: bool = None           # the same; softmax "g" turns both gates on
-    use_vo_gate: bool = None
-    chunk_T: int = None                # None -> ops.hyperglu.default_chunk(device): 128 rows on CPU, 1024 on GPU
+    # attention options (softmax takes the widths, the conv, the gates, gate_act and rope_base)
+    qk_rank: int = None                # total Q/K width; None -> n_embd (softmax), n_embd // 4 (hyperglu/hypermlp)
+    vo_rank: int = None                # total V/O width; None -> n_embd
+    use_kv_conv: bool = None           # depthwise causal conv in front of K and V
+    conv_kernel_size: int = 4
+    use_qk_gate: bool = None           # dtqk: sigmoid gate on q (softmax "g" turns both gates on)
+    use_vo_gate: bool = None           # dtvo: sigmoid gate on the readout
+    gate_act: str = "sigmoid"          # "sigmoid" | "none", for both gates and both controls
+    rope_base: float = 10000.0
+    # HyperGLU / HyperMLP only
+    attn_norm: str = "out_scale"       # "out_scale" | "l2" | "none" (l2 == out_scale exactly)
+    norm_eps: float = 1e-12
+    chunk_T: int = None                # query rows per chunk; None -> ops.hyperglu.default_chunk: 128 on CPU, 1024 on GPU
+    use_op1: bool = True               # R1, before the nonlinearity
+    op1_rank: int = 16
+    op1_use_diag: bool = True
+    op1_init_std: float = 0.02
+    op1_shortcut: bool = True          # the I in R = I + diag(d) + U diag(c) Vt
+    op1_do_masking: bool = True
+    use_op2: bool = True               # R2, after it
+    op2_rank: int = 16
+    op2_use_diag: bool = True
+    op2_init_std: float = 0.02
+    op2_shortcut: bool = True
+    op2_do_masking: bool = True
+    do_masking: bool = True            # causal; False is only truly bidirectional with "identity"
+    aligner_kind: str = "offset"       # "offset" (lag layout) | "identity" (left layout)
 
     def __post_init__(self):
         o = "GPTConfig"
-        _positive(self, "vocab_size", "block_size", "n_layer", "n_head", "n_embd", "hc_streams", "mhc_iters")
+        _positive(self, "vocab_size", "block_size", "n_layer", "n_head", "n_embd", "hc_streams", "mhc_iters",
+                  "conv_kernel_size", "op1_rank", "op2_rank", *(("chunk_T",) if self.chunk_T is not None else ()))
         for name, allowed in (("attn", ("softmax", "hyperglu", "hypermlp")), ("residual", ("plain", "hc", "mhc")),
                               ("impl", ("fast", "reference")), ("pos", ("learned", "rope", "none")),
-                              ("mlp", ("gelu", "swiglu")), ("norm", ("layernorm", "rmsnorm"))):
+                              ("mlp", ("gelu", "swiglu")), ("norm", ("layernorm", "rmsnorm")),
+                              ("gate_act", ("sigmoid", "none")), ("attn_norm", ("out_scale", "l2", "none")),
+                              ("aligner_kind", ("offset", "identity"))):
             _choice(o, name, getattr(self, name), allowed)
         if self.residual == "mhc" and not (self.hc_dynamic and self.hc_tanh):
             raise ValueError(f"{o}.hc_dynamic/hc_tanh=False is not valid with residual='mhc' (its coefficients are "
                              f"always dynamic, without tanh); expected residual='hc' for static or tanh-free HC")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"{o}.dropout={self.dropout!r} is not valid; expected 0 <= dropout < 1")
-        if self.attn == "softmax":
-            _positive(self, "conv_kernel_size")
-            for name in ("qk_rank", "vo_rank"):
-                value = getattr(self, name)
-                width, set_by = (self.n_embd, "n_embd") if value is None else (value, name)
-                if width <= 0 or width % self.n_head:
-                    raise ValueError(f"{o}.{set_by}={width} is not valid for softmax; expected a positive multiple of "
-                                     f"n_head={self.n_head}")
-            if self.pos == "rope" and ((self.qk_rank or self.n_embd) // self.n_head) % 2:
-                raise ValueError(f"{o}.pos='rope' needs an even Q/K head dim; qk_rank/n_head = "
-                                 f"{(self.qk_rank or self.n_embd) // self.n_head}")
-        else:
-            self.hyperglu_config()  # validates the HyperGLU fields
+        H1 = self.qk_heads()
+        for name, width, heads in zip(("qk_rank", "vo_rank"), self.widths(), (H1, self.n_head)):
+            if width <= 0 or width % heads:
+                what = f"{name}={width}" if getattr(self, name) is not None else f"n_embd={self.n_embd} (its {name}={width})"
+                raise ValueError(f"{o}.{what} is not valid for attn={self.attn!r}; expected a positive multiple of "
+                                 f"{heads} ({'2 * n_head: gate and scale heads' if heads != self.n_head else 'n_head'})")
+        if self.pos == "rope" and (self.widths()[0] // H1) % 2:
+            raise ValueError(f"{o}.pos='rope' needs an even per-head Q/K dim; qk_rank={self.widths()[0]} over {H1} "
+                             f"heads gives {self.widths()[0] // H1}")
+        if self.attn != "softmax" and not self.do_masking and self.aligner_kind == "offset":
+            warnings.warn(f"{o}: do_masking=False with aligner_kind='offset' is not bidirectional (the lag layout "
+                          f"never reads future keys); use aligner_kind='identity'", RuntimeWarning)
 
-    def hyperglu_config(self):
-        """The HyperGLUConfig of this model's attention."""
-        options = {f.name: getattr(self, f.name) for f in fields(HyperGLUOptions)}
-        auto = {k: self.auto(k) for k in ("use_kv_conv", "use_qk_gate", "use_vo_gate")}
-        return HyperGLUConfig(**dict(options, **auto), n_embd=self.n_embd, n_head=self.n_head,
-                              block_size=self.block_size, bias=self.bias, n_layer=self.n_layer,
-                              use_rope=self.pos == "rope", attn_kind="glu" if self.attn == "hyperglu" else "relu")
+    def qk_heads(self):
+        """Q/K heads: HyperGLU has a gate and a scale head for each output head (2 n_head), the others n_head."""
+        return 2 * self.n_head if self.attn == "hyperglu" else self.n_head
+
+    def widths(self):
+        """(qk, vo): the total Q/K and V/O widths, summed over heads, with None resolved."""
+        qk = self.qk_rank if self.qk_rank is not None else self.n_embd if self.attn == "softmax" else self.n_embd // 4
+        return qk, self.vo_rank if self.vo_rank is not None else self.n_embd
 
     def auto(self, name):
-        """use_kv_conv, use_qk_gate or use_vo_gate with None resolved: on for HyperGLU/HyperMLP, off for softmax
-        (kept None in the config, so replace(cfg, attn=...) re-resolves it)."""
+        """use_kv_conv, use_qk_gate or use_vo_gate with None resolved: on for HyperGLU/HyperMLP, off for softmax."""
         value = getattr(self, name)
         return self.attn != "softmax" if value is None else value
 
@@ -651,8 +636,7 @@ class Block(nn.Module):
     def __init__(self, config, layer):
         super().__init__()
         self.ln_1 = make_norm(config)
-        self.attn = (CausalSelfAttention(config) if config.attn == "softmax"
-                     else HyperGLU(config.hyperglu_config(), fast=config.impl == "fast"))
+        self.attn = CausalSelfAttention(config) if config.attn == "softmax" else HyperGLU(config)
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
         self.res_attn = make_residual(config, 2 * layer)
@@ -774,7 +758,6 @@ class GPT(nn.Module):
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
         for block in self.transformer.h:
             if isinstance(block.attn, HyperGLU):
-                block.attn.config.block_size = block_size
                 for mix in (m for m in block.attn.modules() if isinstance(m, LagMix)):
                     mix.U = nn.Parameter(mix.U[:, -block_size:])
                     mix.Vt = nn.Parameter(mix.Vt[:, :, -block_size:])

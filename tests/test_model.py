@@ -21,10 +21,11 @@ def tiny(**kw):
     return GPTConfig(**base)
 
 
-def layer_cfg(**kw):
+def layer_cfg(impl="reference", **kw):
+    """One HyperGLU layer's config, from the official fields (HyperGLUConfig), running impl."""
     base = dict(n_embd=24, n_head=2, block_size=20, qk_rank=8, vo_rank=12, op1_rank=3, op2_rank=3, chunk_T=6)
     base.update(kw)
-    return HyperGLUConfig(**base)
+    return dataclasses.replace(HyperGLUConfig(**base), impl=impl)
 
 
 def randomize(module, std=0.3):

@@ -55,14 +55,14 @@ def test_hyperglu_matches_reference_for_every_switch(kind, layout, kernel, monke
             cfg = layer_cfg(attn_kind=kind, aligner_kind=layout, attn_norm=norm, use_op1=op[0], use_op2=op[1],
                             op1_shortcut=shortcut, op2_shortcut=not shortcut, op1_use_diag=diag,
                             op2_use_diag=not diag, op1_do_masking=op_mask, op2_do_masking=not op_mask,
-                            do_masking=do_mask)
+                            do_masking=do_mask, impl="fast")
         torch.manual_seed(0)
         layer = randomize(HyperGLU(cfg)).double()
         x = torch.randn(2, 13, 24, dtype=torch.float64)
         y0, g0 = run_layer(layer, x, impl="chunked", chunk_T=5)
-        y1, g1 = run_layer(layer, x, impl="fast", chunk_T=5)
+        y1, g1 = run_layer(layer, x, chunk_T=5)
         with torch.no_grad():
-            y2 = layer(x, impl="fast", chunk_T=5)
+            y2 = layer(x, chunk_T=5)
         case = (op, shortcut, diag, op_mask, do_mask, norm)
         assert (y0 - y1).abs().max() < 1e-12 and (y0 - y2).abs().max() < 1e-12, case
         for n in g0:
@@ -75,11 +75,11 @@ def test_hyperglu_fast_equals_dense_for_any_chunking(kind, norm, layout, monkeyp
     """Fast rows with chunks of 4 and of all 17 rows against the dense reference, float64; l2 included."""
     cpu_kernel(monkeypatch, layout == "offset" and ops.hyperglu_cpu.load() is not None)
     torch.manual_seed(0)
-    layer = randomize(HyperGLU(layer_cfg(attn_kind=kind, attn_norm=norm, aligner_kind=layout))).double()
+    layer = randomize(HyperGLU(layer_cfg(attn_kind=kind, attn_norm=norm, aligner_kind=layout, impl="fast"))).double()
     x = torch.randn(2, 17, 24, dtype=torch.float64)
     y0, g0 = run_layer(layer, x, impl="dense")
     for chunk in (4, 17):
-        y1, g1 = run_layer(layer, x, impl="fast", chunk_T=chunk)
+        y1, g1 = run_layer(layer, x, chunk_T=chunk)
         assert (y0 - y1).abs().max() < 1e-12
         for n in g0:
             assert (g0[n] - g1[n]).abs().max() < 1e-12, (chunk, n)
@@ -95,10 +95,10 @@ def test_hyperglu_fast_matches_reference_fp32(kind, norm, op1, op2, layout, kern
     cpu_kernel(monkeypatch, kernel)
     torch.manual_seed(0)
     layer = randomize(HyperGLU(layer_cfg(attn_kind=kind, attn_norm=norm, use_op1=op1, use_op2=op2,
-                                         aligner_kind=layout)), 0.1)
+                                         aligner_kind=layout, impl="fast")), 0.1)
     x = torch.randn(2, 19, 24)
     y0, g0 = run_layer(layer, x, impl="dense")
-    y1, g1 = run_layer(layer, x, impl="fast", chunk_T=6)
+    y1, g1 = run_layer(layer, x, chunk_T=6)
     rel = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()
     assert rel(y1, y0) < 1e-5
     for n in g0:
@@ -110,7 +110,7 @@ def test_hyperglu_fast_decoding_equals_full_forward(kind, rope, monkeypatch):
     """The fast rows continuing a cache (one new row against n_past keys) equal the reference full forward."""
     cpu_kernel(monkeypatch, ops.hyperglu_cpu.load() is not None)
     torch.manual_seed(0)
-    layer = randomize(HyperGLU(layer_cfg(attn_kind=kind, use_rope=rope), fast=True)).double()
+    layer = randomize(HyperGLU(layer_cfg(attn_kind=kind, use_rope=rope, impl="fast"))).double()
     x = torch.randn(2, 20, 24, dtype=torch.float64)
     full = layer(x, impl="dense")
     cache = {}
@@ -129,14 +129,14 @@ def test_the_cpu_kernel_takes_the_lag_layout_in_fp32_and_fp64_only(monkeypatch):
         "bwd" if kw.get("gA2") is not None else "fwd") or middle(*a, **kw))
     torch.manual_seed(0)
     x = torch.randn(2, 13, 24, requires_grad=True)
-    HyperGLU(layer_cfg(), fast=True)(x, chunk_T=5).sum().backward()
+    HyperGLU(layer_cfg(impl="fast"))(x, chunk_T=5).sum().backward()
     assert calls == ["fwd"] * 3 + ["bwd"] * 3
     calls.clear()
-    HyperGLU(layer_cfg(aligner_kind="identity"), fast=True)(x, chunk_T=5).sum().backward()
+    HyperGLU(layer_cfg(aligner_kind="identity", impl="fast"))(x, chunk_T=5).sum().backward()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        HyperGLU(layer_cfg(), fast=True)(x, chunk_T=5).float().sum().backward()
+        HyperGLU(layer_cfg(impl="fast"))(x, chunk_T=5).float().sum().backward()
     monkeypatch.setitem(ops.dispatch.override, "hyperglu", "rows")
-    HyperGLU(layer_cfg(), fast=True)(x, chunk_T=5).sum().backward()
+    HyperGLU(layer_cfg(impl="fast"))(x, chunk_T=5).sum().backward()
     assert calls == []
 
 
@@ -148,12 +148,11 @@ def test_chunk_T_none_takes_the_device_default(monkeypatch):
     monkeypatch.setattr(ops.hyperglu, "chunks", lambda step, *a, _c=ops.hyperglu.chunks: seen.append(step) or _c(
         step, *a))
     torch.manual_seed(0)
-    layer = randomize(HyperGLU(layer_cfg(chunk_T=None)), 0.1).double()
+    layer = randomize(HyperGLU(layer_cfg(chunk_T=None, impl="fast")), 0.1).double()
     x = torch.randn(2, 17, 24, dtype=torch.float64)
     y0, _ = run_layer(layer, x, impl="dense")
-    y1, _ = run_layer(layer, x, impl="fast")
+    y1, _ = run_layer(layer, x)
     assert "cpu" in seen and 5 in seen and (y0 - y1).abs().max() < 1e-12
-    assert tiny(chunk_T=None).hyperglu_config().chunk_T is None
 
 
 def saved_bytes(fn):
@@ -169,11 +168,11 @@ def saved_bytes(fn):
 
 
 def test_fast_memory_grows_linearly_in_T():
-    layer = HyperGLU(layer_cfg(n_embd=32, block_size=512, qk_rank=16, vo_rank=32, chunk_T=32), fast=True)
+    layer = HyperGLU(layer_cfg(n_embd=32, block_size=512, qk_rank=16, vo_rank=32, chunk_T=32, impl="fast"))
     mem = {}
     for T in (128, 256, 512):
         x = torch.randn(1, T, 32, requires_grad=True)
-        mem[T] = {impl: saved_bytes(lambda: layer(x, impl=impl)) for impl in ("fast", "dense")}
+        mem[T] = {impl: saved_bytes(lambda: layer(x, impl=None if impl == "fast" else impl)) for impl in ("fast", "dense")}
     assert mem[512]["fast"] / mem[256]["fast"] < 2.1  # linear: twice the tokens, twice the bytes
     assert mem[256]["fast"] / mem[128]["fast"] < 2.1
     assert mem[512]["dense"] / mem[256]["dense"] > 3.0  # the reference keeps T x T maps
@@ -183,11 +182,11 @@ def test_fast_memory_grows_linearly_in_T():
 def test_hyperglu_fast_under_bf16_autocast_tracks_fp32(kind):
     """The hand-written backward under bf16 autocast with fp32 parameters: fp32 gradients, close to fp32's."""
     torch.manual_seed(0)
-    layer = randomize(HyperGLU(layer_cfg(attn_kind=kind, block_size=32, chunk_T=7)), 0.1)
+    layer = randomize(HyperGLU(layer_cfg(attn_kind=kind, block_size=32, chunk_T=7, impl="fast")), 0.1)
     x = torch.randn(2, 32, 24)
     y0, g0 = run_layer(layer, x, impl="dense")
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y1, g1 = run_layer(layer, x, impl="fast")
+        y1, g1 = run_layer(layer, x)
     assert y1.dtype == torch.bfloat16
     assert ((y1.float() - y0).norm() / y0.norm()) < 2e-2
     for n in g0:
