@@ -153,6 +153,16 @@ class CausalSelfAttention(nn.Module):
         if self.vo_gate:
             self.right_gate = nn.Linear(C, self.widths[2], bias=True)
 
+    cacheable = True  # the KV cache gives the full forward's outputs
+
+    def crop_block_size(self, block_size):
+        """Nothing here depends on block_size."""
+
+    def flops_per_token(self, T):
+        """Forward FLOPs per token at context T: 2 per weight, and QK^T and AV over T keys (nanoGPT's count)."""
+        qk, _, vo = self.widths
+        return 2 * sum(p.numel() for p in self.parameters()) + 2 * T * (qk + vo)
+
     def forward(self, x, cache=None):
         B, T, C = x.shape
         h = self.n_head
@@ -328,6 +338,30 @@ class HyperGLU(nn.Module):
         if self.vo_gate:
             y = y * act(self.right_gate(x)).view(B, T, h, -1)
         return self.c_proj(y.reshape(B, T, self.vo_rank))
+
+    @property
+    def cacheable(self):
+        """Whether the KV cache gives the full forward's outputs: in the causal lag layout (extension consistent). The
+        identity layout is not (a token's output depends on the sequence length), so generate recomputes it."""
+        return self.config.aligner_kind == "offset" and self.config.do_masking
+
+    def crop_block_size(self, block_size):
+        """The mixers are indexed by lag with row L-1 = lag 0, so they keep their *last* block_size rows (the newest
+        lags). GPT.crop_block_size sets config.block_size."""
+        for mix in (m for m in self.modules() if isinstance(m, LagMix)):
+            mix.U = nn.Parameter(mix.U[:, -block_size:])
+            mix.Vt = nn.Parameter(mix.Vt[:, :, -block_size:])
+            if mix.d is not None:
+                mix.d = nn.Parameter(mix.d[:, -block_size:])
+
+    def flops_per_token(self, T):
+        """Forward FLOPs per token at context T: 2 per weight used once per token (not the mixers' U, Vt, d: per-lag
+        weights), and the score maps over T keys: QK^T, op1 per qk-head and op2 per head (rank-r products both ways),
+        AV."""
+        per_lag = {id(p) for m in self.modules() if isinstance(m, LagMix) for p in m.parameters()}
+        N = sum(p.numel() for p in self.parameters() if id(p) not in per_lag)
+        r1, r2 = self.config.op1_rank * self.config.use_op1, self.config.op2_rank * self.config.use_op2
+        return 2 * N + T * (2 * self.qk_rank + 4 * self.H1 * r1 + 4 * self.config.n_head * r2 + 2 * self.vo_rank)
 
     def _rows(self, q, k, v, c1, c2, row_start, mix1, mix2):
         """The reference rows row_start..row_start+M-1, step by step as the official module: q (B,H1,M,dqk),
@@ -749,20 +783,14 @@ class GPT(nn.Module):
         return logits, loss
 
     def crop_block_size(self, block_size):
-        """Model surgery to a smaller block size. HyperGLU's mixers are indexed by lag with row L-1 = lag 0,
-        so they keep their *last* block_size rows (the newest lags)."""
+        """Model surgery to a smaller block size: wpe keeps its first rows, each attention crops its own."""
         if not 0 < block_size <= self.config.block_size:
             raise ValueError(f"crop_block_size: block_size={block_size} is not valid; expected 1..{self.config.block_size}")
-        self.config.block_size = block_size
+        self.config.block_size = block_size  # the one block_size: every module reads this config
         if "wpe" in self.transformer:
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
         for block in self.transformer.h:
-            if isinstance(block.attn, HyperGLU):
-                for mix in (m for m in block.attn.modules() if isinstance(m, LagMix)):
-                    mix.U = nn.Parameter(mix.U[:, -block_size:])
-                    mix.Vt = nn.Parameter(mix.Vt[:, :, -block_size:])
-                    if mix.d is not None:
-                        mix.d = nn.Parameter(mix.d[:, -block_size:])
+            block.attn.crop_block_size(block_size)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer="adamw",
                              muon_lr=0.02, muon_momentum=0.95):
@@ -810,20 +838,13 @@ class GPT(nn.Module):
 
     def flops_per_token(self, T=None):
         """Training FLOPs per token (forward + backward = 3x forward) at context T (default block_size): 6 N for
-        every parameter used once per token, 3x the score maps' forward FLOPs (1 MAC = 2 FLOPs, elementwise
-        ignored; softmax: QK^T and AV as nanoGPT; HyperGLU also op1 per qk-head and op2 per head, its U/Vt/d
-        being per-lag, not per-token, weights) and the HC/mHC stream mixing."""
+        every parameter outside attention used once per token (1 MAC = 2 FLOPs, elementwise ignored), 3x each
+        attention's forward FLOPs (its own count: weights and score maps) and the HC/mHC stream mixing."""
         cfg = self.config
         T = T or cfg.block_size
-        N = sum(p.numel() for n, p in self.named_parameters() if ".mix." not in n and not n.endswith("wpe.weight"))
-        if cfg.attn == "softmax":
-            qk, _, vo = self.transformer.h[0].attn.widths
-            maps = 2 * T * (qk + vo)
-        else:
-            a = self.transformer.h[0].attn
-            r1, r2 = cfg.op1_rank * cfg.use_op1, cfg.op2_rank * cfg.use_op2
-            maps = T * (2 * a.qk_rank + 4 * a.H1 * r1 + 4 * cfg.n_head * r2 + 2 * a.vo_rank)
-        flops = 6 * N + 3 * cfg.n_layer * maps
+        attn = {id(p) for block in self.transformer.h for p in block.attn.parameters()}
+        N = sum(p.numel() for n, p in self.named_parameters() if id(p) not in attn and not n.endswith("wpe.weight"))
+        flops = 6 * N + 3 * sum(block.attn.flops_per_token(T) for block in self.transformer.h)
         n, C = cfg.hc_streams, cfg.n_embd
         if cfg.residual == "hc":
             flops += 3 * 2 * cfg.n_layer * (2 * n * (n + 1) * C + 2 * n * C)
@@ -846,9 +867,7 @@ class GPT(nn.Module):
         Past block_size the window slides over the newest block_size tokens as nanoGPT's crop does: every position
         shifts, so each of those steps recomputes the window."""
         cfg, L = self.config, self.config.block_size
-        # exact for softmax and the causal lag layout; the identity layout is not extension consistent (a token's
-        # output depends on the sequence length), so it recomputes
-        use_cache = use_cache and (cfg.attn == "softmax" or (cfg.aligner_kind == "offset" and cfg.do_masking))
+        use_cache = use_cache and all(block.attn.cacheable for block in self.transformer.h)
         cache = KVCache(cfg.n_layer) if use_cache else None
         for _ in range(max_new_tokens):
             if cache is None:
