@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import ops.dispatch
 from model import GPT, HyperGLU, KVCache
-from test_model import ATTNS, RESIDUALS, layer_cfg, randomize, run_layer, tiny
+from conftest import ATTNS, RESIDUALS, layer_cfg, randomize, run_layer, tiny
 
 DEV = os.environ.get("TEST_DEVICE", "cuda")
 pytestmark = pytest.mark.skipif(DEV == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA GPU")

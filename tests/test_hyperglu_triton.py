@@ -17,8 +17,7 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter t
 import ops.dispatch  # noqa: E402
 import ops.hyperglu_triton  # noqa: E402
 from model import GPT, HyperGLU  # noqa: E402
-from test_model import layer_cfg, randomize, run_layer, tiny  # noqa: E402
-from test_ops import saved_bytes  # noqa: E402
+from conftest import layer_cfg, randomize, run_layer, saved_bytes, tiny  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -8,34 +8,8 @@ import pytest
 import torch
 
 from checkpoint import load_checkpoint, upgrade
+from conftest import ATTNS, RESIDUALS, layer_cfg, randomize, run_layer, tiny
 from model import GPT, GPTConfig, HyperGLU, HyperGLUConfig, KVCache, apply_rope, match_budget, param_report, sinkhorn
-
-ATTNS = ["softmax", "hyperglu", "hypermlp"]
-RESIDUALS = ["plain", "hc", "mhc"]
-
-
-def tiny(**kw):
-    base = dict(vocab_size=61, block_size=24, n_layer=2, n_head=2, n_embd=32, dropout=0.0,
-                qk_rank=8, op1_rank=4, op2_rank=4, chunk_T=7)
-    base.update(kw)
-    return GPTConfig(**base)
-
-
-def layer_cfg(impl="reference", **kw):
-    """One HyperGLU layer's config, from the official fields (HyperGLUConfig), running impl."""
-    base = dict(n_embd=24, n_head=2, block_size=20, qk_rank=8, vo_rank=12, op1_rank=3, op2_rank=3, chunk_T=6)
-    base.update(kw)
-    return dataclasses.replace(HyperGLUConfig(**base), impl=impl)
-
-
-def randomize(module, std=0.3):
-    """Move every parameter off its init so mixers, diagonals and HC coefficients all matter."""
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
-    return module
-
 
 # ---------------------------------------------------------------- every combination
 
@@ -65,16 +39,6 @@ def test_combination_trains_and_is_causal(attn, residual, impl):
 
 
 # ---------------------------------------------------------------- HyperGLU numerics (float64)
-
-
-def run_layer(layer, x, **kw):
-    x = x.clone().requires_grad_(True)
-    y = layer(x, **kw)
-    (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=y.device).view_as(y)).sum().backward()
-    grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
-    grads["x"] = x.grad.clone()
-    layer.zero_grad()
-    return y.detach(), grads
 
 
 @pytest.mark.parametrize("kind,norm,layout", list(itertools.product(["glu", "relu"], ["l2", "out_scale", "none"],

@@ -14,13 +14,8 @@ import ops.hyperglu
 import ops.hyperglu_cpu
 import ops.sinkhorn
 import ops.streams
+from conftest import ATTNS, RESIDUALS, assert_close, layer_cfg, randomize, run_layer, saved_bytes, tiny
 from model import GPT, HyperGLU, sinkhorn
-from test_model import ATTNS, RESIDUALS, layer_cfg, randomize, run_layer, tiny
-
-
-def close(a, b, tol):
-    """max |a - b| relative to max(1, max |b|)."""
-    return (a - b).abs().max().item() <= tol * max(1.0, b.abs().max().item())
 
 
 def cpu_kernel(monkeypatch, on):
@@ -155,18 +150,6 @@ def test_chunk_T_none_takes_the_device_default(monkeypatch):
     assert "cpu" in seen and 5 in seen and (y0 - y1).abs().max() < 1e-12
 
 
-def saved_bytes(fn):
-    """Bytes of the unique storages autograd keeps for backward."""
-    seen = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
-
-
 def test_fast_memory_grows_linearly_in_T():
     layer = HyperGLU(layer_cfg(n_embd=32, block_size=512, qk_rank=16, vo_rank=32, chunk_T=32, impl="fast"))
     mem = {}
@@ -251,7 +234,7 @@ def test_norm_proj_equals_norm_then_matmul(kind):
         assert (out - want).abs().max() < tol * want.abs().max()
         g = torch.randn_like(out)
         for a, b in zip(torch.autograd.grad(out, [x, W, *params], g), torch.autograd.grad(want, [x, W, *params], g)):
-            assert close(a, b, tol)
+            assert_close(a, b, tol)
 
 
 def test_add_outer_equals_the_out_of_place_update():
@@ -295,7 +278,7 @@ def test_stream_connections_match_the_reference(residual, dynamic, tanh, norm, n
     out0, g0 = stream_grads(m, H, f, "reference", monkeypatch)
     assert (out1 - out0).abs().max() < 1e-12
     for a, b in zip(g1, g0):
-        assert (a is None) == (b is None) and (a is None or close(a, b, 1e-11))
+        assert_close(a, b, 1e-11)
     monkeypatch.setitem(ops.dispatch.override, "streams", "pre")
     with torch.no_grad():
         assert (m(H, f) - out0).abs().max() < 1e-12
@@ -319,8 +302,7 @@ def test_gpt_fast_equals_reference(attn, residual):
         grads.append({n: p.grad for n, p in model.named_parameters()})
     assert abs(losses[0] - losses[1]) < 1e-12
     assert grads[0].keys() == grads[1].keys()
-    for n in grads[0]:
-        assert close(grads[1][n], grads[0][n], 1e-10), n
+    assert_close(grads[1], grads[0], 1e-10)
 
 
 def test_a_stale_build_lock_does_not_hang_the_cpu_kernel_build(tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter t
 import ops.dispatch  # noqa: E402
 import ops.streams_triton as st  # noqa: E402
 from model import GPT, sinkhorn  # noqa: E402
-from test_model import randomize, tiny  # noqa: E402
+from conftest import randomize, tiny  # noqa: E402
 
 
 def site(residual, n, dtype=torch.float64, dynamic=True, tanh=True, norm="layernorm", bias=True):
