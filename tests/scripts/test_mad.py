@@ -11,10 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import REPO
 from data import mad
 from model import GPT, GPTConfig
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def small(name):

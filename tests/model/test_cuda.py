@@ -1,6 +1,6 @@
 """The GPU path: every attention x residual on CUDA against the same model on the CPU, the chunked HyperGLU paths
 on CUDA against dense, decoding with the cache, bf16 autocast and torch.compile. Skipped where CUDA is missing
-(CI has no GPU); `TEST_DEVICE=cpu pytest tests/test_cuda.py` runs the same checks on the CPU."""
+(CI has no GPU); `TEST_DEVICE=cpu pytest tests/model/test_cuda.py` runs the same checks on the CPU."""
 import copy
 import dataclasses
 import itertools

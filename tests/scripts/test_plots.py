@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import plots.plot_loss
+from conftest import REPO
 from config.grids import CPU_BASE, FINEWEB_BASE, MAD_BASE, budget, label, variants
 from model import GPTConfig, param_report
 from plots.plot_loss import family, main as plot_main
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIGURE_5 = {  # the paper's Figure 5, panel by panel (../shared/research/hypermlp.md §5.1)
     "softmax": ["S", "S-p", "S-c", "S-pc", "S-g-q", "S-c-q", "S-c-v"],
     "ReLU attention": ["R", "R-p", "R-c", "R-pc", "R-cg-q", "R-c-q", "R-c-v"],

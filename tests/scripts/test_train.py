@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import REPO
 from data.shards import write_shard
 from data.tokenizer import char_spec, save_meta
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--device=cpu", "--n_layer=2", "--n_embd=32", "--n_head=2", "--block_size=32", "--batch_size=4",
         "--eval_iters=2", "--log_interval=1", "--warmup_iters=2", "--learning_rate=3e-3", "--min_lr=3e-4"]
 
