@@ -345,7 +345,7 @@ def chunked_cost(B, T, dtype=torch.bfloat16):
             return out
 
     cfg = match_budget(GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=T, bias=False), attn="hyperglu",
-                       n_head=2).hyperglu_config()
+                       n_head=2)
     h, H1 = cfg.n_head, 2 * cfg.n_head
     DK, DV = cfg.qk_rank // H1, 768 // h
     meta = dict(device="meta", dtype=dtype)
@@ -360,7 +360,9 @@ def chunked_cost(B, T, dtype=torch.bfloat16):
     step = hyperglu.default_chunk("cuda")
     no_autocast = lambda *a, **kw: contextlib.nullcontext()  # noqa: E731 (autocast has no meta device)
     with mock.patch("torch.autocast", no_autocast), FlopCounterMode(display=False) as fc, Bytes() as mem:
-        out = hyperglu.RecomputeRows.apply(cfg, 0, step, True, q, k, v, c1, c2, *params)
+        spec = hyperglu.Spec(glu=True, norm=True, eps=cfg.norm_eps, lag=True, mask=True, mask1=True, mask2=True,
+                             shortcut1=True, shortcut2=True, fused=False)
+        out = hyperglu.RecomputeRows.apply(spec, 0, step, True, q, k, v, c1, c2, *params)
         out.backward(torch.empty_like(out))
     flops, nbytes = fc.get_total_flops(), mem.bytes
     t_tensor, t_mem = flops / H100["bf16_flops"], nbytes / H100["hbm"]
