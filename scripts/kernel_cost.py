@@ -6,9 +6,9 @@ warp-instructions by class, following each runtime loop with its trip count, and
 A causal flash-attention baseline (scripts/flash_baseline.py, 12 heads x 64) is counted the same way, so the
 ratio shares the model's errors. docs/performance.md explains the method; it can prove a kernel slow, never fast.
 
-$ python scripts/kernel_cost.py                        # the table at T=1024 (B=16), 4096 (B=4), 16384 (B=1)
-$ python scripts/kernel_cost.py --json=cost.json       # also the JSON
-$ python scripts/kernel_cost.py --T=1024 --B=16 --detail   # one shape, launch by launch
+$ python -m scripts.kernel_cost                        # the table at T=1024 (B=16), 4096 (B=4), 16384 (B=1)
+$ python -m scripts.kernel_cost --json=cost.json       # also the JSON
+$ python -m scripts.kernel_cost --T=1024 --B=16 --detail   # one shape, launch by launch
 """
 import argparse
 import contextlib
@@ -17,19 +17,15 @@ import math
 import os
 import re
 import subprocess
-import sys
 import tempfile
 import time
 import warnings
 from unittest import mock
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
 # -----------------------------------------------------------------------------
 # the machine: an H100 SXM5. Throughputs per SM per clock, from NVIDIA's H100 datasheet and the Hopper whitepaper

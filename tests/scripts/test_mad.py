@@ -320,7 +320,7 @@ def test_table_scores_macro_best_per_seed_then_mean_with_micro_beside(tmp_path, 
 
 
 def test_runner_builds_the_sweep(tmp_path):
-    r = subprocess.run([sys.executable, "scripts/run_mad.py", "--dry_run", "--tasks=compression,memorization",
+    r = subprocess.run([sys.executable, "-m", "scripts.run_mad", "--dry_run", "--tasks=compression,memorization",
                         "--variants=S,G-cg-q-12o", f"--out={tmp_path}"], cwd=REPO, capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0, r.stderr
@@ -333,10 +333,10 @@ def test_runner_builds_the_sweep(tmp_path):
     hyper = [ln for ln in lines if "--attn=hyperglu" in ln]
     assert len(hyper) == 4 and all("--qk_rank=" in ln and "--n_head=2" in ln for ln in hyper)
     assert {ln.split("--learning_rate=")[1].split()[0] for ln in lines} == {"0.001", "0.003"}
-    bad = subprocess.run([sys.executable, "scripts/run_mad.py", "--dry_run", "--variants=Q"], cwd=REPO,
+    bad = subprocess.run([sys.executable, "-m", "scripts.run_mad", "--dry_run", "--variants=Q"], cwd=REPO,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "unknown variants ['Q']" in bad.stderr
-    r = subprocess.run([sys.executable, "scripts/run_mad.py", "--dry_run", "--tasks=compression", "--variants=S",
+    r = subprocess.run([sys.executable, "-m", "scripts.run_mad", "--dry_run", "--tasks=compression", "--variants=S",
                         "--lrs=1e-3", "--seeds=1337,1338", f"--out={tmp_path}"], cwd=REPO, capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0, r.stderr
@@ -344,6 +344,6 @@ def test_runner_builds_the_sweep(tmp_path):
                   for ln in r.stdout.strip().splitlines())
     assert runs == [("1337", f"{tmp_path}/mad-lite/S/compression/lr0.001-wd0"),
                     ("1338", f"{tmp_path}/mad-lite/S/compression/lr0.001-wd0-s1338")]
-    bad = subprocess.run([sys.executable, "scripts/run_mad.py", "--dry_run", "--seeds=1,x"], cwd=REPO,
+    bad = subprocess.run([sys.executable, "-m", "scripts.run_mad", "--dry_run", "--seeds=1,x"], cwd=REPO,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "error: --seeds='1,x' is not a comma-separated list of integers" in bad.stderr
