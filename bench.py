@@ -37,9 +37,10 @@ import torch
 
 import ops.dispatch
 import ops.hyperglu_cpu
+from config.budget import match_budget
 from configurator import configure, pick_device
 from diagnostics import peak_flops
-from model import GPT, CausalSelfAttention, GPTConfig, HyperGLU, KVCache, match_budget
+from model import GPT, CausalSelfAttention, GPTConfig, HyperGLU, KVCache
 
 # -----------------------------------------------------------------------------
 sections = "layer,model,decode"  # and "core" (the attention core alone)

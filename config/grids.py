@@ -1,6 +1,6 @@
 """
 The paper's design study (Figure 5) as experiment grids for scripts/run_grid.py: a base recipe plus, per variant,
-the settings that differ. Every matched variant gets its qk_rank and op ranks from model.match_budget against
+the settings that differ. Every matched variant gets its qk_rank and op ranks from config.budget.match_budget against
 the plain softmax model (S) of the same recipe; residual variants keep the attention of the variant they
 extend, so HC/mHC add their own parameters on top, as in their papers.
 
@@ -20,7 +20,8 @@ written in it:
 from dataclasses import fields, replace
 
 from checkpoint import upgrade
-from model import GPTConfig, match_budget, param_report
+from config.budget import match_budget, param_report
+from model import GPTConfig
 
 
 def variants(base, n_head_hyper=2):

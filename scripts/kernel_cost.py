@@ -256,7 +256,8 @@ SHAPES = [(1024, 16), (4096, 4), (16384, 1)]
 
 def hyperglu_shape(T, n_layer=12, n_embd=768):
     """(h, DK, DV, r1, r2) of config/hyperglu.py's budget-matched HyperGLU (2 heads) at block_size T."""
-    from model import GPTConfig, match_budget
+    from config.budget import match_budget
+    from model import GPTConfig
     cfg = match_budget(GPTConfig(n_layer=n_layer, n_head=12, n_embd=n_embd, block_size=T, bias=False),
                        attn="hyperglu", n_head=2)
     h = cfg.n_head
@@ -318,7 +319,8 @@ def chunked_cost(B, T, dtype=torch.bfloat16):
     bytes its ops move, counted by running it on the meta device under a dispatch mode, forward and backward."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils.flop_counter import FlopCounterMode
-    from model import GPTConfig, match_budget
+    from config.budget import match_budget
+    from model import GPTConfig
     from ops import hyperglu
 
     class Bytes(TorchDispatchMode):

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from checkpoint import load_checkpoint, upgrade
+from config.budget import match_budget, param_report
 from conftest import ATTNS, RESIDUALS, randomize, tiny
-from model import GPT, GPTConfig, KVCache, match_budget, param_report
+from model import GPT, GPTConfig, KVCache
 
 
 @pytest.mark.parametrize("attn,residual", list(itertools.product(ATTNS, RESIDUALS)))

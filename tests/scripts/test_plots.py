@@ -13,7 +13,8 @@ import torch
 import plots.plot_loss
 from conftest import REPO
 from config.grids import CPU_BASE, FINEWEB_BASE, MAD_BASE, budget, label, variants
-from model import GPTConfig, param_report
+from config.budget import param_report
+from model import GPTConfig
 from plots.plot_loss import family, main as plot_main
 
 FIGURE_5 = {  # the paper's Figure 5, panel by panel (../shared/research/hypermlp.md §5.1)

@@ -218,7 +218,8 @@ def test_resume_keeps_the_optimizer(dataset, tmp_path):
 def test_muon_groups_cover_every_parameter_once(attn, residual):
     """Muon takes the weights of the blocks' nn.Linear layers and nothing else; AdamW the rest; no parameter twice,
     none left out (wte and lm_head are one tensor)."""
-    from model import GPT, GPTConfig, MuonAdamW
+    from model import GPT, GPTConfig
+    from optim import MuonAdamW
     model = GPT(GPTConfig(attn=attn, residual=residual, n_layer=2, n_head=2, n_embd=32, block_size=16,
                           vocab_size=40, use_kv_conv=True, use_qk_gate=True, use_vo_gate=True))
     opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", "muon", 0.02, 0.95)
