@@ -768,25 +768,18 @@ class GPT(nn.Module):
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer="adamw",
                              muon_lr=0.02, muon_momentum=0.95):
-        """optimizer="adamw": AdamW with two groups. No decay: biases, norm weights, HC/mHC static parameters and
-        gate scalars, the op1/op2 diagonals (each module lists these in `no_decay`) and anything below 2-D.
-        Decay: 2-D weights, embeddings, the HyperGLU U/Vt factors and convs, the dynamic HC/mHC projections.
-
-        optimizer="muon": torch.optim.Muon (orthogonalized momentum, Newton-Schulz) takes the blocks' hidden
-        matrices: the weight of every nn.Linear inside a Block (softmax's c_attn, HyperGLU/HyperMLP's q, k, v,
-        both attentions' c_proj and gates, the op1/op2 controls, the MLP's c_fc and c_proj). Each maps one
-        activation to another, the case Muon is built for; the split follows nanochat and modded-nanogpt, which
-        give Muon the blocks' matrices and AdamW the rest. AdamW keeps the two groups above for the rest: wte
-        (tied to lm_head, so also the head) and wpe (lookup tables, not maps), norms and biases (1-D), the HC/mHC
-        coefficients (static_alpha/beta, s_*, W_alpha/W_beta, phi, alpha_*, b_*: they make the n x n stream
-        mixing, mHC's projected to doubly stochastic, not activations), HyperGLU's lag-indexed mixers (U, Vt: 3-D
-        (heads, L, rank); d) and the causal convs (3-D depthwise): Muon takes 2-D matrices only, and orthogonalizing
-        a lag or stream coefficient has no meaning. Muon's weight decay is weight_decay, decoupled as AdamW's.
-
-        Every group carries lr_scale: train.py sets group lr = schedule(step) * lr_scale, so all groups follow one
-        schedule shape (warmup, decay to min_lr / learning_rate of their peak). AdamW's groups have lr_scale 1
-        (learning_rate), Muon's muon_lr / learning_rate. Muon steps with torch's defaults: Nesterov, 5 quintic
-        Newton-Schulz steps in bf16 (modded-nanogpt's coefficients), lr scaled by sqrt(max(1, rows/cols))."""
+        """(optimizer, summary): the optimizer and the lines that describe its groups (train.py prints them).
+        optimizer="adamw": AdamW with two groups. No decay: biases, norm weights, HC/mHC static parameters and gate
+        scalars, the op1/op2 diagonals (each module lists these in `no_decay`) and anything below 2-D. Decay: 2-D
+        weights, embeddings, the HyperGLU U/Vt factors and convs, the dynamic HC/mHC projections.
+        optimizer="muon": torch.optim.Muon (orthogonalized momentum, Newton-Schulz; torch's defaults: Nesterov, 5
+        quintic steps in bf16, lr scaled by sqrt(max(1, rows/cols))) takes the weight of every nn.Linear inside a
+        Block: maps from one activation to another, the split of nanochat and modded-nanogpt. AdamW keeps the rest in
+        the groups above: wte/lm_head and wpe (lookup tables), norms and biases, the HC/mHC coefficients (they make
+        the n x n stream mixing), HyperGLU's lag-indexed mixers and the convs (3-D; orthogonalizing a lag or stream
+        coefficient has no meaning). Muon's weight decay is weight_decay, decoupled as AdamW's.
+        Every group carries lr_scale: train.py sets lr = schedule(step) * lr_scale, one schedule shape for all
+        (AdamW's 1, Muon's muon_lr / learning_rate)."""
         skip = {id(getattr(m, name)) for m in self.modules() for name in getattr(m, "no_decay", ())
                 if getattr(m, name, None) is not None}  # (static HC has no s_alpha, s_beta)
         hidden = set()
@@ -798,17 +791,15 @@ class GPT(nn.Module):
         no_decay = [p for i, (n, p) in params.items() if (p.dim() < 2 or i in skip) and i not in hidden]
         groups = [{"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
                   {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
-        if matrices:
-            print(f"num Muon parameter tensors: {len(matrices)}, with {sum(p.numel() for p in matrices):,} parameters")
-        print(f"num decayed parameter tensors: {len(decay)}, with {sum(p.numel() for p in decay):,} parameters")
-        print(f"num non-decayed parameter tensors: {len(no_decay)}, with {sum(p.numel() for p in no_decay):,} parameters")
+        summary = [f"num {what} parameter tensors: {len(ps)}, with {sum(p.numel() for p in ps):,} parameters"
+                   for what, ps in (("Muon", matrices), ("decayed", decay), ("non-decayed", no_decay)) if ps or what != "Muon"]
         fused = device_type == "cuda"
         adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
         if optimizer == "adamw":
-            return adamw
+            return adamw, "\n".join(summary)
         muon = torch.optim.Muon([{"params": matrices, "lr_scale": muon_lr / learning_rate}], lr=muon_lr,
                                 weight_decay=weight_decay, momentum=muon_momentum)
-        return MuonAdamW(muon, adamw)
+        return MuonAdamW(muon, adamw), "\n".join(summary)
 
     def flops_per_token(self, T=None):
         """Training FLOPs per token (forward + backward = 3x forward) at context T (default block_size): 6 N for

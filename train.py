@@ -22,7 +22,6 @@ out_dir, or --overwrite=True to move the old run aside), and a run holds a lock 
 
 import atexit
 import glob
-import io
 import json
 import math
 import os
@@ -32,7 +31,7 @@ import socket
 import subprocess
 import sys
 import time
-from contextlib import nullcontext, redirect_stdout
+from contextlib import nullcontext
 from dataclasses import asdict, fields
 
 import numpy as np
@@ -356,9 +355,9 @@ if ckpt is not None:
 model.grad_ckpt = grad_ckpt
 model.to(device)
 log(f"model: {attn} attention, {residual} residual, {model.get_num_params() / 1e6:.2f}M parameters")
-with nullcontext() if master else redirect_stdout(io.StringIO()):  # model.py prints the groups: once, not per rank
-    optim = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer,
-                                       muon_lr, muon_momentum)
+optim, summary = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer,
+                                            muon_lr, muon_momentum)
+log(summary)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
 start_step, best_val, elapsed0 = 0, float("inf"), 0.0
 if ckpt is not None:

@@ -46,7 +46,7 @@ def test_hyper_connections_equal_prenorm_at_init(attn, impl, residual, dynamic, 
 def test_streams_diverge_after_training():
     torch.manual_seed(0)
     model = GPT(tiny(residual="mhc"))
-    opt = model.configure_optimizers(0.0, 1e-2, (0.9, 0.95), "cpu")
+    opt, _ = model.configure_optimizers(0.0, 1e-2, (0.9, 0.95), "cpu")
     idx = torch.randint(0, 61, (4, 24))
     for _ in range(5):
         _, loss = model(idx, idx)
@@ -85,7 +85,7 @@ def test_static_hc_trains_with_its_static_parameters_undecayed():
     steps must train it (only its static [A_m | A_r] and B, no decay)."""
     torch.manual_seed(0)
     model = GPT(tiny(residual="hc", hc_dynamic=False))
-    opt = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), "cpu")
+    opt, _ = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), "cpu")
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
     res = {n for n in names.values() if ".res_" in n}
@@ -112,7 +112,7 @@ def test_mhc_rejects_the_hc_only_switches():
 @pytest.mark.parametrize("residual", ["hc", "mhc"])
 def test_hyper_connection_params_are_not_decayed(residual):
     model = GPT(tiny(residual=residual, attn="hyperglu"))
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    opt, _ = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     names = {id(p): n for n, p in model.named_parameters()}
     static = ("static_alpha", "static_beta", "s_alpha", "s_beta", "alpha_pre", "alpha_post", "alpha_res",

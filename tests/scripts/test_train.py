@@ -222,7 +222,7 @@ def test_muon_groups_cover_every_parameter_once(attn, residual):
     from optim import MuonAdamW
     model = GPT(GPTConfig(attn=attn, residual=residual, n_layer=2, n_head=2, n_embd=32, block_size=16,
                           vocab_size=40, use_kv_conv=True, use_qk_gate=True, use_vo_gate=True))
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", "muon", 0.02, 0.95)
+    opt, _ = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", "muon", 0.02, 0.95)
     assert isinstance(opt, MuonAdamW)
     muon = [id(p) for g in opt.optimizers["muon"].param_groups for p in g["params"]]
     adamw = [id(p) for g in opt.optimizers["adamw"].param_groups for p in g["params"]]
@@ -240,7 +240,7 @@ def test_muon_groups_cover_every_parameter_once(attn, residual):
     if attn != "softmax":
         assert {"U", "Vt", "d"} <= kept
     assert all(".conv." not in names[i] for i in muon)
-    plain = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")  # the default: AdamW alone, as before
+    plain, _ = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")  # the default: AdamW alone, as before
     assert isinstance(plain, torch.optim.AdamW)
     assert sorted(id(p) for g in plain.param_groups for p in g["params"]) == sorted(everything)
 
