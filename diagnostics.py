@@ -1,6 +1,7 @@
 """
-What train.py and bench.py measure besides the loss: the GPU's peak FLOPs (for MFU) and the HC / mHC mixing
-matrices with their composite Amax gain (train.py's amax_fwd, amax_bwd; plots/plot_connections.py draws them).
+What train.py and bench.py measure besides the loss: model FLOPs utilisation against the GPU's peak (mfu), and the
+HC / mHC mixing matrices with their composite Amax gain (train.py's amax_fwd, amax_bwd; plots/plot_connections.py
+draws them).
 """
 import torch
 
@@ -17,6 +18,15 @@ def peak_flops(device=None):
         return None
     name = torch.cuda.get_device_name(device)
     return next((f for key, f in PEAK_FLOPS if key in name), None)
+
+
+def mfu(model, fwdbwd_per_iter, dt, device=None):
+    """Model FLOPs utilisation of a GPT (model.flops_per_token at its block_size) against the GPU's bf16 dense peak;
+    None (print "n/a") on CPU, MPS or an unknown GPU, never a guessed number."""
+    peak, T = peak_flops(device), model.config.block_size
+    if peak is None or dt <= 0:
+        return None
+    return model.flops_per_token(T) * T * fwdbwd_per_iter / dt / peak
 
 
 @torch.no_grad()

@@ -9,8 +9,8 @@ A GPT language model, nanoGPT style, with two swappable parts:
                                  "mhc"      : manifold-constrained hyper-connections (DeepSeek, arXiv 2512.24880)
 
 Every equation of the papers is here in plain torch, top to bottom: small pieces, softmax attention, HyperGLU,
-the residual connections, the GPT, parameter accounting. GPTConfig.impl="fast" (default) swaps in the fast forms
-of ops/, each tested against its reference here (tests/test_ops.py); impl="reference" runs this file alone.
+the residual connections, the GPT. GPTConfig.impl="fast" (default) swaps in the fast forms of ops/ (ops.dispatch
+picks them), each tested against its reference here (tests/ops/); impl="reference" runs this file alone.
 Shapes: B batch, T sequence, C (= D) width, h heads, L block_size.
 """
 
@@ -27,7 +27,6 @@ import ops.conv
 import ops.dispatch
 import ops.hyperglu
 import ops.streams
-from diagnostics import peak_flops
 from optim import MuonAdamW
 
 
@@ -70,7 +69,7 @@ class CausalConv1d(nn.Module):
 
     def forward(self, xp):  # (B, T+k-1, C) -> (B, T, C)
         w = self.conv.weight  # (C, 1, k)
-        if ops.dispatch.conv(self.config.impl) == "shift":  # ops.conv: shifted multiply-adds with a hand-written backward
+        if ops.dispatch.conv(self.config.impl) == "shift":  # shifted multiply-adds, a hand-written backward
             return ops.conv.shift_conv(xp, w[:, 0, :])
         return F.conv1d(xp.transpose(1, 2), w, groups=w.shape[0]).transpose(1, 2)
 
@@ -145,7 +144,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(C, sum(self.widths), bias=config.bias)
         self.c_proj = nn.Linear(self.widths[2], C, bias=config.bias)
         self.act = torch.sigmoid if config.gate_act == "sigmoid" else (lambda t: t)
-        self.use_conv, self.qk_gate, self.vo_gate = (config.auto(k) for k in ("use_kv_conv", "use_qk_gate", "use_vo_gate"))
+        self.use_conv, self.qk_gate, self.vo_gate = map(config.auto, ("use_kv_conv", "use_qk_gate", "use_vo_gate"))
         if self.use_conv:
             self.conv1 = CausalConv1d(config)
             self.conv2 = CausalConv1d(config)
@@ -197,14 +196,18 @@ class CausalSelfAttention(nn.Module):
 # -----------------------------------------------------------------------------
 # HyperGLU / HyperMLP  (Lu & Yang, arXiv 2602.12601; official code LJC-FVNR/HyperMLP)
 #
-# One head, query row t, lags j = 0..t (most recent first), paper notation:
-#   z_j   = < q_t * g_qk(x_t), k_{t-j} >                              score row, k from conv1(x)
-#   z    <- z (I + diag(d1) + U1 diag(c1(x_t)) Vt1)                   R1 "op1", before the nonlinearity
-#   a     = softplus(z_scale) * relu(z_gate) / ||z_gate||             GLU; ReLU variant: relu(z) / ||z||
-#   a    <- a (I + diag(d2) + U2 diag(c2(x_t)) Vt2)                   R2 "op2", after it
-#   o_t   = W_o [ (sum_j a_j v_{t-j}) * g_vo(x_t) ]                   v from conv2(x)
-# The sequence mixers act along the lag axis of one row, so the layer is causal by construction and
-# its per-token output does not depend on how many older tokens follow (extension consistency).
+# A head is a two-layer MLP whose weights the context makes: hidden row h_t = x_t W1(X), output o_t = s(h_t) W2(X)
+# [slides p.15]. HyperMLP mixes both layers along the history in lag order X_{t:1} (most recent first):
+# W1 = L1(x_t) X_{t:1}^T R1(x_t), W2 = R2(x_t)^T X_{t:1} L2(x_t)^T, L the gated Q/K and V/O maps, R = D + A S(x_t) B^T
+# diagonal plus low rank [slides p.19-20]. One head, query row t, lags j = 0..t, numbered here [G1]-[G5] (the
+# paper's own equation numbers were not at hand; docs/implementation.md lists the same):
+#   [G1] z_j = < q_t * g_qk(x_t), k_{t-j} >                        score row, k from conv1(x)
+#   [G2] z  <- z (I + diag(d1) + U1 diag(c1(x_t)) Vt1)              R1 "op1", before the nonlinearity
+#   [G3] a   = softplus(z_scale) * relu(z_gate) / ||z_gate||        GLU; HyperMLP: relu(z) / ||z||
+#   [G4] a  <- a (I + diag(d2) + U2 diag(c2(x_t)) Vt2)              R2 "op2", after it
+#   [G5] o_t = W_o [ (sum_j a_j v_{t-j}) * g_vo(x_t) ]              v from conv2(x)
+# The mixers act along the lag axis of one row, so the layer is causal by construction and a token's output does
+# not depend on how many older tokens follow (extension consistency) [slides p.21].
 
 
 def to_lag(S, row_start):
@@ -225,7 +228,7 @@ def from_lag(Y, row_start):
 
 
 def lag_mix(X, ctrl, U, Vt, d, shortcut, invalid=None):
-    """R = I + diag(d) + U diag(ctrl) Vt on the right of each row of X (B, H, M, W), then masked: the paper's
+    """R = I + diag(d) + U diag(ctrl) Vt on the right of each row of X (B, H, M, W), then masked [G2, G4]: the paper's
     DPLR mixer R = D + A S(x) B^T.
     U (H, L, r), Vt (H, r, L), d (H, L) or None: a row of width W uses their last W rows (lag L-1-p <-> row p)."""
     s = U.shape[1] - X.shape[-1]
@@ -251,20 +254,13 @@ class LagMix(nn.Module):
         self.Vt = nn.Parameter(torch.randn(heads, rank, L) * init_std)
         self.d = nn.Parameter(torch.zeros(heads, L)) if use_diag else None
 
-    def factors(self, shortcut):
-        """(U, Vt, d, shortcut): what lag_mix and the fast paths take."""
-        return self.U, self.Vt, self.d, shortcut
-
 
 class HyperGLU(nn.Module):
-    """HyperGLU / HyperMLP attention layer (GPTConfig.attn "hyperglu" / "hypermlp"), a drop-in for the official
-    module: HyperGLU(HyperGLUConfig(...)) takes the official config, has its state_dict keys and shapes and its
-    forward(x, *, impl, chunk_T, attention_mask), (B, T, n_embd) in and out.
+    """HyperGLU / HyperMLP attention (GPTConfig.attn "hyperglu" / "hypermlp"); HyperGLU(HyperGLUConfig(...)) is a
+    drop-in for the official module: its state_dict keys and shapes, forward(x, *, impl, chunk_T, attention_mask).
     forward's impl: None runs GPTConfig.impl's form (ops.dispatch: "fast" is ops.hyperglu.attend, the same rows with
-    O(T d) saved activations; "reference" the rows below, chunk_T at a time); "dense" (all rows at once) and
-    "chunked" (chunk_T query rows at a time, each with only the keys it can see) run the reference rows, _rows.
-    `cache` (GPT.generate) keeps K (ungated), V and the conv tail and computes only the new rows: exact, since the
-    lag layout is extension consistent."""
+    O(T d) saved activations); "dense" and "chunked" run the reference rows, _rows, all at once or chunk_T query rows
+    at a time. `cache` (GPT.generate) keeps K (ungated), V and the conv tail and computes only the new rows."""
 
     def __init__(self, config):
         super().__init__()
@@ -273,7 +269,10 @@ class HyperGLU(nn.Module):
         self.glu = cfg.attn == "hyperglu"
         self.H1 = cfg.qk_heads()  # GLU: the gate heads, then the scale heads
         self.qk_rank, self.vo_rank = cfg.widths()
-        self.use_conv, self.qk_gate, self.vo_gate = (cfg.auto(k) for k in ("use_kv_conv", "use_qk_gate", "use_vo_gate"))
+        self.use_conv, self.qk_gate, self.vo_gate = map(cfg.auto, ("use_kv_conv", "use_qk_gate", "use_vo_gate"))
+        # the KV cache gives the full forward's outputs in the causal lag layout (extension consistent); the identity
+        # layout is not (a token's output depends on the sequence length), so generate recomputes it
+        self.cacheable = cfg.aligner_kind == "offset" and cfg.do_masking
         self.q = nn.Linear(D, self.qk_rank, bias=cfg.bias)
         self.k = nn.Linear(D, self.qk_rank, bias=cfg.bias)
         self.v = nn.Linear(D, self.vo_rank, bias=cfg.bias)
@@ -314,15 +313,16 @@ class HyperGLU(nn.Module):
             pos = torch.arange(n_past, n_past + T, device=x.device)
             q, k = apply_rope(q, pos, cfg.rope_base), apply_rope(k, pos, cfg.rope_base)
         if self.qk_gate:
-            q = q * heads(act(self.left_gate(x)), H1)
+            q = q * heads(act(self.left_gate(x)), H1)  # [G1] q_t * g_qk(x_t)
         if attention_mask is not None:  # padded keys contribute nothing (they still take a lag slot)
             m = attention_mask[:, None, :, None].to(k.dtype)
             k, v = k * m, v * m
         k, v = extend(cache, k, v, tail)
         c1 = heads(act(self.control1(x)), H1) if cfg.use_op1 else None  # (B, H1, T, r1)
         c2 = heads(act(self.control2(x)), h) if cfg.use_op2 else None   # (B, h, T, r2)
-        mix1 = self.op["mix"].factors(cfg.op1_shortcut) if cfg.use_op1 else None  # (U1, Vt1, d1, shortcut)
-        mix2 = self.op2["mix"].factors(cfg.op2_shortcut) if cfg.use_op2 else None
+        m1, m2 = (self.op["mix"] if cfg.use_op1 else None), (self.op2["mix"] if cfg.use_op2 else None)
+        mix1 = (m1.U, m1.Vt, m1.d, cfg.op1_shortcut) if m1 else None  # what lag_mix and ops.hyperglu take
+        mix2 = (m2.U, m2.Vt, m2.d, cfg.op2_shortcut) if m2 else None
 
         # score rows, chunk by chunk over the new query rows
         step = T if impl == "dense" else (chunk_T or cfg.chunk_T or ops.hyperglu.default_chunk(x.device))
@@ -337,14 +337,8 @@ class HyperGLU(nn.Module):
                            for _, row_start, args in ops.hyperglu.chunks(step, n_past, prune, q, k, v, c1, c2)], 2)
         y = y.transpose(1, 2)  # (B, T, h, dv)
         if self.vo_gate:
-            y = y * act(self.right_gate(x)).view(B, T, h, -1)
+            y = y * act(self.right_gate(x)).view(B, T, h, -1)  # [G5] * g_vo(x_t)
         return self.c_proj(y.reshape(B, T, self.vo_rank))
-
-    @property
-    def cacheable(self):
-        """Whether the KV cache gives the full forward's outputs: in the causal lag layout (extension consistent). The
-        identity layout is not (a token's output depends on the sequence length), so generate recomputes it."""
-        return self.config.aligner_kind == "offset" and self.config.do_masking
 
     def crop_block_size(self, block_size):
         """The mixers are indexed by lag with row L-1 = lag 0, so they keep their *last* block_size rows (the newest
@@ -370,13 +364,13 @@ class HyperGLU(nn.Module):
         cfg = self.config
         M, W = q.shape[2], k.shape[2]
         lag = cfg.aligner_kind == "offset"
-        S = q @ k.transpose(-1, -2)  # (B,H1,M,W) z_j = <q_t, k_{t-j}>, in key order
+        S = q @ k.transpose(-1, -2)  # (B,H1,M,W) [G1] z_j = <q_t, k_{t-j}>, in key order
         invalid = ops.hyperglu.invalid_mask(M, W, row_start, lag, q.device) if cfg.do_masking else None
         if lag:
             Z = to_lag(S, row_start)  # lag layout: column c holds lag W-1-c
         else:
             Z = S.masked_fill(invalid, 0.0) if invalid is not None else S
-        if cfg.use_op1:  # R1: z <- z (I + diag(d1) + U1 diag(c1) Vt1), before the nonlinearity
+        if cfg.use_op1:  # [G2] R1: z <- z (I + diag(d1) + U1 diag(c1) Vt1), before the nonlinearity
             Z = lag_mix(Z, c1, *mix1, invalid if cfg.op1_do_masking else None)
         h = cfg.n_head
         gate = Z[:, :h] if self.glu else Z  # GLU: qk-heads 0..h-1 gate, h..2h-1 scale (head j pairs j, h+j)
@@ -385,41 +379,36 @@ class HyperGLU(nn.Module):
             gate = F.normalize(_up(gate), dim=-1, eps=cfg.norm_eps).to(gate.dtype)
         elif cfg.attn_norm == "out_scale":  # fp32: eps=1e-12 and its inverse are not representable in fp16
             inv = 1.0 / _up(gate).norm(dim=-1, keepdim=True).clamp_min(cfg.norm_eps)  # (B,h,M,1)
-        a = F.relu(gate)  # a = softplus(z_scale) relu(z_gate) / ||z_gate||  (HyperMLP: relu(z) / ||z||)
+        a = F.relu(gate)  # [G3] a = softplus(z_scale) relu(z_gate) / ||z_gate||  (HyperMLP: relu(z) / ||z||)
         if self.glu:
             a = torch.logaddexp(Z[:, h:], Z.new_zeros(())) * a  # softplus, without F.softplus's x > 20 cut-off
-        if cfg.use_op2:  # R2: a <- a (I + diag(d2) + U2 diag(c2) Vt2), after it
+        if cfg.use_op2:  # [G4] R2: a <- a (I + diag(d2) + U2 diag(c2) Vt2), after it
             a = lag_mix(a, c2, *mix2, invalid if cfg.op2_do_masking else None)
         A = from_lag(a, row_start) if lag else a  # (B,h,M,W) back in key order
-        out = A @ v  # o_t = sum_j a_j v_{t-j}
+        out = A @ v  # [G5] o_t = sum_j a_j v_{t-j}
         if inv is not None:  # l2 and out_scale are the same function: ReLU is positively homogeneous
             out = (_up(out) * inv).to(out.dtype)
         return out
 
 
-def HyperGLUConfig(*, n_embd, n_head, block_size, bias=False, n_layer=24, qk_rank=None, vo_rank=None,
-                   conv_kernel_size=4, use_kv_conv=True, use_rope=False, rope_base=10000.0, attn_kind="glu",
-                   attn_norm="out_scale", gate_act="sigmoid", norm_eps=1e-12, use_qk_gate=True, use_vo_gate=True,
-                   impl_default="chunked", chunk_T=1024, use_op1=True, op1_rank=16, op1_per_head=True,
-                   op1_use_diag=True, op1_init_std=0.02, op1_shortcut=True, op1_do_masking=True, use_op2=True,
-                   op2_rank=16, op2_per_head=True, op2_use_diag=True, op2_init_std=0.02, op2_shortcut=True,
-                   op2_do_masking=True, do_masking=True, aligner_kind="offset", aligner_impl_train="padview",
-                   aligner_impl_eval="padview"):
-    """The official HyperGLUConfig (LJC-FVNR/HyperMLP), every field name and default, as the GPTConfig of one layer:
-    HyperGLU(HyperGLUConfig(...)) is the drop-in for the official module, on the reference rows as it runs.
-    attn_kind and use_rope become attn and pos; impl_default="dense" becomes one chunk of block_size rows (the same
-    rows); op*_per_head and aligner_impl_* accept their one valid value and are checked, not stored."""
-    kw = dict(locals())
-    for name, allowed in (("attn_kind", ("glu", "relu")), ("impl_default", ("dense", "chunked")),
-                          ("op1_per_head", (True,)), ("op2_per_head", (True,)),  # False: the official code fails
-                          ("aligner_impl_train", ("padview",)), ("aligner_impl_eval", ("padview",))):  # at forward
-        _choice("HyperGLUConfig", name, kw.pop(name), allowed)
-    rope = kw.pop("use_rope")
-    if impl_default == "dense":
-        kw["chunk_T"] = block_size
+def HyperGLUConfig(*, n_embd, n_head, block_size, bias=False, n_layer=24, use_rope=False, attn_kind="glu",
+                   impl_default="chunked", chunk_T=1024, op1_per_head=True, op2_per_head=True,
+                   aligner_impl_train="padview", aligner_impl_eval="padview", **options):
+    """The official HyperGLUConfig (LJC-FVNR/HyperMLP) as the GPTConfig of one layer, so HyperGLU(HyperGLUConfig(...))
+    is the drop-in, on the reference rows as the official module runs. Its other fields (qk_rank, vo_rank, use_kv_conv,
+    ..., do_masking, aligner_kind) are GPTConfig's, same names and defaults. attn_kind and use_rope become attn and pos,
+    impl_default="dense" one chunk of block_size rows (the same rows); op*_per_head and aligner_impl_* are checked
+    (the official code fails at forward without their one value), not stored."""
+    for name, value, allowed in (("attn_kind", attn_kind, ("glu", "relu")),
+                                 ("impl_default", impl_default, ("dense", "chunked")),
+                                 ("op1_per_head", op1_per_head, (True,)), ("op2_per_head", op2_per_head, (True,)),
+                                 ("aligner_impl_train", aligner_impl_train, ("padview",)),
+                                 ("aligner_impl_eval", aligner_impl_eval, ("padview",))):
+        _choice("HyperGLUConfig", name, value, allowed)
     try:
-        return GPTConfig(**kw, attn="hyperglu" if attn_kind == "glu" else "hypermlp", pos="rope" if rope else "none",
-                         impl="reference")
+        return GPTConfig(n_embd=n_embd, n_head=n_head, block_size=block_size, bias=bias, n_layer=n_layer,
+                         attn="hyperglu" if attn_kind == "glu" else "hypermlp", pos="rope" if use_rope else "none",
+                         chunk_T=block_size if impl_default == "dense" else chunk_T, impl="reference", **options)
     except ValueError as e:  # in the official names
         raise ValueError(str(e).replace("GPTConfig.pos='rope'", "GPTConfig.use_rope=True")
                          .replace("GPTConfig", "HyperGLUConfig")) from None
@@ -443,7 +432,7 @@ class Streams(nn.Module):
 
     def forward(self, x, f):
         form = ops.dispatch.streams(self.config.impl, x, self.kind)
-        if form != "reference":  # the same equations: fused Triton kernels on CUDA, else StreamPre and an in-place update
+        if form != "reference":  # the same equations: Triton kernels on CUDA, else StreamPre and an in-place update
             return ops.streams.connect(x, f, self.kind, form=form, **self.fast_args())
         with torch.autocast(x.device.type, enabled=False):
             u, res, post = self.streams(_up(x))
@@ -608,7 +597,7 @@ class GPTConfig:
     # HyperGLU / HyperMLP only
     attn_norm: str = "out_scale"       # "out_scale" | "l2" | "none" (l2 == out_scale exactly)
     norm_eps: float = 1e-12
-    chunk_T: int = None                # query rows per chunk; None -> ops.hyperglu.default_chunk: 128 on CPU, 1024 on GPU
+    chunk_T: int = None                # query rows per chunk; None -> 128 on a CPU, 1024 on a GPU
     use_op1: bool = True               # R1, before the nonlinearity
     op1_rank: int = 16
     op1_use_diag: bool = True
@@ -642,9 +631,9 @@ class GPTConfig:
         H1 = self.qk_heads()
         for name, width, heads in zip(("qk_rank", "vo_rank"), self.widths(), (H1, self.n_head)):
             if width <= 0 or width % heads:
-                what = f"{name}={width}" if getattr(self, name) is not None else f"n_embd={self.n_embd} (its {name}={width})"
+                what = f"{name}={width}" if getattr(self, name) is not None else f"n_embd={self.n_embd} ({width})"
                 raise ValueError(f"{o}.{what} is not valid for attn={self.attn!r}; expected a positive multiple of "
-                                 f"{heads} ({'2 * n_head: gate and scale heads' if heads != self.n_head else 'n_head'})")
+                                 f"{heads} ({'n_head' if heads == self.n_head else '2 n_head: gate and scale heads'})")
         if self.pos == "rope" and (self.widths()[0] // H1) % 2:
             raise ValueError(f"{o}.pos='rope' needs an even per-head Q/K dim; qk_rank={self.widths()[0]} over {H1} "
                              f"heads gives {self.widths()[0] // H1}")
@@ -759,7 +748,8 @@ class GPT(nn.Module):
     def crop_block_size(self, block_size):
         """Model surgery to a smaller block size: wpe keeps its first rows, each attention crops its own."""
         if not 0 < block_size <= self.config.block_size:
-            raise ValueError(f"crop_block_size: block_size={block_size} is not valid; expected 1..{self.config.block_size}")
+            raise ValueError(f"crop_block_size: block_size={block_size} is not valid; "
+                             f"expected 1..{self.config.block_size}")
         self.config.block_size = block_size  # the one block_size: every module reads this config
         if "wpe" in self.transformer:
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
@@ -768,18 +758,13 @@ class GPT(nn.Module):
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer="adamw",
                              muon_lr=0.02, muon_momentum=0.95):
-        """(optimizer, summary): the optimizer and the lines that describe its groups (train.py prints them).
-        optimizer="adamw": AdamW with two groups. No decay: biases, norm weights, HC/mHC static parameters and gate
-        scalars, the op1/op2 diagonals (each module lists these in `no_decay`) and anything below 2-D. Decay: 2-D
-        weights, embeddings, the HyperGLU U/Vt factors and convs, the dynamic HC/mHC projections.
-        optimizer="muon": torch.optim.Muon (orthogonalized momentum, Newton-Schulz; torch's defaults: Nesterov, 5
-        quintic steps in bf16, lr scaled by sqrt(max(1, rows/cols))) takes the weight of every nn.Linear inside a
-        Block: maps from one activation to another, the split of nanochat and modded-nanogpt. AdamW keeps the rest in
-        the groups above: wte/lm_head and wpe (lookup tables), norms and biases, the HC/mHC coefficients (they make
-        the n x n stream mixing), HyperGLU's lag-indexed mixers and the convs (3-D; orthogonalizing a lag or stream
-        coefficient has no meaning). Muon's weight decay is weight_decay, decoupled as AdamW's.
-        Every group carries lr_scale: train.py sets lr = schedule(step) * lr_scale, one schedule shape for all
-        (AdamW's 1, Muon's muon_lr / learning_rate)."""
+        """(optimizer, summary), the summary the lines that describe its groups (train.py prints them).
+        "adamw": AdamW with two groups. No decay: biases, norm weights, HC/mHC static parameters and gate scalars,
+        the op1/op2 diagonals (each module lists these in `no_decay`) and anything below 2-D; decay: the rest.
+        "muon": torch.optim.Muon (its defaults) takes the weight of every nn.Linear inside a Block, maps from one
+        activation to another (the split of nanochat and modded-nanogpt); AdamW's two groups keep the rest: lookup
+        tables, norms, biases, the HC/mHC coefficients, the lag-indexed mixers and the 3-D convs. Every group
+        carries lr_scale: train.py sets lr = schedule(step) * lr_scale (AdamW's 1, Muon's muon_lr / learning_rate)."""
         skip = {id(getattr(m, name)) for m in self.modules() for name in getattr(m, "no_decay", ())
                 if getattr(m, name, None) is not None}  # (static HC has no s_alpha, s_beta)
         hidden = set()
@@ -792,7 +777,8 @@ class GPT(nn.Module):
         groups = [{"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
                   {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
         summary = [f"num {what} parameter tensors: {len(ps)}, with {sum(p.numel() for p in ps):,} parameters"
-                   for what, ps in (("Muon", matrices), ("decayed", decay), ("non-decayed", no_decay)) if ps or what != "Muon"]
+                   for what, ps in (("Muon", matrices), ("decayed", decay), ("non-decayed", no_decay))
+                   if what != "Muon" or ps]
         fused = device_type == "cuda"
         adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
         if optimizer == "adamw":
@@ -816,14 +802,6 @@ class GPT(nn.Module):
         elif cfg.residual == "mhc":
             flops += 3 * 2 * cfg.n_layer * (2 * n * C + 2 * n * n * C + 2 * n * C)
         return flops
-
-    def estimate_mfu(self, fwdbwd_per_iter, dt, device=None):
-        """Model FLOPs utilisation against the GPU's bf16 dense peak; None (print "n/a") on CPU, MPS or an
-        unknown GPU, never a guessed number."""
-        peak, T = peak_flops(device), self.config.block_size
-        if peak is None or dt <= 0:
-            return None
-        return self.flops_per_token(T) * T * fwdbwd_per_iter / dt / peak
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, vocab_limit=None):

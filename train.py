@@ -44,6 +44,7 @@ from configurator import configure, pick_device
 from data import mad
 from data.shards import Loader, find_shards, val_batches
 from data.tokenizer import load_meta
+import diagnostics
 from diagnostics import amax_gain, connection_matrices
 from model import GPT, GPTConfig
 
@@ -659,7 +660,7 @@ while step < max_iters:
     dt_avg = dt if dt_avg is None else 0.9 * dt_avg + 0.1 * dt
     row = {}
     if step % log_interval == 0 or step == max_iters:
-        mfu = raw_model.estimate_mfu(proc_batch * accum, dt, device)
+        mfu = diagnostics.mfu(raw_model, proc_batch * accum, dt, device)
         row = dict(train_loss=train_loss, lr=lr, grad_norm=grad_norm, ms_per_step=dt * 1000,
                    tok_per_s=tokens_per_step / dt, mfu=mfu)
         norm = f"{grad_norm:.3f}" if grad_norm is not None else "n/a"

@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 
+import diagnostics
 from checkpoint import load_checkpoint, upgrade
 from config.budget import match_budget, param_report
 from conftest import ATTNS, RESIDUALS, randomize, tiny
@@ -175,7 +176,7 @@ def test_softmax_gate_flags_of_older_files_read_as_off(tmp_path):
 def test_flops_and_mfu():
     cfg = tiny(attn="hyperglu")
     model = GPT(cfg)
-    assert model.estimate_mfu(1, 0.1) is None  # CPU: n/a, never a made-up number
+    assert diagnostics.mfu(model, 1, 0.1) is None  # CPU: n/a, never a made-up number
     soft = GPT(tiny(qk_rank=None))  # nanoGPT's layer: Q/K width n_embd
     N = sum(p.numel() for n, p in soft.named_parameters() if "wpe" not in n)
     assert soft.flops_per_token(24) == 6 * N + 12 * 2 * 32 * 24  # nanoGPT's 6N + 12 L C T
