@@ -391,29 +391,6 @@ class HyperGLU(nn.Module):
         return out
 
 
-def HyperGLUConfig(*, n_embd, n_head, block_size, bias=False, n_layer=24, use_rope=False, attn_kind="glu",
-                   impl_default="chunked", chunk_T=1024, op1_per_head=True, op2_per_head=True,
-                   aligner_impl_train="padview", aligner_impl_eval="padview", **options):
-    """The official HyperGLUConfig (LJC-FVNR/HyperMLP) as the GPTConfig of one layer, so HyperGLU(HyperGLUConfig(...))
-    is the drop-in, on the reference rows as the official module runs. Its other fields (qk_rank, vo_rank, use_kv_conv,
-    ..., do_masking, aligner_kind) are GPTConfig's, same names and defaults. attn_kind and use_rope become attn and pos,
-    impl_default="dense" one chunk of block_size rows (the same rows); op*_per_head and aligner_impl_* are checked
-    (the official code fails at forward without their one value), not stored."""
-    for name, value, allowed in (("attn_kind", attn_kind, ("glu", "relu")),
-                                 ("impl_default", impl_default, ("dense", "chunked")),
-                                 ("op1_per_head", op1_per_head, (True,)), ("op2_per_head", op2_per_head, (True,)),
-                                 ("aligner_impl_train", aligner_impl_train, ("padview",)),
-                                 ("aligner_impl_eval", aligner_impl_eval, ("padview",))):
-        _choice("HyperGLUConfig", name, value, allowed)
-    try:
-        return GPTConfig(n_embd=n_embd, n_head=n_head, block_size=block_size, bias=bias, n_layer=n_layer,
-                         attn="hyperglu" if attn_kind == "glu" else "hypermlp", pos="rope" if use_rope else "none",
-                         chunk_T=block_size if impl_default == "dense" else chunk_T, impl="reference", **options)
-    except ValueError as e:  # in the official names
-        raise ValueError(str(e).replace("GPTConfig.pos='rope'", "GPTConfig.use_rope=True")
-                         .replace("GPTConfig", "HyperGLUConfig")) from None
-
-
 # -----------------------------------------------------------------------------
 # residual connections: x_next = conn(x, f), f the pre-norm sublayer (B,T,C) -> (B,T,C). plain works on (B,T,C);
 # hc and mhc on n streams (B,T,n,C), expanded once after the embedding and summed once before ln_f.

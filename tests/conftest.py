@@ -15,7 +15,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from bench import saved_bytes  # noqa: E402,F401  (the one counter of the bytes autograd saves)
-from model import GPTConfig, HyperGLUConfig  # noqa: E402
+from hyperglu import HyperGLUConfig  # noqa: E402
+from model import GPTConfig  # noqa: E402
 
 ATTNS = ["softmax", "hyperglu", "hypermlp"]
 RESIDUALS = ["plain", "hc", "mhc"]

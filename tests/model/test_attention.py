@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import ATTNS, layer_cfg, randomize, run_layer, tiny
-from model import GPT, HyperGLU, HyperGLUConfig, KVCache, apply_rope
+from hyperglu import HyperGLUConfig
+from model import GPT, HyperGLU, KVCache, apply_rope
 
 
 @pytest.mark.parametrize("kind,norm,layout", list(itertools.product(["glu", "relu"], ["l2", "out_scale", "none"],
