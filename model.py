@@ -155,8 +155,8 @@ class CausalSelfAttention(nn.Module):
 
     cacheable = True  # the KV cache gives the full forward's outputs
 
-    def crop_block_size(self, block_size):
-        """Nothing here depends on block_size."""
+    def crop_block_size(self, block_size):  # nothing here depends on block_size
+        pass
 
     def flops_per_token(self, T):
         """Forward FLOPs per token at context T: 2 per weight, and QK^T and AV over T keys (nanoGPT's count)."""
@@ -196,11 +196,9 @@ class CausalSelfAttention(nn.Module):
 # -----------------------------------------------------------------------------
 # HyperGLU / HyperMLP  (Lu & Yang, arXiv 2602.12601; official code LJC-FVNR/HyperMLP)
 #
-# A head is a two-layer MLP whose weights the context makes: hidden row h_t = x_t W1(X), output o_t = s(h_t) W2(X)
-# [slides p.15]. HyperMLP mixes both layers along the history in lag order X_{t:1} (most recent first):
-# W1 = L1(x_t) X_{t:1}^T R1(x_t), W2 = R2(x_t)^T X_{t:1} L2(x_t)^T, L the gated Q/K and V/O maps, R = D + A S(x_t) B^T
-# diagonal plus low rank [slides p.19-20]. One head, query row t, lags j = 0..t, numbered here [G1]-[G5] (the
-# paper's own equation numbers were not at hand; docs/implementation.md lists the same):
+# A head is a two-layer MLP whose weights the context makes, h_t = x_t W1(X), o_t = s(h_t) W2(X) [slides p.15];
+# HyperMLP mixes both along the history in lag order [p.19-20]: W1 = L1(x_t) X_{t:1}^T R1(x_t), W2 = R2(x_t)^T X_{t:1}
+# L2(x_t)^T, R = D + A S(x_t) B^T. One head, row t, lags j = 0..t, numbered [G1]-[G5] here (not the paper's numbers):
 #   [G1] z_j = < q_t * g_qk(x_t), k_{t-j} >                        score row, k from conv1(x)
 #   [G2] z  <- z (I + diag(d1) + U1 diag(c1(x_t)) Vt1)              R1 "op1", before the nonlinearity
 #   [G3] a   = softplus(z_scale) * relu(z_gate) / ||z_gate||        GLU; HyperMLP: relu(z) / ||z||
@@ -303,8 +301,7 @@ class HyperGLU(nn.Module):
         heads = lambda t, n: t.view(B, T, n, -1).transpose(1, 2)  # (B, T, n*d) -> (B, n, T, d)
 
         # keys from conv1(x), values from conv2(x); queries, gates and controls from x itself
-        xk = xv = x
-        tail = None
+        xk, xv, tail = x, x, None
         if self.use_conv:
             xp, tail = conv_pad(x, cache, cfg.conv_kernel_size)
             xk, xv = self.conv1(xp), self.conv2(xp)
@@ -341,8 +338,7 @@ class HyperGLU(nn.Module):
         return self.c_proj(y.reshape(B, T, self.vo_rank))
 
     def crop_block_size(self, block_size):
-        """The mixers are indexed by lag with row L-1 = lag 0, so they keep their *last* block_size rows (the newest
-        lags). GPT.crop_block_size sets config.block_size."""
+        """The mixers are indexed by lag, row L-1 = lag 0: they keep their *last* block_size rows (the newest lags)."""
         for mix in (m for m in self.modules() if isinstance(m, LagMix)):
             mix.U = nn.Parameter(mix.U[:, -block_size:])
             mix.Vt = nn.Parameter(mix.Vt[:, :, -block_size:])
@@ -350,9 +346,8 @@ class HyperGLU(nn.Module):
                 mix.d = nn.Parameter(mix.d[:, -block_size:])
 
     def flops_per_token(self, T):
-        """Forward FLOPs per token at context T: 2 per weight used once per token (not the mixers' U, Vt, d: per-lag
-        weights), and the score maps over T keys: QK^T, op1 per qk-head and op2 per head (rank-r products both ways),
-        AV."""
+        """Forward FLOPs per token at context T: 2 per weight used once per token (not the per-lag U, Vt, d), and the
+        score maps over T keys: QK^T, op1 per qk-head and op2 per head (rank-r products both ways), AV."""
         per_lag = {id(p) for m in self.modules() if isinstance(m, LagMix) for p in m.parameters()}
         N = sum(p.numel() for p in self.parameters() if id(p) not in per_lag)
         r1, r2 = self.config.op1_rank * self.config.use_op1, self.config.op2_rank * self.config.use_op2
@@ -392,9 +387,8 @@ class HyperGLU(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# residual connections: x_next = conn(x, f), f the pre-norm sublayer (B,T,C) -> (B,T,C). plain works on (B,T,C);
-# hc and mhc on n streams (B,T,n,C), expanded once after the embedding and summed once before ln_f.
-# Site k = 2*layer + (0 attention, 1 MLP).
+# residual connections: x_next = conn(x, f), f the pre-norm sublayer (B,T,C) -> (B,T,C). plain works on (B,T,C); hc
+# and mhc on n streams (B,T,n,C), made after the embedding, summed before ln_f. Site k = 2*layer + (0 attn, 1 MLP).
 
 class Plain(nn.Module):
     """Pre-norm residual: x + f(x), bit-identical to nanoGPT's x = x + attn(ln_1(x))."""
@@ -444,10 +438,9 @@ class HyperConnection(Streams):
             self.s_beta = nn.Parameter(torch.tensor(0.01))
 
     def coefficients(self, x):
-        """x (B,T,n,C) fp32 -> (w_in, w_res, post): the input weights A_m, the mixing A_r^T (row i builds stream
-        i) and B; per token (B,T,n), (B,T,n,n), (B,T,n) when dynamic, else shared (n,), (n,n), (n,).
-        Dynamic [HC Eqs. 8-13]: alpha = [A_m | A_r] + s_alpha tanh(d_alpha), beta = B + s_beta tanh(d_beta), with
-        d = norm(H) [W_alpha | W_beta] (B,T,n,n+2), each stream's own normalised vector."""
+        """x (B,T,n,C) fp32 -> (w_in, w_res, post) = (A_m, A_r^T (row i builds stream i), B): per token (B,T,n),
+        (B,T,n,n), (B,T,n) when dynamic [HC Eqs. 8-13], alpha = [A_m | A_r] + s_alpha tanh(d_alpha), beta = B +
+        s_beta tanh(d_beta) with d = norm(H) [W_alpha | W_beta] (B,T,n,n+2); else shared (n,), (n,n), (n,)."""
         if not self.dynamic:
             return self.static_alpha[:, 0], self.static_alpha[:, 1:].T, self.static_beta
         d = self.norm(x) @ torch.cat([self.W_alpha, self.W_beta], 1)
@@ -460,10 +453,9 @@ class HyperConnection(Streams):
         """What ops.streams.connect takes for this site (see there), passed explicitly."""
         if not self.dynamic:
             return dict(static=self.coefficients(None))
-        g, b = self.norm.weight, getattr(self.norm, "bias", None)
+        norm = (self.norm.weight, getattr(self.norm, "bias", None), isinstance(self.norm, nn.RMSNorm), self.norm.eps)
         return dict(params=(self.static_alpha, self.static_beta, self.s_alpha, self.s_beta), tanh=self.tanh,
-                    W=torch.cat([self.W_alpha, self.W_beta], 1),
-                    norm=(g, b, isinstance(self.norm, nn.RMSNorm), self.norm.eps))
+                    W=torch.cat([self.W_alpha, self.W_beta], 1), norm=norm)
 
     def streams(self, H):
         w_in, w_res, post = self.coefficients(H)
@@ -528,11 +520,8 @@ class ManifoldHC(Streams):
 
 def make_residual(config, site):
     """The one dispatch point for GPTConfig.residual."""
-    if config.residual == "hc":
-        return HyperConnection(config, site)
-    if config.residual == "mhc":
-        return ManifoldHC(config, site)
-    return Plain()
+    kind = {"hc": HyperConnection, "mhc": ManifoldHC}.get(config.residual)
+    return kind(config, site) if kind else Plain()
 
 
 # -----------------------------------------------------------------------------
@@ -540,9 +529,9 @@ def make_residual(config, site):
 
 @dataclass
 class GPTConfig:
-    """The one configuration of the model, every field a train.py setting. The attention options carry the official
-    HyperGLU names and defaults; None in use_kv_conv, use_qk_gate, use_vo_gate means on for hyperglu/hypermlp, off
-    for softmax (auto(), kept None so that replace(cfg, attn=...) re-resolves it)."""
+    """The one configuration of the model, every field a train.py setting; the attention options have the official
+    HyperGLU names and defaults. None in use_kv_conv, use_qk_gate, use_vo_gate: on for hyperglu/hypermlp, off for
+    softmax (auto(); kept None, so replace(cfg, attn=...) re-resolves it)."""
     vocab_size: int = 50304            # GPT-2's 50257 padded up to a multiple of 64
     block_size: int = 1024             # L, the longest sequence; HyperGLU's lag-indexed mixers have L rows
     n_layer: int = 12
@@ -618,8 +607,7 @@ class GPTConfig:
             warnings.warn(f"{o}: do_masking=False with aligner_kind='offset' is not bidirectional (the lag layout "
                           f"never reads future keys); use aligner_kind='identity'", RuntimeWarning)
 
-    def qk_heads(self):
-        """Q/K heads: HyperGLU has a gate and a scale head for each output head (2 n_head), the others n_head."""
+    def qk_heads(self):  # HyperGLU: a gate and a scale head per output head
         return 2 * self.n_head if self.attn == "hyperglu" else self.n_head
 
     def widths(self):
@@ -629,8 +617,7 @@ class GPTConfig:
 
     def auto(self, name):
         """use_kv_conv, use_qk_gate or use_vo_gate with None resolved: on for HyperGLU/HyperMLP, off for softmax."""
-        value = getattr(self, name)
-        return self.attn != "softmax" if value is None else value
+        return self.attn != "softmax" if getattr(self, name) is None else getattr(self, name)
 
 
 class Block(nn.Module):
@@ -783,9 +770,8 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, vocab_limit=None):
         """Sample max_new_tokens after idx (B, T); temperature=0 is greedy, vocab_limit masks padded ids. With the
-        cache, the prompt is prefilled once and each step feeds one token (its logits equal the full forward's).
-        Past block_size the window slides over the newest block_size tokens as nanoGPT's crop does: every position
-        shifts, so each of those steps recomputes the window."""
+        cache, the prompt is prefilled once and each step feeds one token; past block_size the window slides over the
+        newest block_size tokens as nanoGPT's crop does, so each of those steps recomputes it (every position moves)."""
         cfg, L = self.config, self.config.block_size
         use_cache = use_cache and all(block.attn.cacheable for block in self.transformer.h)
         cache = KVCache(cfg.n_layer) if use_cache else None
