@@ -3,6 +3,8 @@ What train.py and bench.py measure besides the loss: model FLOPs utilisation aga
 HC / mHC mixing matrices with their composite Amax gain (train.py's amax_fwd, amax_bwd; plots/plot_connections.py
 draws them).
 """
+from contextlib import nullcontext
+
 import torch
 
 
@@ -61,3 +63,14 @@ def amax_gain(res_list):
         fwd.append(C.abs().sum(-1).max().item())
         bwd.append(C.abs().sum(-2).max().item())
     return fwd, bwd
+
+
+def amax(model, idx, ctx=nullcontext()):
+    """(forward, backward) composite Amax gain over all of a model's HC/mHC sites on the batch idx (B, T), the
+    matrices taken in eval mode under ctx (train.py's autocast)."""
+    model.eval()
+    with ctx:
+        mats = connection_matrices(model, idx)
+    model.train()
+    fwd, bwd = amax_gain([res for _, _, res in mats])
+    return fwd[-1], bwd[-1]
