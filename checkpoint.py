@@ -1,11 +1,11 @@
 """
 train.py's checkpoints: saving them atomically, what a resumed run continues (its settings' differences, the
-optimizer, the RNG states), and loading them without running code. A full unpickle (torch.load with weights_only=False) runs
-whatever a file from someone else asks for; weights_only=True reads tensors, numbers, strings, lists and dicts
-only. train.py stores everything in those types (the numpy and Python RNG states as lists). Checkpoints written
-before that hold numpy objects: they load only with trust=True (train.py and sample.py: --trust_checkpoint=True).
-Older files' model_args are read as today's GPTConfig takes them (upgrade); load_model builds the model a checkpoint
-holds.
+optimizer, the RNG states), and loading them without running code. A full unpickle (torch.load with
+weights_only=False) runs whatever a file from someone else asks for; weights_only=True reads tensors, numbers,
+strings, lists and dicts only. train.py stores everything in those types (the numpy and Python RNG states as
+lists). Checkpoints written before that hold numpy objects: they load only with trust=True (train.py and sample.py:
+--trust_checkpoint=True). Older files' model_args are read as today's GPTConfig takes them (upgrade); load_model
+builds the model a checkpoint holds.
 """
 import os
 import pickle

@@ -18,8 +18,8 @@ import torch
 
 from checkpoint import write_atomic
 
-COLUMNS = ["step", "tokens", "train_loss", "val_loss", "lr", "grad_norm", "ms_per_step", "tok_per_s", "mfu", "elapsed_s",
-           "amax_fwd", "amax_bwd", "val_acc", "val_acc_macro"]
+COLUMNS = ["step", "tokens", "train_loss", "val_loss", "lr", "grad_norm", "ms_per_step", "tok_per_s", "mfu",
+           "elapsed_s", "amax_fwd", "amax_bwd", "val_acc", "val_acc_macro"]
 
 
 class RunFolder:
@@ -40,7 +40,8 @@ class RunFolder:
             return f"out_dir '{out_dir}' cannot be created: {e.strerror}"
         holder = lock(os.path.join(out_dir, "LOCK"))
         if holder:
-            return f"out_dir '{out_dir}' is in use by another run ({holder}); wait for it to end, or pick another --out_dir"
+            return (f"out_dir '{out_dir}' is in use by another run ({holder}); wait for it to end, or pick another "
+                    f"--out_dir")
         if init_from == "scratch" and (os.path.exists(self.ckpt_last) or os.path.exists(self.ckpt_best)):
             if not overwrite:
                 return (f"out_dir '{out_dir}' holds the checkpoints of an earlier run, which a scratch run would "
@@ -64,9 +65,10 @@ class RunFolder:
     def start(self, config, fresh, wandb_log=False, wandb_project="", wandb_run_name="", **info):
         """Write config.json (config, info, the commit and the environment) and metrics.csv's header (fresh: a new
         run; resuming keeps the file's own columns, so the rows stay aligned with its header), and start wandb."""
+        commit = (git("rev-parse", "HEAD") or "").strip() or "unknown"
         write_atomic(os.path.join(self.dir, "config.json"), lambda f: json.dump(
-            dict(config, **info, git_commit=(git("rev-parse", "HEAD") or "").strip() or "unknown", git_dirty=git_dirty(),
-                 torch_version=torch.__version__, python_version=platform.python_version(), argv=sys.argv), f, indent=2))
+            dict(config, **info, git_commit=commit, git_dirty=git_dirty(), torch_version=torch.__version__,
+                 python_version=platform.python_version(), argv=sys.argv), f, indent=2))
         if fresh or not os.path.isfile(self.metrics) or os.path.getsize(self.metrics) == 0:
             # a new run (the folder holds no checkpoint): rows of an attempt that never saved one do not carry over
             write_atomic(self.metrics, lambda f: f.write(",".join(COLUMNS) + "\n"))

@@ -16,7 +16,8 @@ below that covers the call:
             "pre"       every call (ops/streams.py: StreamPre and add_outer)
 
 The environment is read here, once, at import: NAME=0 turns a form off, and HYPERGLU_BLOCK="BM,DVO,DVC,num_warps"
-sets the HyperGLU kernels' tiles (ops/hyperglu_triton.py). Triton modules are imported on first use, so tests can set TRITON_INTERPRET=1 first.
+sets the HyperGLU kernels' tiles (ops/hyperglu_triton.py). Triton modules are imported on first use, so tests can set
+TRITON_INTERPRET=1 first.
 Tests pin a form with `override` (the pattern of nanochat's flash_attention._override_impl): override[op] = form makes
 that form the first choice whatever the device, dtype and environment, for the variants it covers (the Triton
 interpreter runs the kernels on CPU tensors; "fused" still needs CPU fp32/fp64 tensors, the lag layout and a build);

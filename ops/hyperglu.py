@@ -49,7 +49,7 @@ def attend(q, k, v, c1, c2, mix1, mix2, n_past=0, *, glu, norm, eps, lag=True, m
         return hyperglu_triton.attend(q, k, v, c1, c2, mix1, mix2, n_past, glu, norm, eps)
     spec = Spec(glu, norm, eps, lag, masks[0], masks[0] and masks[1], masks[0] and masks[2],
                 mix1 is not None and mix1[3], mix2 is not None and mix2[3], form == "fused")
-    params = tuple(mix[i] if mix is not None else None for mix in (mix1, mix2) for i in range(3))  # (U1, Vt1, d1, U2, ..)
+    params = tuple(m[i] if m is not None else None for m in (mix1, mix2) for i in range(3))  # (U1, Vt1, d1, U2, ..)
     step = chunk or default_chunk(q.device)
     prune = lag and spec.mask  # a row only needs keys up to itself
     # contiguous per head: every chunk's k[:, :, :W] and v[:, :, :W] then fold (B, heads) into one GEMM batch
