@@ -84,3 +84,12 @@ def streams(impl, x, kind):
             torch.float32, torch.bfloat16, torch.float16)) and triton_module("streams_triton") is not None:
         return "triton"
     return "pre"
+
+
+
+# With a GPU, the kernels are imported now, outside any torch.compile trace (train.py's first forward is compiled).
+# Without one, on first use, so that their tests can set TRITON_INTERPRET=1 before.
+if torch.cuda.is_available():
+    for _name, _switch in (("hyperglu_triton", "HYPERGLU_TRITON"), ("streams_triton", "STREAMS_TRITON")):
+        if _switch not in OFF:
+            triton_module(_name)
