@@ -31,14 +31,16 @@ import statistics
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 
 import torch
 
+import ops.dispatch
 import ops.hyperglu_cpu
+from config.budget import match_budget
 from configurator import configure, pick_device
-from dataclasses import replace
-
-from model import GPT, CausalSelfAttention, GPTConfig, HyperGLU, KVCache, match_budget, peak_flops
+from diagnostics import peak_flops
+from model import GPT, CausalSelfAttention, GPTConfig, HyperGLU, KVCache
 
 # -----------------------------------------------------------------------------
 sections = "layer,model,decode"  # and "core" (the attention core alone)
@@ -67,24 +69,8 @@ repeats = 7
 json = ""                    # also write every table to this JSON file
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))]
-try:
-    configure(globals(), config_keys, sys.argv[1:], {"device": str})
-except ValueError as e:
-    sys.exit(f"error: {e}")
-try:
-    device, dev = pick_device(device)
-except ValueError as e:
-    sys.exit(f"error: {e}")
-if dev == "cpu" and threads:
-    torch.set_num_threads(threads)
-ctx = nullcontext() if dtype == "float32" else torch.autocast(dev, dtype=getattr(torch, dtype))
-wanted = set(sections.split(","))
-unknown = wanted - {"core", "layer", "model", "decode"}
-if unknown:
-    sys.exit(f"error: sections={sections!r}: unknown {sorted(unknown)}; expected core, layer, model, decode")
-if impl not in ("fast", "reference"):
-    sys.exit(f"error: impl={impl!r} is not valid; expected 'fast' or 'reference'")
-torch.manual_seed(0)
+dev = ctx = gpu = mem_name = None  # set by main(): the device type, the autocast context, the device's name
+tables = []
 
 
 def matched(base, attn):
@@ -121,15 +107,8 @@ def timed(fns):
     return [statistics.median(t) for t in ts], ratios
 
 
-def memory(fn):
-    """Bytes: saved-for-backward storages on CPU, peak allocated on GPU."""
-    if dev == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        sync()
-        return torch.cuda.max_memory_allocated() - base
+def saved_bytes(fn):
+    """Bytes of the unique storages autograd saves for backward while fn runs (saved_tensors_hooks)."""
     seen = {}
 
     def pack(t):
@@ -140,7 +119,16 @@ def memory(fn):
     return sum(seen.values())
 
 
-tables = []
+def memory(fn):
+    """Bytes: saved-for-backward storages on CPU, peak allocated on GPU."""
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        sync()
+        return torch.cuda.max_memory_allocated() - base
+    return saved_bytes(fn)
 
 
 def table(title, cols, rows):
@@ -158,15 +146,8 @@ def table(title, cols, rows):
     sys.stdout.flush()
 
 
-mem_name = "peak MiB" if dev == "cuda" else "saved MiB"
-gpu = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
-fused = dev == "cpu" and impl == "fast" and ops.hyperglu_cpu.enabled()
-print(f"bench on {gpu}, {dtype}, torch {torch.__version__}, impl={impl}"
-      + (f", {torch.get_num_threads()} threads, HyperGLU fused CPU kernel {'on' if fused else 'off'}" if dev == "cpu"
-         else "") + (f", torch.compile (mode {compile_mode})" if compile else ""))
-
-# ----------------------------------------------------------------------------- attention core
-if "core" in wanted:
+def core():
+    """The attention core: SDPA against ops.hyperglu.attend, forward + backward."""
     import torch.nn.functional as F
 
     import ops.hyperglu
@@ -175,8 +156,8 @@ if "core" in wanted:
     peak = peak_flops(device)
     for T in [int(t) for t in T_list.split(",")]:
         base = GPTConfig(n_layer=model_layers, n_head=n_head, n_embd=n_embd, block_size=T, bias=False)
-        hcfg = matched(base, "hyperglu").hyperglu_config()
-        H1, h, r1, r2, qk = 2 * hyper_heads, hyper_heads, hcfg.op1_rank, hcfg.op2_rank, hcfg.qk_rank or n_embd // 4
+        hcfg = matched(base, "hyperglu")
+        H1, h, r1, r2, qk = 2 * hyper_heads, hyper_heads, hcfg.op1_rank, hcfg.op2_rank, hcfg.widths()[0]
         rnd = lambda *shape, scale=1.0: (torch.randn(*shape, device=device) * scale).to(dt).requires_grad_()
         hd = n_embd // n_head
         soft = [rnd(batch_size, n_head, T, hd) for _ in range(3)]
@@ -191,9 +172,11 @@ if "core" in wanted:
         def sdpa():
             y = F.scaled_dot_product_attention(*soft, is_causal=True)
             y.backward(torch.ones_like(y))
+        mixers = (*params[:3], True), (*params[3:], True)  # (U, Vt, d, shortcut) of op1 and op2
+        form = ops.dispatch.hyperglu("fast", hyper[0], *mixers, True, (True, True, True))
 
         def hyperglu():
-            y = ops.hyperglu.attend(hcfg, *hyper, params)
+            y = ops.hyperglu.attend(*hyper, *mixers, glu=True, norm=True, eps=hcfg.norm_eps, form=form)
             y.backward(torch.ones_like(y))
         fns = [sdpa, hyperglu]
         secs, ratios = timed(fns)
@@ -204,13 +187,14 @@ if "core" in wanted:
             tflops = 3 * f * batch_size * T / t / 1e12
             rows.append([str(T), name, f"{t * 1e3:.2f}", f"{r:.2f}x", f"{mb:.0f}", f"{mb / mbs[0]:.2f}x",
                          f"{tflops:.1f}", f"{tflops * 1e12 / peak * 100:.1f}%" if peak else "n/a"])
-        del soft, hyper, params
+        soft = hyper = params = None  # freed before the next T
     table(f"attention core, forward + backward (B={batch_size}, width {n_embd}, {dtype}; softmax {n_head} heads, "
           f"hyperglu {hyper_heads} heads, budget matched)",
           ["T", "attn", "ms", "time vs softmax", mem_name, "memory vs softmax", "TFLOP/s", "MFU"], rows)
 
-# ----------------------------------------------------------------------------- one layer
-if "layer" in wanted:
+
+def layer():
+    """One attention layer of each kind, forward + backward."""
     rows = []
     for T in [int(t) for t in T_list.split(",")]:
         x = torch.randn(batch_size, T, n_embd, device=device, requires_grad=True)
@@ -220,8 +204,8 @@ if "layer" in wanted:
                 layer = CausalSelfAttention(GPTConfig(n_embd=n_embd, n_head=n_head, block_size=T, bias=False,
                                                       impl=impl))
             else:
-                layer = HyperGLU(GPTConfig(attn=attn, n_embd=n_embd, n_head=hyper_heads, block_size=T,
-                                           bias=False).hyperglu_config(), fast=impl == "fast")
+                layer = HyperGLU(GPTConfig(attn=attn, n_embd=n_embd, n_head=hyper_heads, block_size=T, bias=False,
+                                           impl=impl))
             layers.append(layer.to(device))
 
         def fwd(layer):
@@ -240,8 +224,9 @@ if "layer" in wanted:
     table(f"one attention layer, forward + backward (B={batch_size}, n_embd={n_embd}; softmax {n_head} heads, "
           f"hyper {hyper_heads} heads)", ["T", "attn", "ms", "time vs softmax", mem_name, "memory vs softmax"], rows)
 
-# ----------------------------------------------------------------------------- whole model
-if "model" in wanted:
+
+def model():
+    """A training step (forward, backward, AdamW) of the whole GPT for every attn x residual."""
     rows = []
     soft = GPTConfig(vocab_size=50304 if dev == "cuda" else 8192, block_size=model_T, n_layer=model_layers,
                      n_head=model_heads, n_embd=model_embd, bias=False, impl=impl)
@@ -278,8 +263,9 @@ if "model" in wanted:
           ["attn", "residual", "ms/step", "ms/layer", "tok/s", "time vs softmax/plain", mem_name,
            "memory vs softmax/plain", "MFU"], rows)
 
-# ----------------------------------------------------------------------------- decoding
-if "decode" in wanted:
+
+def decode():
+    """ms per generated token with the KV cache and with full recompute."""
     rows = []
     base_cfg = GPTConfig(vocab_size=8192, block_size=decode_T, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                          bias=False, impl=impl)
@@ -320,3 +306,38 @@ if "decode" in wanted:
         del model
     table(f"decoding at a {decode_T}-token context ({n_layer} x {n_embd}, batch 1)",
           ["attn", "ms/token, KV cache", "ms/token, full recompute", "speed-up"], rows)
+
+
+SECTIONS = {"core": core, "layer": layer, "model": model, "decode": decode}
+
+
+def main():
+    global device, dev, ctx, gpu, mem_name
+    try:
+        configure(globals(), config_keys, sys.argv[1:], {"device": str})
+        device, dev = pick_device(device)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    wanted = sections.split(",")
+    unknown = set(wanted) - set(SECTIONS)
+    if unknown:
+        sys.exit(f"error: sections={sections!r}: unknown {sorted(unknown)}; expected core, layer, model, decode")
+    if impl not in ("fast", "reference"):
+        sys.exit(f"error: impl={impl!r} is not valid; expected 'fast' or 'reference'")
+    if dev == "cpu" and threads:
+        torch.set_num_threads(threads)
+    ctx = nullcontext() if dtype == "float32" else torch.autocast(dev, dtype=getattr(torch, dtype))
+    torch.manual_seed(0)
+    mem_name = "peak MiB" if dev == "cuda" else "saved MiB"
+    gpu = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
+    fused = dev == "cpu" and impl == "fast" and "HYPERGLU_FUSED" not in ops.dispatch.OFF and ops.hyperglu_cpu.load()
+    print(f"bench on {gpu}, {dtype}, torch {torch.__version__}, impl={impl}"
+          + (f", {torch.get_num_threads()} threads, HyperGLU fused CPU kernel {'on' if fused else 'off'}"
+             if dev == "cpu" else "") + (f", torch.compile (mode {compile_mode})" if compile else ""))
+    for name in SECTIONS:  # in this order, whatever the order asked
+        if name in wanted:
+            SECTIONS[name]()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,14 +1,22 @@
 """
-Loading a train.py checkpoint without running code. A full unpickle (torch.load with weights_only=False) runs
-whatever a file from someone else asks for; weights_only=True reads tensors, numbers, strings, lists and dicts
-only. train.py stores everything in those types (the numpy and Python RNG states as lists). Checkpoints written
-before that hold numpy objects: they load only with trust=True (train.py and sample.py: --trust_checkpoint=True).
-Older files' model_args are read as today's GPTConfig takes them (upgrade).
+train.py's checkpoints: saving them atomically, what a resumed run continues (its settings' differences, the
+optimizer, the RNG states), and loading them without running code. A full unpickle (torch.load with
+weights_only=False) runs whatever a file from someone else asks for; weights_only=True reads tensors, numbers,
+strings, lists and dicts only. train.py stores everything in those types (the numpy and Python RNG states as
+lists). Checkpoints written before that hold numpy objects: they load only with trust=True (train.py and sample.py:
+--trust_checkpoint=True). Older files' model_args are read as today's GPTConfig takes them (upgrade); load_model
+builds the model a checkpoint holds.
 """
+import os
 import pickle
+import random
 import re
+from dataclasses import asdict
 
+import numpy as np
 import torch
+
+from model import GPT, GPTConfig
 
 
 def load_checkpoint(path, trust=False):
@@ -32,6 +40,14 @@ def load_checkpoint(path, trust=False):
     return state
 
 
+def load_model(state):
+    """The model saved in a checkpoint dict as load_checkpoint reads it (a stray torch.compile '_orig_mod.' prefix is
+    stripped)."""
+    model = GPT(GPTConfig(**state["model_args"]))
+    model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in state["model"].items()})
+    return model
+
+
 RETIRED = ("impl_default", "aligner_impl_train", "aligner_impl_eval", "op1_per_head", "op2_per_head")
 
 
@@ -44,3 +60,103 @@ def upgrade(args, weights=None):
                                           or weights is not None and not any("_gate." in k for k in weights)):
         args = dict(args, use_qk_gate=None, use_vo_gate=None)
     return {k: v for k, v in args.items() if k not in RETIRED}
+
+
+# -----------------------------------------------------------------------------
+# saving and resuming a train.py run
+
+def write_atomic(path, write, mode="w", tmp=None):
+    """write(f) into a temp file, fsync it, rename it over path: a crash mid-write leaves the previous file."""
+    tmp = tmp or f"{path}.tmp-{os.getpid()}"
+    with open(tmp, mode) as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save(state, paths, folder):
+    """The training state to each of paths, atomically, then folder's entries to disk. train.py lists ckpt_best before
+    ckpt_last, so a kill between the two never leaves ckpt_last recording a best that ckpt_best.pt does not hold."""
+    for path in paths:
+        write_atomic(path, lambda f: torch.save(state, f), "wb", f"{path}.tmp-{state['step']}")
+    dirfd = os.open(folder, os.O_RDONLY)
+    os.fsync(dirfd)
+    os.close(dirfd)
+
+
+def rng_state(device):
+    """This process's RNG states in types the safe loader reads (tensors, lists, ints): no numpy objects."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+            "python": [version, list(internal), gauss_next],
+            "cuda": torch.cuda.get_rng_state(device) if torch.device(device).type == "cuda" else None}
+
+
+def set_rng_state(rng, device):
+    torch.set_rng_state(rng["torch"])
+    kind, keys, pos, has_gauss, gauss = rng["numpy"]  # stored as a list (a tuple with an array before)
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = rng["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if torch.device(device).type == "cuda" and rng["cuda"] is not None:
+        torch.cuda.set_rng_state(rng["cuda"], device)
+
+
+def load_for_resume(last, best, trust=False):
+    """The checkpoint at `last` (ckpt_last.pt) that init_from=resume continues; a ValueError names the file, and says
+    how to resume from `best` (ckpt_best.pt) where that is there."""
+    hint = (f"; {best} is there: to resume from it, copy it over ckpt_last.pt (cp {best} {last}) and run again"
+            if os.path.isfile(best) else "")
+    if not os.path.isfile(last):
+        raise ValueError(f"init_from=resume but {last} does not exist{hint}")
+    try:
+        return load_checkpoint(last, trust)
+    except ValueError as e:
+        raise ValueError(f"{e}{hint}") from None
+
+
+# On resume, the model, the data stream and the tokenizer must be the checkpoint's; anything else may change.
+COMPUTE_ONLY = ("impl", "chunk_T")  # GPTConfig fields that change how the same model is computed, not what it is
+DATA = ("dataset", "mad_size", "mad_args", "data_order", "seed", "batch_size", "gradient_accumulation_steps",
+        "eval_iters")
+
+
+def resume_differences(ckpt, config, model_args, tokenizer, same_dataset):
+    """(fixed, applied): 'key: checkpoint -> command' for the settings (config, model_args) that differ from the
+    checkpoint's. fixed: the model, the data stream (and with it the val set), the optimizer and the tokenizer, which
+    a resumed run cannot change (same_dataset(name) tells whether another `dataset` setting names this data). applied:
+    the others (schedule, intervals, max_iters, wandb, device, ...), which take effect."""
+    old, now = ckpt["config"], {**config, **model_args}
+    try:
+        old_model = asdict(GPTConfig(**ckpt["model_args"]))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"its model_args do not fit this model.py ({e})") from None
+    fixed = [f"{k}: {old_model[k]!r} -> {v!r}" for k, v in model_args.items()
+             if k not in COMPUTE_ONLY and old_model.get(k) != v]
+    same = lambda k: old[k] == now[k] or (k == "dataset" and same_dataset(old[k]))  # noqa: E731
+    fixed += [f"{k}: {old[k]!r} -> {now[k]!r}" for k in DATA if k in old and not same(k)]
+    if old.get("optimizer", "adamw") != config["optimizer"]:  # the optimizer's state is kept (files before it: AdamW)
+        fixed.append(f"optimizer: {old.get('optimizer', 'adamw')!r} -> {config['optimizer']!r}")
+    spec = lambda t: {k: v for k, v in t.items() if k != "source"}  # noqa: E731  (pystdlib's note of its Python)
+    if spec(ckpt["tokenizer"]) != spec(tokenizer):
+        fixed.append(f"tokenizer: {ckpt['tokenizer']['kind']} (vocab {ckpt['tokenizer']['vocab_size']}) -> the "
+                     f"dataset's {tokenizer['kind']} (vocab {tokenizer['vocab_size']})")
+    applied = [f"{k}: {old[k]!r} -> {now[k]!r}" for k in config
+               if k in old and old[k] != now[k] and k not in DATA and k != "init_from"
+               and (k not in model_args or k in COMPUTE_ONLY)]
+    return fixed, applied
+
+
+def restore(ckpt, optimizer, scaler, rank, device):
+    """Continue from ckpt: the optimizer's moments (its hyperparameters, weight decay and betas, stay this command's),
+    the GradScaler, and this rank's RNG states (rank 0's for a rank the run did not have). Returns the step, the best
+    val loss and the seconds trained so far."""
+    fresh = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(ckpt["optimizer"])
+    for group, settings in zip(optimizer.param_groups, fresh):
+        group.update(settings)
+    scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0], device)
+    return ckpt["step"], ckpt["best_val_loss"], ckpt["elapsed_s"]

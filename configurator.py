@@ -7,7 +7,7 @@ Each argument without '=' is a Python config file whose top-level assignments ov
 globals; each --key=value overrides one global. Later arguments win. A config file sees the settings as
 they stand when it runs, so it can be an overlay on an earlier one (config/hyperglu.py reads n_embd and
 n_layer to match the budget). Names in a config file that start with '_', and imported modules, classes
-and functions, are left alone, so a config file may compute its values (e.g. with model.match_budget).
+and functions, are left alone, so a config file may compute its values (e.g. with config.budget.match_budget).
 
 Checks: an unknown key is an error listing the closest valid keys; a value of the wrong type is an error
 naming the key and the expected type. An int is accepted for a float (--dropout=0), and None for a

@@ -9,14 +9,14 @@ A GPT language model, nanoGPT style, with two swappable parts:
                                  "mhc"      : manifold-constrained hyper-connections (DeepSeek, arXiv 2512.24880)
 
 Every equation of the papers is here in plain torch, top to bottom: small pieces, softmax attention, HyperGLU,
-the residual connections, the GPT, parameter accounting. GPTConfig.impl="fast" (default) swaps in the fast forms
-of ops/, each tested against its reference here (tests/test_ops.py); impl="reference" runs this file alone.
+the residual connections, the GPT. GPTConfig.impl="fast" (default) swaps in the fast forms of ops/ (ops.dispatch
+picks them), each tested against its reference here (tests/ops/); impl="reference" runs this file alone.
 Shapes: B batch, T sequence, C (= D) width, h heads, L block_size.
 """
 
 import math
 import warnings
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -24,8 +24,10 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 import ops.conv
+import ops.dispatch
 import ops.hyperglu
 import ops.streams
+from optim import MuonAdamW
 
 
 def _choice(owner, name, value, allowed):
@@ -59,15 +61,15 @@ class CausalConv1d(nn.Module):
     """Depthwise causal conv over time, no bias: y_t = sum_j w_j x_{t-k+1+j}. forward takes the input already
     left-padded with its k-1 previous rows (conv_pad): the two KV convs share one padded copy."""
 
-    def __init__(self, channels, kernel_size, fast=False):
+    def __init__(self, config):
         super().__init__()
-        self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=False)
+        C, self.config = config.n_embd, config
+        self.conv = nn.Conv1d(C, C, config.conv_kernel_size, groups=C, bias=False)
         nn.init.normal_(self.conv.weight, std=0.02)
-        self.fast = fast  # ops.conv: shifted multiply-adds with a hand-written backward
 
     def forward(self, xp):  # (B, T+k-1, C) -> (B, T, C)
         w = self.conv.weight  # (C, 1, k)
-        if self.fast:
+        if ops.dispatch.conv(self.config.impl) == "shift":  # shifted multiply-adds, a hand-written backward
             return ops.conv.shift_conv(xp, w[:, 0, :])
         return F.conv1d(xp.transpose(1, 2), w, groups=w.shape[0]).transpose(1, 2)
 
@@ -137,19 +139,29 @@ class CausalSelfAttention(nn.Module):
         C, h = config.n_embd, config.n_head
         self.n_head, self.dropout = h, config.dropout
         self.rope_base = config.rope_base if config.pos == "rope" else None
-        self.widths = (config.qk_rank or C, config.qk_rank or C, config.vo_rank or C)  # q, k, v (summed over heads)
+        qk, vo = config.widths()
+        self.widths = (qk, qk, vo)  # q, k, v (summed over heads)
         self.c_attn = nn.Linear(C, sum(self.widths), bias=config.bias)
         self.c_proj = nn.Linear(self.widths[2], C, bias=config.bias)
         self.act = torch.sigmoid if config.gate_act == "sigmoid" else (lambda t: t)
-        self.use_conv, self.qk_gate, self.vo_gate = (config.auto(k) for k in ("use_kv_conv", "use_qk_gate", "use_vo_gate"))
+        self.use_conv, self.qk_gate, self.vo_gate = map(config.auto, ("use_kv_conv", "use_qk_gate", "use_vo_gate"))
         if self.use_conv:
-            fast = config.impl == "fast"
-            self.conv1 = CausalConv1d(C, config.conv_kernel_size, fast)
-            self.conv2 = CausalConv1d(C, config.conv_kernel_size, fast)
+            self.conv1 = CausalConv1d(config)
+            self.conv2 = CausalConv1d(config)
         if self.qk_gate:
             self.left_gate = nn.Linear(C, self.widths[0], bias=True)
         if self.vo_gate:
             self.right_gate = nn.Linear(C, self.widths[2], bias=True)
+
+    cacheable = True  # the KV cache gives the full forward's outputs
+
+    def crop_block_size(self, block_size):  # nothing here depends on block_size
+        pass
+
+    def flops_per_token(self, T):
+        """Forward FLOPs per token at context T: 2 per weight, and QK^T and AV over T keys (nanoGPT's count)."""
+        qk, _, vo = self.widths
+        return 2 * sum(p.numel() for p in self.parameters()) + 2 * T * (qk + vo)
 
     def forward(self, x, cache=None):
         B, T, C = x.shape
@@ -184,85 +196,16 @@ class CausalSelfAttention(nn.Module):
 # -----------------------------------------------------------------------------
 # HyperGLU / HyperMLP  (Lu & Yang, arXiv 2602.12601; official code LJC-FVNR/HyperMLP)
 #
-# One head, query row t, lags j = 0..t (most recent first), paper notation:
-#   z_j   = < q_t * g_qk(x_t), k_{t-j} >                              score row, k from conv1(x)
-#   z    <- z (I + diag(d1) + U1 diag(c1(x_t)) Vt1)                   R1 "op1", before the nonlinearity
-#   a     = softplus(z_scale) * relu(z_gate) / ||z_gate||             GLU; ReLU variant: relu(z) / ||z||
-#   a    <- a (I + diag(d2) + U2 diag(c2(x_t)) Vt2)                   R2 "op2", after it
-#   o_t   = W_o [ (sum_j a_j v_{t-j}) * g_vo(x_t) ]                   v from conv2(x)
-# The sequence mixers act along the lag axis of one row, so the layer is causal by construction and
-# its per-token output does not depend on how many older tokens follow (extension consistency).
-
-
-@dataclass
-class HyperGLUOptions:
-    """The variant knobs, with the official names and defaults; fields of both HyperGLUConfig and GPTConfig."""
-    qk_rank: int = None                # total Q/K width; None -> n_embd // 4
-    vo_rank: int = None                # total V/O width; None -> n_embd
-    conv_kernel_size: int = 4
-    use_kv_conv: bool = True           # depthwise causal conv in front of K and V
-    rope_base: float = 10000.0
-    attn_norm: str = "out_scale"       # "out_scale" | "l2" | "none" (l2 == out_scale exactly)
-    gate_act: str = "sigmoid"          # "sigmoid" | "none", for both gates and both controls
-    norm_eps: float = 1e-12
-    use_qk_gate: bool = True           # dtqk: sigmoid gate on q
-    use_vo_gate: bool = True           # dtvo: sigmoid gate on the readout
-    chunk_T: int = 1024                # query rows per chunk; None: ops.hyperglu.default_chunk(device)
-    use_op1: bool = True               # R1, before the nonlinearity
-    op1_rank: int = 16
-    op1_use_diag: bool = True
-    op1_init_std: float = 0.02
-    op1_shortcut: bool = True          # the I in R = I + diag(d) + U diag(c) Vt
-    op1_do_masking: bool = True
-    use_op2: bool = True               # R2, after it
-    op2_rank: int = 16
-    op2_use_diag: bool = True
-    op2_init_std: float = 0.02
-    op2_shortcut: bool = True
-    op2_do_masking: bool = True
-    do_masking: bool = True            # causal; False is only truly bidirectional with "identity"
-    aligner_kind: str = "offset"       # "offset" (lag layout) | "identity" (left layout)
-
-
-@dataclass(kw_only=True)
-class HyperGLUConfig(HyperGLUOptions):
-    """Field names, defaults and checks follow the official HyperGLUConfig (LJC-FVNR/HyperMLP)."""
-    n_embd: int
-    n_head: int
-    block_size: int
-    bias: bool = False                 # bias on q/k/v/c_proj (gates and controls always have one)
-    n_layer: int = 24                  # unused inside the layer; sets GPT's scaled c_proj init
-    use_rope: bool = False
-    attn_kind: str = "glu"             # "glu" (HyperGLU) | "relu" (HyperMLP)
-    impl_default: str = "chunked"      # "dense" | "chunked" (chunk_T query rows at a time); forward(impl=...)
-    op1_per_head: bool = True
-    op2_per_head: bool = True
-    aligner_impl_train: str = "padview"
-    aligner_impl_eval: str = "padview"
-
-    def __post_init__(self):
-        o = "HyperGLUConfig"
-        _positive(self, "n_embd", "n_head", "block_size", "conv_kernel_size", "op1_rank", "op2_rank",
-                  *(("chunk_T",) if self.chunk_T is not None else ()))
-        for name, allowed in (("attn_kind", ("glu", "relu")), ("attn_norm", ("out_scale", "l2", "none")),
-                              ("gate_act", ("sigmoid", "none")), ("impl_default", ("dense", "chunked")),
-                              ("aligner_kind", ("offset", "identity")), ("aligner_impl_train", ("padview",)),
-                              ("aligner_impl_eval", ("padview",)), ("op1_per_head", (True,)),  # per_head=False:
-                              ("op2_per_head", (True,))):  # the official code fails at forward
-            _choice(o, name, getattr(self, name), allowed)
-        H1 = 2 * self.n_head if self.attn_kind == "glu" else self.n_head
-        qk = self.qk_rank if self.qk_rank is not None else self.n_embd // 4
-        vo = self.vo_rank if self.vo_rank is not None else self.n_embd
-        if qk <= 0 or qk % H1:
-            raise ValueError(f"{o}.qk_rank={qk} is not valid; expected a positive multiple of "
-                             f"{H1} ({'2*n_head for glu' if self.attn_kind == 'glu' else 'n_head for relu'})")
-        if vo <= 0 or vo % self.n_head:
-            raise ValueError(f"{o}.vo_rank={vo} is not valid; expected a positive multiple of n_head={self.n_head}")
-        if self.use_rope and (qk // H1) % 2:
-            raise ValueError(f"{o}.use_rope=True needs an even per-head q/k dim; qk_rank={qk} gives {qk // H1}")
-        if not self.do_masking and self.aligner_kind == "offset":
-            warnings.warn("HyperGLUConfig: do_masking=False with aligner_kind='offset' is not bidirectional "
-                          "(the lag layout never reads future keys); use aligner_kind='identity'", RuntimeWarning)
+# A head is a two-layer MLP whose weights the context makes, h_t = x_t W1(X), o_t = s(h_t) W2(X) [slides p.15];
+# HyperMLP mixes both along the history in lag order [p.19-20]: W1 = L1(x_t) X_{t:1}^T R1(x_t), W2 = R2(x_t)^T X_{t:1}
+# L2(x_t)^T, R = D + A S(x_t) B^T. One head, row t, lags j = 0..t, numbered [G1]-[G5] here (not the paper's numbers):
+#   [G1] z_j = < q_t * g_qk(x_t), k_{t-j} >                        score row, k from conv1(x)
+#   [G2] z  <- z (I + diag(d1) + U1 diag(c1(x_t)) Vt1)              R1 "op1", before the nonlinearity
+#   [G3] a   = softplus(z_scale) * relu(z_gate) / ||z_gate||        GLU; HyperMLP: relu(z) / ||z||
+#   [G4] a  <- a (I + diag(d2) + U2 diag(c2(x_t)) Vt2)              R2 "op2", after it
+#   [G5] o_t = W_o [ (sum_j a_j v_{t-j}) * g_vo(x_t) ]              v from conv2(x)
+# The mixers act along the lag axis of one row, so the layer is causal by construction and a token's output does
+# not depend on how many older tokens follow (extension consistency) [slides p.21].
 
 
 def to_lag(S, row_start):
@@ -282,16 +225,8 @@ def from_lag(Y, row_start):
     return P.as_strided(Y.shape, (*P.stride()[:-2], P.stride(-2) - 1, 1), W - 1 - row_start)
 
 
-def invalid_mask(M, W, row_start, lag, device):
-    """(M, W) bool, True where query row r = row_start + m must NOT use column c.
-    Lag layout: the key r + c - (W-1) does not exist (c + r < W-1). Key order: a future key (c > r)."""
-    r = torch.arange(row_start, row_start + M, device=device)[:, None]
-    c = torch.arange(W, device=device)[None, :]
-    return (c + r < W - 1) if lag else (c > r)
-
-
 def lag_mix(X, ctrl, U, Vt, d, shortcut, invalid=None):
-    """R = I + diag(d) + U diag(ctrl) Vt on the right of each row of X (B, H, M, W), then masked: the paper's
+    """R = I + diag(d) + U diag(ctrl) Vt on the right of each row of X (B, H, M, W), then masked [G2, G4]: the paper's
     DPLR mixer R = D + A S(x) B^T.
     U (H, L, r), Vt (H, r, L), d (H, L) or None: a row of width W uses their last W rows (lag L-1-p <-> row p)."""
     s = U.shape[1] - X.shape[-1]
@@ -319,38 +254,39 @@ class LagMix(nn.Module):
 
 
 class HyperGLU(nn.Module):
-    """HyperGLU / HyperMLP attention layer, a drop-in for the official module: same config, same state_dict keys
-    and shapes, same forward(x, *, impl, chunk_T, attention_mask), (B, T, n_embd) in and out.
-    impl: "dense" (all rows at once) and "chunked" (chunk_T query rows at a time, each with only the keys it can
-    see) run the reference rows, _rows; "fast" (the default with fast=True) runs ops.hyperglu.attend, the same
-    rows with O(T d) saved activations. `cache` (GPT.generate) keeps K (ungated), V and the conv tail and
-    computes only the new rows: exact, since the lag layout is extension consistent."""
+    """HyperGLU / HyperMLP attention (GPTConfig.attn "hyperglu" / "hypermlp"); HyperGLU(HyperGLUConfig(...)) is a
+    drop-in for the official module: its state_dict keys and shapes, forward(x, *, impl, chunk_T, attention_mask).
+    forward's impl: None runs GPTConfig.impl's form (ops.dispatch: "fast" is ops.hyperglu.attend, the same rows with
+    O(T d) saved activations); "dense" and "chunked" run the reference rows, _rows, all at once or chunk_T query rows
+    at a time. `cache` (GPT.generate) keeps K (ungated), V and the conv tail and computes only the new rows."""
 
-    def __init__(self, config, fast=False):
+    def __init__(self, config):
         super().__init__()
         cfg = self.config = config
         D, h, L = cfg.n_embd, cfg.n_head, cfg.block_size
-        self.fast = fast
-        self.glu = cfg.attn_kind == "glu"
-        self.H1 = 2 * h if self.glu else h  # qk heads: the GLU gate heads then the scale heads
-        self.qk_rank = cfg.qk_rank if cfg.qk_rank is not None else D // 4
-        self.vo_rank = cfg.vo_rank if cfg.vo_rank is not None else D
+        self.glu = cfg.attn == "hyperglu"
+        self.H1 = cfg.qk_heads()  # GLU: the gate heads, then the scale heads
+        self.qk_rank, self.vo_rank = cfg.widths()
+        self.use_conv, self.qk_gate, self.vo_gate = map(cfg.auto, ("use_kv_conv", "use_qk_gate", "use_vo_gate"))
+        # the KV cache gives the full forward's outputs in the causal lag layout (extension consistent); the identity
+        # layout is not (a token's output depends on the sequence length), so generate recomputes it
+        self.cacheable = cfg.aligner_kind == "offset" and cfg.do_masking
         self.q = nn.Linear(D, self.qk_rank, bias=cfg.bias)
         self.k = nn.Linear(D, self.qk_rank, bias=cfg.bias)
         self.v = nn.Linear(D, self.vo_rank, bias=cfg.bias)
         self.c_proj = nn.Linear(self.vo_rank, D, bias=cfg.bias)
-        if cfg.use_kv_conv:
-            self.conv1 = CausalConv1d(D, cfg.conv_kernel_size, fast)
-            self.conv2 = CausalConv1d(D, cfg.conv_kernel_size, fast)
+        if self.use_conv:
+            self.conv1 = CausalConv1d(cfg)
+            self.conv2 = CausalConv1d(cfg)
         if cfg.use_op1:
             self.op = nn.ModuleDict({"mix": LagMix(self.H1, L, cfg.op1_rank, cfg.op1_init_std, cfg.op1_use_diag)})
             self.control1 = nn.Linear(D, self.H1 * cfg.op1_rank, bias=True)
         if cfg.use_op2:
             self.op2 = nn.ModuleDict({"mix": LagMix(h, L, cfg.op2_rank, cfg.op2_init_std, cfg.op2_use_diag)})
             self.control2 = nn.Linear(D, h * cfg.op2_rank, bias=True)
-        if cfg.use_qk_gate:
+        if self.qk_gate:
             self.left_gate = nn.Linear(D, self.qk_rank, bias=True)
-        if cfg.use_vo_gate:
+        if self.vo_gate:
             self.right_gate = nn.Linear(D, self.vo_rank, bias=True)
 
     def forward(self, x, *, impl=None, chunk_T=None, attention_mask=None, cache=None):
@@ -360,60 +296,77 @@ class HyperGLU(nn.Module):
         n_past = cache["k"].shape[2] if cache is not None and "k" in cache else 0
         if n_past + T > cfg.block_size:
             raise ValueError(f"sequence length {n_past + T} exceeds block_size={cfg.block_size}")
-        impl = impl or ("fast" if self.fast else cfg.impl_default)
-        _choice("HyperGLU.forward", "impl", impl, ("fast", "dense", "chunked"))
+        _choice("HyperGLU.forward", "impl", impl, (None, "dense", "chunked"))
         act = torch.sigmoid if cfg.gate_act == "sigmoid" else (lambda t: t)
         heads = lambda t, n: t.view(B, T, n, -1).transpose(1, 2)  # (B, T, n*d) -> (B, n, T, d)
 
         # keys from conv1(x), values from conv2(x); queries, gates and controls from x itself
-        xk = xv = x
-        tail = None
-        if cfg.use_kv_conv:
+        xk, xv, tail = x, x, None
+        if self.use_conv:
             xp, tail = conv_pad(x, cache, cfg.conv_kernel_size)
             xk, xv = self.conv1(xp), self.conv2(xp)
         q, k, v = heads(self.q(x), H1), heads(self.k(xk), H1), heads(self.v(xv), h)
-        if cfg.use_rope:
+        if cfg.pos == "rope":
             pos = torch.arange(n_past, n_past + T, device=x.device)
             q, k = apply_rope(q, pos, cfg.rope_base), apply_rope(k, pos, cfg.rope_base)
-        if cfg.use_qk_gate:
-            q = q * heads(act(self.left_gate(x)), H1)
+        if self.qk_gate:
+            q = q * heads(act(self.left_gate(x)), H1)  # [G1] q_t * g_qk(x_t)
         if attention_mask is not None:  # padded keys contribute nothing (they still take a lag slot)
             m = attention_mask[:, None, :, None].to(k.dtype)
             k, v = k * m, v * m
         k, v = extend(cache, k, v, tail)
         c1 = heads(act(self.control1(x)), H1) if cfg.use_op1 else None  # (B, H1, T, r1)
         c2 = heads(act(self.control2(x)), h) if cfg.use_op2 else None   # (B, h, T, r2)
-        mixers = [getattr(self, op)["mix"] if hasattr(self, op) else None for op in ("op", "op2")]
-        params = tuple(getattr(m, p) if m else None for m in mixers for p in ("U", "Vt", "d"))  # (U1, Vt1, d1, U2, ..)
+        m1, m2 = (self.op["mix"] if cfg.use_op1 else None), (self.op2["mix"] if cfg.use_op2 else None)
+        mix1 = (m1.U, m1.Vt, m1.d, cfg.op1_shortcut) if m1 else None  # what lag_mix and ops.hyperglu take
+        mix2 = (m2.U, m2.Vt, m2.d, cfg.op2_shortcut) if m2 else None
 
         # score rows, chunk by chunk over the new query rows
         step = T if impl == "dense" else (chunk_T or cfg.chunk_T or ops.hyperglu.default_chunk(x.device))
-        if impl == "fast":
-            y = ops.hyperglu.attend(cfg, q, k, v, c1, c2, params, n_past, step)
+        lag, masks = cfg.aligner_kind == "offset", (cfg.do_masking, cfg.op1_do_masking, cfg.op2_do_masking)
+        form = ops.dispatch.hyperglu(cfg.impl, q, mix1, mix2, lag, masks) if impl is None else "reference"
+        if form != "reference":
+            y = ops.hyperglu.attend(q, k, v, c1, c2, mix1, mix2, n_past, glu=self.glu, norm=cfg.attn_norm != "none",
+                                    eps=cfg.norm_eps, lag=lag, masks=masks, chunk=step, form=form)
         else:
-            prune = cfg.aligner_kind == "offset" and cfg.do_masking  # a row only needs the keys up to itself
-            y = torch.cat([self._rows(*args, row_start, params)
+            prune = lag and cfg.do_masking  # a row only needs the keys up to itself
+            y = torch.cat([self._rows(*args, row_start, mix1, mix2)
                            for _, row_start, args in ops.hyperglu.chunks(step, n_past, prune, q, k, v, c1, c2)], 2)
         y = y.transpose(1, 2)  # (B, T, h, dv)
-        if cfg.use_vo_gate:
-            y = y * act(self.right_gate(x)).view(B, T, h, -1)
+        if self.vo_gate:
+            y = y * act(self.right_gate(x)).view(B, T, h, -1)  # [G5] * g_vo(x_t)
         return self.c_proj(y.reshape(B, T, self.vo_rank))
 
-    def _rows(self, q, k, v, c1, c2, row_start, params):
+    def crop_block_size(self, block_size):
+        """The mixers are indexed by lag, row L-1 = lag 0: they keep their *last* block_size rows (the newest lags)."""
+        for mix in (m for m in self.modules() if isinstance(m, LagMix)):
+            mix.U = nn.Parameter(mix.U[:, -block_size:])
+            mix.Vt = nn.Parameter(mix.Vt[:, :, -block_size:])
+            if mix.d is not None:
+                mix.d = nn.Parameter(mix.d[:, -block_size:])
+
+    def flops_per_token(self, T):
+        """Forward FLOPs per token at context T: 2 per weight used once per token (not the per-lag U, Vt, d), and the
+        score maps over T keys: QK^T, op1 per qk-head and op2 per head (rank-r products both ways), AV."""
+        per_lag = {id(p) for m in self.modules() if isinstance(m, LagMix) for p in m.parameters()}
+        N = sum(p.numel() for p in self.parameters() if id(p) not in per_lag)
+        r1, r2 = self.config.op1_rank * self.config.use_op1, self.config.op2_rank * self.config.use_op2
+        return 2 * N + T * (2 * self.qk_rank + 4 * self.H1 * r1 + 4 * self.config.n_head * r2 + 2 * self.vo_rank)
+
+    def _rows(self, q, k, v, c1, c2, row_start, mix1, mix2):
         """The reference rows row_start..row_start+M-1, step by step as the official module: q (B,H1,M,dqk),
-        k (B,H1,W,dqk), v (B,h,W,dv), c1 (B,H1,M,r1), c2 (B,h,M,r2) -> (B,h,M,dv)."""
+        k (B,H1,W,dqk), v (B,h,W,dv), c1 (B,H1,M,r1), c2 (B,h,M,r2), the mixers (U, Vt, d, shortcut) -> (B,h,M,dv)."""
         cfg = self.config
         M, W = q.shape[2], k.shape[2]
         lag = cfg.aligner_kind == "offset"
-        U1, Vt1, d1, U2, Vt2, d2 = params
-        S = q @ k.transpose(-1, -2)  # (B,H1,M,W) z_j = <q_t, k_{t-j}>, in key order
-        invalid = invalid_mask(M, W, row_start, lag, q.device) if cfg.do_masking else None
+        S = q @ k.transpose(-1, -2)  # (B,H1,M,W) [G1] z_j = <q_t, k_{t-j}>, in key order
+        invalid = ops.hyperglu.invalid_mask(M, W, row_start, lag, q.device) if cfg.do_masking else None
         if lag:
             Z = to_lag(S, row_start)  # lag layout: column c holds lag W-1-c
         else:
             Z = S.masked_fill(invalid, 0.0) if invalid is not None else S
-        if cfg.use_op1:  # R1: z <- z (I + diag(d1) + U1 diag(c1) Vt1), before the nonlinearity
-            Z = lag_mix(Z, c1, U1, Vt1, d1, cfg.op1_shortcut, invalid if cfg.op1_do_masking else None)
+        if cfg.use_op1:  # [G2] R1: z <- z (I + diag(d1) + U1 diag(c1) Vt1), before the nonlinearity
+            Z = lag_mix(Z, c1, *mix1, invalid if cfg.op1_do_masking else None)
         h = cfg.n_head
         gate = Z[:, :h] if self.glu else Z  # GLU: qk-heads 0..h-1 gate, h..2h-1 scale (head j pairs j, h+j)
         inv = None
@@ -421,22 +374,21 @@ class HyperGLU(nn.Module):
             gate = F.normalize(_up(gate), dim=-1, eps=cfg.norm_eps).to(gate.dtype)
         elif cfg.attn_norm == "out_scale":  # fp32: eps=1e-12 and its inverse are not representable in fp16
             inv = 1.0 / _up(gate).norm(dim=-1, keepdim=True).clamp_min(cfg.norm_eps)  # (B,h,M,1)
-        a = F.relu(gate)  # a = softplus(z_scale) relu(z_gate) / ||z_gate||  (HyperMLP: relu(z) / ||z||)
+        a = F.relu(gate)  # [G3] a = softplus(z_scale) relu(z_gate) / ||z_gate||  (HyperMLP: relu(z) / ||z||)
         if self.glu:
             a = torch.logaddexp(Z[:, h:], Z.new_zeros(())) * a  # softplus, without F.softplus's x > 20 cut-off
-        if cfg.use_op2:  # R2: a <- a (I + diag(d2) + U2 diag(c2) Vt2), after it
-            a = lag_mix(a, c2, U2, Vt2, d2, cfg.op2_shortcut, invalid if cfg.op2_do_masking else None)
+        if cfg.use_op2:  # [G4] R2: a <- a (I + diag(d2) + U2 diag(c2) Vt2), after it
+            a = lag_mix(a, c2, *mix2, invalid if cfg.op2_do_masking else None)
         A = from_lag(a, row_start) if lag else a  # (B,h,M,W) back in key order
-        out = A @ v  # o_t = sum_j a_j v_{t-j}
+        out = A @ v  # [G5] o_t = sum_j a_j v_{t-j}
         if inv is not None:  # l2 and out_scale are the same function: ReLU is positively homogeneous
             out = (_up(out) * inv).to(out.dtype)
         return out
 
 
 # -----------------------------------------------------------------------------
-# residual connections: x_next = conn(x, f), f the pre-norm sublayer (B,T,C) -> (B,T,C). plain works on (B,T,C);
-# hc and mhc on n streams (B,T,n,C), expanded once after the embedding and summed once before ln_f.
-# Site k = 2*layer + (0 attention, 1 MLP).
+# residual connections: x_next = conn(x, f), f the pre-norm sublayer (B,T,C) -> (B,T,C). plain works on (B,T,C); hc
+# and mhc on n streams (B,T,n,C), made after the embedding, summed before ln_f. Site k = 2*layer + (0 attn, 1 MLP).
 
 class Plain(nn.Module):
     """Pre-norm residual: x + f(x), bit-identical to nanoGPT's x = x + attn(ln_1(x))."""
@@ -450,8 +402,9 @@ class Streams(nn.Module):
     then H' = res + post^T f(u) [HC Eq. 2, mHC Eq. 3], all in fp32 outside autocast."""
 
     def forward(self, x, f):
-        if self.fast:  # the same equations: fused Triton kernels on CUDA, else StreamPre and an in-place update
-            return ops.streams.connect(x, f, self)
+        form = ops.dispatch.streams(self.config.impl, x, self.kind)
+        if form != "reference":  # the same equations: Triton kernels on CUDA, else StreamPre and an in-place update
+            return ops.streams.connect(x, f, self.kind, form=form, **self.fast_args())
         with torch.autocast(x.device.type, enabled=False):
             u, res, post = self.streams(_up(x))
         y = f(u.to(x.dtype))
@@ -465,16 +418,18 @@ class HyperConnection(Streams):
     W = 0 make the network equal the pre-norm network [HC §2.3]. Coefficients and mixing run in fp32."""
 
     no_decay = ("static_alpha", "static_beta", "s_alpha", "s_beta")  # static parts and scales [HC §4]
+    kind = "hc"
 
     def __init__(self, config, site):
         super().__init__()
+        self.config = config
         n, C = config.hc_streams, config.n_embd
         alpha = torch.zeros(n, n + 1)
         alpha[site % n, 0] = 1.0
         alpha[:, 1:] = torch.eye(n)
         self.static_alpha = nn.Parameter(alpha)          # [A_m | A_r]  (n, n+1)
         self.static_beta = nn.Parameter(torch.ones(n))   # B            (n,)
-        self.dynamic, self.tanh, self.fast = config.hc_dynamic, config.hc_tanh, config.impl == "fast"  # ops.streams
+        self.dynamic, self.tanh = config.hc_dynamic, config.hc_tanh
         if self.dynamic:
             self.norm = make_norm(config)
             self.W_alpha = nn.Parameter(torch.zeros(C, n + 1))  # [W_m | W_r]
@@ -482,24 +437,25 @@ class HyperConnection(Streams):
             self.s_alpha = nn.Parameter(torch.tensor(0.01))
             self.s_beta = nn.Parameter(torch.tensor(0.01))
 
-    def mix_params(self):
-        return self.static_alpha, self.static_beta, self.s_alpha, self.s_beta
-
-    def mix(self, d, static_alpha, static_beta, s_alpha, s_beta):
-        """d = norm(H) [W_alpha | W_beta] (B,T,n,n+2) -> A_m (B,T,n), A_r^T (B,T,n,n), B (B,T,n) [HC Eqs. 8-13]:
-        alpha = [A_m | A_r] + s_alpha tanh(d_alpha), beta = B + s_beta tanh(d_beta)."""
-        if self.tanh:
-            d = torch.tanh(d)
-        alpha, beta = static_alpha + s_alpha * d[..., :-1], static_beta + s_beta * d[..., -1]
-        return alpha[..., 0], alpha[..., 1:].transpose(-1, -2), beta
-
     def coefficients(self, x):
-        """x (B,T,n,C) fp32 -> (w_in, w_res, post): the input weights A_m, the mixing A_r^T (row i builds stream
-        i) and B; per token (B,T,n), (B,T,n,n), (B,T,n) when dynamic, else shared (n,), (n,n), (n,)."""
+        """x (B,T,n,C) fp32 -> (w_in, w_res, post) = (A_m, A_r^T (row i builds stream i), B): per token (B,T,n),
+        (B,T,n,n), (B,T,n) when dynamic [HC Eqs. 8-13], alpha = [A_m | A_r] + s_alpha tanh(d_alpha), beta = B +
+        s_beta tanh(d_beta) with d = norm(H) [W_alpha | W_beta] (B,T,n,n+2); else shared (n,), (n,n), (n,)."""
         if not self.dynamic:
             return self.static_alpha[:, 0], self.static_alpha[:, 1:].T, self.static_beta
-        d = self.norm(x) @ torch.cat([self.W_alpha, self.W_beta], 1)  # each stream's own normalised vector
-        return self.mix(d, *self.mix_params())
+        d = self.norm(x) @ torch.cat([self.W_alpha, self.W_beta], 1)
+        if self.tanh:
+            d = torch.tanh(d)
+        alpha, beta = self.static_alpha + self.s_alpha * d[..., :-1], self.static_beta + self.s_beta * d[..., -1]
+        return alpha[..., 0], alpha[..., 1:].transpose(-1, -2), beta
+
+    def fast_args(self):
+        """What ops.streams.connect takes for this site (see there), passed explicitly."""
+        if not self.dynamic:
+            return dict(static=self.coefficients(None))
+        norm = (self.norm.weight, getattr(self.norm, "bias", None), isinstance(self.norm, nn.RMSNorm), self.norm.eps)
+        return dict(params=(self.static_alpha, self.static_beta, self.s_alpha, self.s_beta), tanh=self.tanh,
+                    W=torch.cat([self.W_alpha, self.W_beta], 1), norm=norm)
 
     def streams(self, H):
         w_in, w_res, post = self.coefficients(H)
@@ -524,11 +480,13 @@ class ManifoldHC(Streams):
     b_pre favouring stream k mod n and b_res = c_r (2I - 1) make it equal the pre-norm network at init."""
 
     no_decay = ("alpha_pre", "alpha_post", "alpha_res", "b_pre", "b_post", "b_res")
+    kind = "mhc"
 
     def __init__(self, config, site):
         super().__init__()
+        self.config = config
         n, C = config.hc_streams, config.n_embd
-        self.n, self.iters, self.eps, self.fast = n, config.mhc_iters, 1e-6, config.impl == "fast"  # ops.streams
+        self.n, self.iters, self.eps = n, config.mhc_iters, 1e-6
         self.phi = nn.Parameter(torch.zeros(n * C, n * n + 2 * n))  # [phi_pre | phi_post | phi_res]
         self.alpha_pre = nn.Parameter(torch.tensor(0.01))
         self.alpha_post = nn.Parameter(torch.tensor(0.01))
@@ -539,23 +497,21 @@ class ManifoldHC(Streams):
         self.b_post = nn.Parameter(torch.zeros(n))
         self.b_res = nn.Parameter(config.mhc_res_init * (2 * torch.eye(n) - 1))
 
-    def mix_params(self):
-        return self.alpha_pre, self.alpha_post, self.alpha_res, self.b_pre, self.b_post, self.b_res
-
-    def mix(self, h, alpha_pre, alpha_post, alpha_res, b_pre, b_post, b_res, sinkhorn=sinkhorn):
-        """h = RMSNorm(flat streams) phi (B,T,n^2+2n) -> H_pre (B,T,n), H_res (B,T,n,n), H_post (B,T,n) [Eqs. 7-9]."""
-        n = self.n
-        pre = torch.sigmoid(alpha_pre * h[..., :n] + b_pre)
-        post = 2 * torch.sigmoid(alpha_post * h[..., n:2 * n] + b_post)
-        logits = alpha_res * h[..., 2 * n:].unflatten(-1, (n, n)) + b_res
-        res = sinkhorn(logits, self.iters)
-        return pre, res, post
-
     def coefficients(self, x):
-        """x (B,T,n,C) fp32 -> H_pre (B,T,n), H_res (B,T,n,n), H_post (B,T,n)."""
+        """x (B,T,n,C) fp32 -> H_pre (B,T,n), H_res (B,T,n,n), H_post (B,T,n) [Eqs. 7-9], from
+        h = RMSNorm(flat streams) phi (B,T,n^2+2n)."""
+        n = self.n
         flat = x.flatten(-2)  # (B,T,nC): every coefficient sees all streams
         h = (flat * torch.rsqrt(flat.pow(2).mean(-1, keepdim=True) + self.eps)) @ self.phi  # RMSNorm (gain in phi)
-        return self.mix(h, *self.mix_params())
+        pre = torch.sigmoid(self.alpha_pre * h[..., :n] + self.b_pre)
+        post = 2 * torch.sigmoid(self.alpha_post * h[..., n:2 * n] + self.b_post)
+        res = sinkhorn(self.alpha_res * h[..., 2 * n:].unflatten(-1, (n, n)) + self.b_res, self.iters)
+        return pre, res, post
+
+    def fast_args(self):
+        """What ops.streams.connect takes for this site (see there), passed explicitly."""
+        return dict(params=(self.alpha_pre, self.alpha_post, self.alpha_res, self.b_pre, self.b_post, self.b_res),
+                    W=self.phi, norm=(None, None, True, self.eps), iters=self.iters)
 
     def streams(self, H):
         pre, res, post = self.coefficients(H)
@@ -564,25 +520,25 @@ class ManifoldHC(Streams):
 
 def make_residual(config, site):
     """The one dispatch point for GPTConfig.residual."""
-    if config.residual == "hc":
-        return HyperConnection(config, site)
-    if config.residual == "mhc":
-        return ManifoldHC(config, site)
-    return Plain()
+    kind = {"hc": HyperConnection, "mhc": ManifoldHC}.get(config.residual)
+    return kind(config, site) if kind else Plain()
 
 
 # -----------------------------------------------------------------------------
 # the GPT
 
 @dataclass
-class GPTConfig(HyperGLUOptions):
+class GPTConfig:
+    """The one configuration of the model, every field a train.py setting; the attention options have the official
+    HyperGLU names and defaults. None in use_kv_conv, use_qk_gate, use_vo_gate: on for hyperglu/hypermlp, off for
+    softmax (auto(); kept None, so replace(cfg, attn=...) re-resolves it)."""
     vocab_size: int = 50304            # GPT-2's 50257 padded up to a multiple of 64
-    block_size: int = 1024
+    block_size: int = 1024             # L, the longest sequence; HyperGLU's lag-indexed mixers have L rows
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
     dropout: float = 0.0
-    bias: bool = True                  # bias in Linears and LayerNorms (nanoGPT)
+    bias: bool = True                  # bias in Linears and LayerNorms (nanoGPT); HyperGLU: q, k, v, c_proj only
     attn: str = "softmax"              # "softmax" | "hyperglu" | "hypermlp"
     residual: str = "plain"            # "plain" | "hc" | "mhc"
     impl: str = "fast"                 # "fast": ops/ where it applies | "reference": the plain forms in this file
@@ -595,59 +551,80 @@ class GPTConfig(HyperGLUOptions):
     pos: str = "learned"               # "learned" (wpe) | "rope" (in attention) | "none"
     mlp: str = "gelu"                  # "gelu" | "swiglu"
     norm: str = "layernorm"            # "layernorm" | "rmsnorm"
-    # and the HyperGLU / HyperMLP knobs of HyperGLUOptions (use_kv_conv, conv_kernel_size also serve softmax), with
-    use_kv_conv: bool = None           # None -> on for hyperglu/hypermlp, off for softmax (see auto())
-    use_qk_gate: bool = None           # the same; softmax "g" turns both gates on
-    use_vo_gate: bool = None
-    chunk_T: int = None                # None -> ops.hyperglu.default_chunk(device): 128 rows on CPU, 1024 on GPU
+    # attention options (softmax takes the widths, the conv, the gates, gate_act and rope_base)
+    qk_rank: int = None                # total Q/K width; None -> n_embd (softmax), n_embd // 4 (hyperglu/hypermlp)
+    vo_rank: int = None                # total V/O width; None -> n_embd
+    use_kv_conv: bool = None           # depthwise causal conv in front of K and V
+    conv_kernel_size: int = 4
+    use_qk_gate: bool = None           # dtqk: sigmoid gate on q (softmax "g" turns both gates on)
+    use_vo_gate: bool = None           # dtvo: sigmoid gate on the readout
+    gate_act: str = "sigmoid"          # "sigmoid" | "none", for both gates and both controls
+    rope_base: float = 10000.0
+    # HyperGLU / HyperMLP only
+    attn_norm: str = "out_scale"       # "out_scale" | "l2" | "none" (l2 == out_scale exactly)
+    norm_eps: float = 1e-12
+    chunk_T: int = None                # query rows per chunk; None -> 128 on a CPU, 1024 on a GPU
+    use_op1: bool = True               # R1, before the nonlinearity
+    op1_rank: int = 16
+    op1_use_diag: bool = True
+    op1_init_std: float = 0.02
+    op1_shortcut: bool = True          # the I in R = I + diag(d) + U diag(c) Vt
+    op1_do_masking: bool = True
+    use_op2: bool = True               # R2, after it
+    op2_rank: int = 16
+    op2_use_diag: bool = True
+    op2_init_std: float = 0.02
+    op2_shortcut: bool = True
+    op2_do_masking: bool = True
+    do_masking: bool = True            # causal; False is only truly bidirectional with "identity"
+    aligner_kind: str = "offset"       # "offset" (lag layout) | "identity" (left layout)
 
     def __post_init__(self):
         o = "GPTConfig"
-        _positive(self, "vocab_size", "block_size", "n_layer", "n_head", "n_embd", "hc_streams", "mhc_iters")
+        _positive(self, "vocab_size", "block_size", "n_layer", "n_head", "n_embd", "hc_streams", "mhc_iters",
+                  "conv_kernel_size", "op1_rank", "op2_rank", *(("chunk_T",) if self.chunk_T is not None else ()))
         for name, allowed in (("attn", ("softmax", "hyperglu", "hypermlp")), ("residual", ("plain", "hc", "mhc")),
                               ("impl", ("fast", "reference")), ("pos", ("learned", "rope", "none")),
-                              ("mlp", ("gelu", "swiglu")), ("norm", ("layernorm", "rmsnorm"))):
+                              ("mlp", ("gelu", "swiglu")), ("norm", ("layernorm", "rmsnorm")),
+                              ("gate_act", ("sigmoid", "none")), ("attn_norm", ("out_scale", "l2", "none")),
+                              ("aligner_kind", ("offset", "identity"))):
             _choice(o, name, getattr(self, name), allowed)
         if self.residual == "mhc" and not (self.hc_dynamic and self.hc_tanh):
             raise ValueError(f"{o}.hc_dynamic/hc_tanh=False is not valid with residual='mhc' (its coefficients are "
                              f"always dynamic, without tanh); expected residual='hc' for static or tanh-free HC")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"{o}.dropout={self.dropout!r} is not valid; expected 0 <= dropout < 1")
-        if self.attn == "softmax":
-            _positive(self, "conv_kernel_size")
-            for name in ("qk_rank", "vo_rank"):
-                value = getattr(self, name)
-                width, set_by = (self.n_embd, "n_embd") if value is None else (value, name)
-                if width <= 0 or width % self.n_head:
-                    raise ValueError(f"{o}.{set_by}={width} is not valid for softmax; expected a positive multiple of "
-                                     f"n_head={self.n_head}")
-            if self.pos == "rope" and ((self.qk_rank or self.n_embd) // self.n_head) % 2:
-                raise ValueError(f"{o}.pos='rope' needs an even Q/K head dim; qk_rank/n_head = "
-                                 f"{(self.qk_rank or self.n_embd) // self.n_head}")
-        else:
-            self.hyperglu_config()  # validates the HyperGLU fields
+        H1 = self.qk_heads()
+        for name, width, heads in zip(("qk_rank", "vo_rank"), self.widths(), (H1, self.n_head)):
+            if width <= 0 or width % heads:
+                what = f"{name}={width}" if getattr(self, name) is not None else f"n_embd={self.n_embd} ({width})"
+                raise ValueError(f"{o}.{what} is not valid for attn={self.attn!r}; expected a positive multiple of "
+                                 f"{heads} ({'n_head' if heads == self.n_head else '2 n_head: gate and scale heads'})")
+        if self.pos == "rope" and (self.widths()[0] // H1) % 2:
+            raise ValueError(f"{o}.pos='rope' needs an even per-head Q/K dim; qk_rank={self.widths()[0]} over {H1} "
+                             f"heads gives {self.widths()[0] // H1}")
+        if self.attn != "softmax" and not self.do_masking and self.aligner_kind == "offset":
+            warnings.warn(f"{o}: do_masking=False with aligner_kind='offset' is not bidirectional (the lag layout "
+                          f"never reads future keys); use aligner_kind='identity'", RuntimeWarning)
 
-    def hyperglu_config(self):
-        """The HyperGLUConfig of this model's attention."""
-        options = {f.name: getattr(self, f.name) for f in fields(HyperGLUOptions)}
-        auto = {k: self.auto(k) for k in ("use_kv_conv", "use_qk_gate", "use_vo_gate")}
-        return HyperGLUConfig(**dict(options, **auto), n_embd=self.n_embd, n_head=self.n_head,
-                              block_size=self.block_size, bias=self.bias, n_layer=self.n_layer,
-                              use_rope=self.pos == "rope", attn_kind="glu" if self.attn == "hyperglu" else "relu")
+    def qk_heads(self):  # HyperGLU: a gate and a scale head per output head
+        return 2 * self.n_head if self.attn == "hyperglu" else self.n_head
+
+    def widths(self):
+        """(qk, vo): the total Q/K and V/O widths, summed over heads, with None resolved."""
+        qk = self.qk_rank if self.qk_rank is not None else self.n_embd if self.attn == "softmax" else self.n_embd // 4
+        return qk, self.vo_rank if self.vo_rank is not None else self.n_embd
 
     def auto(self, name):
-        """use_kv_conv, use_qk_gate or use_vo_gate with None resolved: on for HyperGLU/HyperMLP, off for softmax
-        (kept None in the config, so replace(cfg, attn=...) re-resolves it)."""
-        value = getattr(self, name)
-        return self.attn != "softmax" if value is None else value
+        """use_kv_conv, use_qk_gate or use_vo_gate with None resolved: on for HyperGLU/HyperMLP, off for softmax."""
+        return self.attn != "softmax" if getattr(self, name) is None else getattr(self, name)
 
 
 class Block(nn.Module):
     def __init__(self, config, layer):
         super().__init__()
         self.ln_1 = make_norm(config)
-        self.attn = (CausalSelfAttention(config) if config.attn == "softmax"
-                     else HyperGLU(config.hyperglu_config(), fast=config.impl == "fast"))
+        self.attn = CausalSelfAttention(config) if config.attn == "softmax" else HyperGLU(config)
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
         self.res_attn = make_residual(config, 2 * layer)
@@ -666,33 +643,6 @@ class KVCache:
     def __init__(self, n_layer):
         self.layers = [{} for _ in range(n_layer)]
         self.n = 0
-
-
-class MuonAdamW:
-    """Muon and AdamW over disjoint parameters (GPT.configure_optimizers), stepped as one optimizer: param_groups
-    lists both optimizers' groups, state_dict holds both states ({"muon": ..., "adamw": ...})."""
-
-    def __init__(self, muon, adamw):
-        self.optimizers = {"muon": muon, "adamw": adamw}
-
-    @property
-    def param_groups(self):  # read anew: load_state_dict replaces an optimizer's group dicts
-        return [g for opt in self.optimizers.values() for g in opt.param_groups]
-
-    def step(self):
-        for opt in self.optimizers.values():
-            opt.step()
-
-    def zero_grad(self, set_to_none=True):
-        for opt in self.optimizers.values():
-            opt.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self):
-        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
-
-    def load_state_dict(self, state):
-        for name, opt in self.optimizers.items():
-            opt.load_state_dict(state[name])
 
 
 class GPT(nn.Module):
@@ -715,14 +665,6 @@ class GPT(nn.Module):
         for pn, p in self.named_parameters():  # scaled init of the residual projections (GPT-2)
             if pn.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-
-    @classmethod
-    def from_checkpoint(cls, state):
-        """The model saved in a checkpoint dict as checkpoint.load_checkpoint reads it (a stray torch.compile
-        '_orig_mod.' prefix is stripped)."""
-        model = cls(GPTConfig(**state["model_args"]))
-        model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in state["model"].items()})
-        return model
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -768,43 +710,25 @@ class GPT(nn.Module):
         return logits, loss
 
     def crop_block_size(self, block_size):
-        """Model surgery to a smaller block size. HyperGLU's mixers are indexed by lag with row L-1 = lag 0,
-        so they keep their *last* block_size rows (the newest lags)."""
+        """Model surgery to a smaller block size: wpe keeps its first rows, each attention crops its own."""
         if not 0 < block_size <= self.config.block_size:
-            raise ValueError(f"crop_block_size: block_size={block_size} is not valid; expected 1..{self.config.block_size}")
-        self.config.block_size = block_size
+            raise ValueError(f"crop_block_size: block_size={block_size} is not valid; "
+                             f"expected 1..{self.config.block_size}")
+        self.config.block_size = block_size  # the one block_size: every module reads this config
         if "wpe" in self.transformer:
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
         for block in self.transformer.h:
-            if isinstance(block.attn, HyperGLU):
-                block.attn.config.block_size = block_size
-                for mix in (m for m in block.attn.modules() if isinstance(m, LagMix)):
-                    mix.U = nn.Parameter(mix.U[:, -block_size:])
-                    mix.Vt = nn.Parameter(mix.Vt[:, :, -block_size:])
-                    if mix.d is not None:
-                        mix.d = nn.Parameter(mix.d[:, -block_size:])
+            block.attn.crop_block_size(block_size)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer="adamw",
                              muon_lr=0.02, muon_momentum=0.95):
-        """optimizer="adamw": AdamW with two groups. No decay: biases, norm weights, HC/mHC static parameters and
-        gate scalars, the op1/op2 diagonals (each module lists these in `no_decay`) and anything below 2-D.
-        Decay: 2-D weights, embeddings, the HyperGLU U/Vt factors and convs, the dynamic HC/mHC projections.
-
-        optimizer="muon": torch.optim.Muon (orthogonalized momentum, Newton-Schulz) takes the blocks' hidden
-        matrices: the weight of every nn.Linear inside a Block (softmax's c_attn, HyperGLU/HyperMLP's q, k, v,
-        both attentions' c_proj and gates, the op1/op2 controls, the MLP's c_fc and c_proj). Each maps one
-        activation to another, the case Muon is built for; the split follows nanochat and modded-nanogpt, which
-        give Muon the blocks' matrices and AdamW the rest. AdamW keeps the two groups above for the rest: wte
-        (tied to lm_head, so also the head) and wpe (lookup tables, not maps), norms and biases (1-D), the HC/mHC
-        coefficients (static_alpha/beta, s_*, W_alpha/W_beta, phi, alpha_*, b_*: they make the n x n stream
-        mixing, mHC's projected to doubly stochastic, not activations), HyperGLU's lag-indexed mixers (U, Vt: 3-D
-        (heads, L, rank); d) and the causal convs (3-D depthwise): Muon takes 2-D matrices only, and orthogonalizing
-        a lag or stream coefficient has no meaning. Muon's weight decay is weight_decay, decoupled as AdamW's.
-
-        Every group carries lr_scale: train.py sets group lr = schedule(step) * lr_scale, so all groups follow one
-        schedule shape (warmup, decay to min_lr / learning_rate of their peak). AdamW's groups have lr_scale 1
-        (learning_rate), Muon's muon_lr / learning_rate. Muon steps with torch's defaults: Nesterov, 5 quintic
-        Newton-Schulz steps in bf16 (modded-nanogpt's coefficients), lr scaled by sqrt(max(1, rows/cols))."""
+        """(optimizer, summary), the summary the lines that describe its groups (train.py prints them).
+        "adamw": AdamW with two groups. No decay: biases, norm weights, HC/mHC static parameters and gate scalars,
+        the op1/op2 diagonals (each module lists these in `no_decay`) and anything below 2-D; decay: the rest.
+        "muon": torch.optim.Muon (its defaults) takes the weight of every nn.Linear inside a Block, maps from one
+        activation to another (the split of nanochat and modded-nanogpt); AdamW's two groups keep the rest: lookup
+        tables, norms, biases, the HC/mHC coefficients, the lag-indexed mixers and the 3-D convs. Every group
+        carries lr_scale: train.py sets lr = schedule(step) * lr_scale (AdamW's 1, Muon's muon_lr / learning_rate)."""
         skip = {id(getattr(m, name)) for m in self.modules() for name in getattr(m, "no_decay", ())
                 if getattr(m, name, None) is not None}  # (static HC has no s_alpha, s_beta)
         hidden = set()
@@ -816,34 +740,26 @@ class GPT(nn.Module):
         no_decay = [p for i, (n, p) in params.items() if (p.dim() < 2 or i in skip) and i not in hidden]
         groups = [{"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
                   {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
-        if matrices:
-            print(f"num Muon parameter tensors: {len(matrices)}, with {sum(p.numel() for p in matrices):,} parameters")
-        print(f"num decayed parameter tensors: {len(decay)}, with {sum(p.numel() for p in decay):,} parameters")
-        print(f"num non-decayed parameter tensors: {len(no_decay)}, with {sum(p.numel() for p in no_decay):,} parameters")
+        summary = [f"num {what} parameter tensors: {len(ps)}, with {sum(p.numel() for p in ps):,} parameters"
+                   for what, ps in (("Muon", matrices), ("decayed", decay), ("non-decayed", no_decay))
+                   if what != "Muon" or ps]
         fused = device_type == "cuda"
         adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
         if optimizer == "adamw":
-            return adamw
+            return adamw, "\n".join(summary)
         muon = torch.optim.Muon([{"params": matrices, "lr_scale": muon_lr / learning_rate}], lr=muon_lr,
                                 weight_decay=weight_decay, momentum=muon_momentum)
-        return MuonAdamW(muon, adamw)
+        return MuonAdamW(muon, adamw), "\n".join(summary)
 
     def flops_per_token(self, T=None):
         """Training FLOPs per token (forward + backward = 3x forward) at context T (default block_size): 6 N for
-        every parameter used once per token, 3x the score maps' forward FLOPs (1 MAC = 2 FLOPs, elementwise
-        ignored; softmax: QK^T and AV as nanoGPT; HyperGLU also op1 per qk-head and op2 per head, its U/Vt/d
-        being per-lag, not per-token, weights) and the HC/mHC stream mixing."""
+        every parameter outside attention used once per token (1 MAC = 2 FLOPs, elementwise ignored), 3x each
+        attention's forward FLOPs (its own count: weights and score maps) and the HC/mHC stream mixing."""
         cfg = self.config
         T = T or cfg.block_size
-        N = sum(p.numel() for n, p in self.named_parameters() if ".mix." not in n and not n.endswith("wpe.weight"))
-        if cfg.attn == "softmax":
-            qk, _, vo = self.transformer.h[0].attn.widths
-            maps = 2 * T * (qk + vo)
-        else:
-            a = self.transformer.h[0].attn
-            r1, r2 = cfg.op1_rank * cfg.use_op1, cfg.op2_rank * cfg.use_op2
-            maps = T * (2 * a.qk_rank + 4 * a.H1 * r1 + 4 * cfg.n_head * r2 + 2 * a.vo_rank)
-        flops = 6 * N + 3 * cfg.n_layer * maps
+        attn = {id(p) for block in self.transformer.h for p in block.attn.parameters()}
+        N = sum(p.numel() for n, p in self.named_parameters() if id(p) not in attn and not n.endswith("wpe.weight"))
+        flops = 6 * N + 3 * sum(block.attn.flops_per_token(T) for block in self.transformer.h)
         n, C = cfg.hc_streams, cfg.n_embd
         if cfg.residual == "hc":
             flops += 3 * 2 * cfg.n_layer * (2 * n * (n + 1) * C + 2 * n * C)
@@ -851,24 +767,13 @@ class GPT(nn.Module):
             flops += 3 * 2 * cfg.n_layer * (2 * n * C + 2 * n * n * C + 2 * n * C)
         return flops
 
-    def estimate_mfu(self, fwdbwd_per_iter, dt, device=None):
-        """Model FLOPs utilisation against the GPU's bf16 dense peak; None (print "n/a") on CPU, MPS or an
-        unknown GPU, never a guessed number."""
-        peak, T = peak_flops(device), self.config.block_size
-        if peak is None or dt <= 0:
-            return None
-        return self.flops_per_token(T) * T * fwdbwd_per_iter / dt / peak
-
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, vocab_limit=None):
         """Sample max_new_tokens after idx (B, T); temperature=0 is greedy, vocab_limit masks padded ids. With the
-        cache, the prompt is prefilled once and each step feeds one token (its logits equal the full forward's).
-        Past block_size the window slides over the newest block_size tokens as nanoGPT's crop does: every position
-        shifts, so each of those steps recomputes the window."""
+        cache, the prompt is prefilled once and each step feeds one token; past block_size the window slides over the
+        newest block_size tokens as nanoGPT's crop does, so each of those steps recomputes it (every position moves)."""
         cfg, L = self.config, self.config.block_size
-        # exact for softmax and the causal lag layout; the identity layout is not extension consistent (a token's
-        # output depends on the sequence length), so it recomputes
-        use_cache = use_cache and (cfg.attn == "softmax" or (cfg.aligner_kind == "offset" and cfg.do_masking))
+        use_cache = use_cache and all(block.attn.cacheable for block in self.transformer.h)
         cache = KVCache(cfg.n_layer) if use_cache else None
         for _ in range(max_new_tokens):
             if cache is None:
@@ -891,63 +796,3 @@ class GPT(nn.Module):
                 idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
-
-
-# bf16 dense tensor-core peak FLOPs by GPU name (substring match, most specific first)
-PEAK_FLOPS = [("H200", 989e12), ("GH200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("H800", 989e12),
-              ("H20", 148e12), ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12),
-              ("L40", 181e12), ("L4", 121e12), ("A10G", 70e12), ("A10", 125e12), ("A6000", 155e12),
-              ("4090", 165e12), ("3090", 71e12), ("V100", 125e12), ("T4", 65e12)]
-
-
-def peak_flops(device=None):
-    if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((f for key, f in PEAK_FLOPS if key in name), None)
-
-
-# -----------------------------------------------------------------------------
-# parameter accounting and budget matching
-
-def param_report(config):
-    """Parameters per component of a GPTConfig, counted on a model built on the meta device (exact, no memory).
-    Keys: embedding (wte, tied to lm_head), position (wpe), attention, mlp, norm, residual (HC/mHC),
-    non_embedding (all but wte and wpe) and total."""
-    with torch.device("meta"):
-        model = GPT(config)
-    rep = dict(embedding=0, position=0, attention=0, mlp=0, norm=0, residual=0)
-    for n, p in model.named_parameters():
-        key = ("embedding" if "wte" in n else "position" if "wpe" in n else "attention" if ".attn." in n
-               else "mlp" if ".mlp." in n else "residual" if ".res_" in n else "norm")
-        rep[key] += p.numel()
-    rep["non_embedding"] = rep["attention"] + rep["mlp"] + rep["norm"] + rep["residual"]
-    rep["total"] = rep["non_embedding"] + rep["embedding"] + rep["position"]
-    return rep
-
-
-def match_budget(base, fit="qk_rank", tol=0.06, min_head_dim=8, **changes):
-    """replace(base, **changes) with one width, `fit` ("qk_rank" or "vo_rank"), solved so that its attention
-    parameters are within `tol` of base's, as the paper matches budgets. "q" variants fit qk_rank: what the
-    gates, conv and mixers add is paid for by Q/K compression (if qk_rank alone cannot, the op1/op2 ranks are
-    halved together). Compression with nothing to pay for (S-c-q, S-c-v) fixes that width and fits the other.
-    Widths keep min_head_dim per head. Example: match_budget(GPTConfig(n_embd=256), attn="hyperglu", n_head=2)."""
-    target = param_report(base)["attention"]
-    cfg = replace(base, **changes)
-    heads = 2 * cfg.n_head if fit == "qk_rank" and cfg.attn == "hyperglu" else cfg.n_head  # GLU: gate + scale heads
-    unit = 2 * heads if fit == "qk_rank" and cfg.pos == "rope" else heads  # heads of even dim with RoPE
-    lo = -(-min_head_dim * heads // unit)        # smallest width allowed, in units
-    mixing = cfg.attn != "softmax" and (cfg.use_op1 or cfg.use_op2)
-    r1, r2 = cfg.op1_rank, cfg.op2_rank
-    while True:
-        sized = lambda k: replace(cfg, **{fit: unit * k}, op1_rank=r1, op2_rank=r2)
-        count = lambda k: param_report(sized(k))["attention"]
-        k = max(lo, lo + round((target - count(lo)) / (count(lo + 1) - count(lo))))  # linear in the width
-        err = abs(count(k) - target) / target
-        if err <= tol or not mixing or (r1 == 1 and r2 == 1):
-            break
-        r1, r2 = max(1, r1 // 2), max(1, r2 // 2)
-    if err > tol:
-        raise ValueError(f"match_budget: no {fit} brings {cfg.attn} within {tol:.0%} of {target:,} attention "
-                         f"parameters (closest is {err:.1%} off); lower block_size, min_head_dim or the heads")
-    return sized(k)

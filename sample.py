@@ -13,10 +13,9 @@ from contextlib import nullcontext
 
 import torch
 
-from checkpoint import load_checkpoint
+from checkpoint import load_checkpoint, load_model
 from configurator import configure, pick_device
 from data.tokenizer import encoder
-from model import GPT
 
 # -----------------------------------------------------------------------------
 out_dir = "out"           # a run folder: uses its ckpt_best.pt, else ckpt_last.pt
@@ -76,7 +75,7 @@ try:
     state = load_checkpoint(ckpt, trust_checkpoint)
 except ValueError as e:
     sys.exit(f"error: {e}")
-model = GPT.from_checkpoint(state).eval().to(device)
+model = load_model(state).eval().to(device)
 tokenizer = state["tokenizer"]
 try:
     encode, decode = encoder(tokenizer, tokenizer_file)

@@ -1,11 +1,11 @@
 """
 The paper's design study (Figure 5) as experiment grids for scripts/run_grid.py: a base recipe plus, per variant,
-the settings that differ. Every matched variant gets its qk_rank and op ranks from model.match_budget against
+the settings that differ. Every matched variant gets its qk_rank and op ranks from config.budget.match_budget against
 the plain softmax model (S) of the same recipe; residual variants keep the attention of the variant they
 extend, so HC/mHC add their own parameters on top, as in their papers.
 
-  python scripts/run_grid.py --grid=cpu                  # the small CPU grid, sequentially
-  python scripts/run_grid.py --grid=fineweb --launcher="torchrun --standalone --nproc_per_node=8"
+  python -m scripts.run_grid --grid=cpu                  # the small CPU grid, sequentially
+  python -m scripts.run_grid --grid=fineweb --launcher="torchrun --standalone --nproc_per_node=8"
 
 Variant labels follow the paper's grammar, <family>-<options>-<compression>-<mixing>[ + <residual>], with
 empty parts and their dash left out. label(cfg) derives it from a config; the names in variants() are
@@ -20,7 +20,8 @@ written in it:
 from dataclasses import fields, replace
 
 from checkpoint import upgrade
-from model import GPTConfig, match_budget, param_report
+from config.budget import match_budget, param_report
+from model import GPTConfig
 
 
 def variants(base, n_head_hyper=2):

@@ -2,7 +2,8 @@
 # layout) at the parameter budget of the softmax model configured before it, with 2 heads as the paper.
 # Everything else, position encoding included, stays as the base config has it.
 # python train.py config/shakespeare_char.py config/hyperglu.py
-from model import GPTConfig, match_budget
+from config.budget import match_budget
+from model import GPTConfig
 
 _base = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias, pos=pos,
                   mlp=mlp, norm=norm, use_kv_conv=use_kv_conv)

@@ -1,7 +1,8 @@
 # Overlay: HyperMLP attention (R-cg-q-12o, ReLU instead of the GLU split) at the budget of the softmax
 # model configured before it, with 2 heads; everything else stays as configured.
 # python train.py config/shakespeare_char.py config/hypermlp.py
-from model import GPTConfig, match_budget
+from config.budget import match_budget
+from model import GPTConfig
 
 _base = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias, pos=pos,
                   mlp=mlp, norm=norm, use_kv_conv=use_kv_conv)

@@ -1,21 +1,21 @@
 """
 HyperGLU's fast path: the same score rows as model.HyperGLU._rows, chunk by chunk, with the backward written by hand.
 
-attend() is the entry point. Per chunk of M query rows it keeps nothing T x T: forward saves q, k, v, c1, c2
-(O(T d)); backward recomputes the chunk's maps and differentiates them directly. Three things make it cheaper
-than autograd over the reference rows:
+attend() is the entry point; it takes tensors and plain numbers and flags only (nothing here imports model.py).
+Per chunk of M query rows it keeps nothing T x T: forward saves q, k, v, c1, c2 (O(T d)); backward recomputes the
+chunk's maps and differentiates them directly. Three things make it cheaper than autograd over the reference rows:
   - no skew copies: QK^T is written by its GEMM straight into lag order (the output is a skewed view of a buffer
     W + base wide, base = W-1-row_start), and A V reads the final map through the inverse view;
   - the mixers are one elementwise pass (the diagonal) and one accumulating GEMM (the low rank) each;
   - backward reuses the forward's small tensors and needs no T x T autograd graph.
-On a CPU, in fp32/fp64 and the lag layout, the middle of each chunk (QK^T through op2, and its backward) runs in
-the fused C++ kernel of ops/hyperglu_cpu.py where it builds.
-`cfg` is a model.HyperGLUConfig (read by field name; nothing here imports model.py).
+form="fused" (CPU, fp32/fp64, the lag layout) runs the middle of each chunk (QK^T through op2, and its backward) in
+the fused C++ kernel of ops/hyperglu_cpu.py; form="triton" hands the call to ops/hyperglu_triton.py. ops.dispatch
+picks the form.
 Maps are (B, H, M, W): H heads (H1 = 2h qk-heads for GLU), M rows, W keys/lags.
 """
 
 import functools
-import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,50 +23,46 @@ import torch.nn.functional as F
 from ops import hyperglu_cpu
 
 
-def attend(cfg, q, k, v, c1, c2, params, n_past=0, chunk_T=None):
+class Spec(NamedTuple):
+    """What the maps depend on besides the tensors (attend's flags and numbers, carried through the chunks)."""
+    glu: bool        # GLU: 2h qk-heads, gate heads 0..h-1 then scale heads h..2h-1; else ReLU (HyperMLP), h heads
+    norm: bool       # scale each output row by 1 / max(||gate row||, eps) (attn_norm "out_scale" or "l2")
+    eps: float
+    lag: bool        # the lag layout (aligner_kind "offset"); else key order ("identity")
+    mask: bool       # zero the scores of keys a row must not see (do_masking)
+    mask1: bool      # and op1's output (mask and op1_do_masking)
+    mask2: bool      # and op2's output (mask and op2_do_masking)
+    shortcut1: bool  # the I in op1's R = I + diag(d) + U diag(c) Vt
+    shortcut2: bool
+    fused: bool      # the middle of each chunk in ops/hyperglu_cpu.py's C++ kernel
+
+
+def attend(q, k, v, c1, c2, mix1, mix2, n_past=0, *, glu, norm, eps, lag=True, masks=(True, True, True), chunk=None,
+           form="rows"):
     """The attention output before the VO gate for the new query rows (B,h,T,dv), as model.HyperGLU computes it.
-    q (B,H1,T,dqk), k (B,H1,n_past+T,dqk), v (B,h,n_past+T,dv), c1 (B,H1,T,r1), c2 (B,h,T,r2) (None when a
-    mixer is off), params = (U1, Vt1, d1, U2, Vt2, d2); chunk_T rows per chunk (None: default_chunk).
-    On a GPU the Triton kernels of ops/hyperglu_triton.py take it where they cover the variant."""
-    if use_triton(cfg, q):
+    q (B,H1,T,dqk), k (B,H1,n_past+T,dqk), v (B,h,n_past+T,dv), c1 (B,H1,T,r1), c2 (B,h,T,r2) (None when a mixer
+    is off); mix1, mix2 = (U (H,L,r), Vt (H,r,L), d (H,L) or None, shortcut) of op1 and op2, or None when off;
+    glu, norm, eps, lag as Spec; masks = (do_masking, op1_do_masking, op2_do_masking); chunk rows per chunk
+    (None: default_chunk); form "rows", "fused" or "triton" (ops.dispatch.hyperglu)."""
+    if form == "triton":
         from ops import hyperglu_triton
-        return hyperglu_triton.attend(cfg, q, k, v, c1, c2, params, n_past)
-    step = chunk_T or default_chunk(q.device)
-    prune = cfg.aligner_kind == "offset" and cfg.do_masking  # a row only needs keys up to itself
+        return hyperglu_triton.attend(q, k, v, c1, c2, mix1, mix2, n_past, glu, norm, eps)
+    spec = Spec(glu, norm, eps, lag, masks[0], masks[0] and masks[1], masks[0] and masks[2],
+                mix1 is not None and mix1[3], mix2 is not None and mix2[3], form == "fused")
+    params = tuple(m[i] if m is not None else None for m in (mix1, mix2) for i in range(3))  # (U1, Vt1, d1, U2, ..)
+    step = chunk or default_chunk(q.device)
+    prune = lag and spec.mask  # a row only needs keys up to itself
     # contiguous per head: every chunk's k[:, :, :W] and v[:, :, :W] then fold (B, heads) into one GEMM batch
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if torch.is_grad_enabled():
-        return RecomputeRows.apply(cfg, n_past, step, prune, q, k, v, c1, c2, *params)
-    outs = [rows_forward(cfg, *args, row_start, params) for _, row_start, args in chunks(step, n_past, prune, q, k,
-                                                                                         v, c1, c2)]
+        return RecomputeRows.apply(spec, n_past, step, prune, q, k, v, c1, c2, *params)
+    outs = [rows_forward(spec, *args, row_start, params) for _, row_start, args in chunks(step, n_past, prune, q, k,
+                                                                                          v, c1, c2)]
     return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
 
 
-_said = set()
-
-
-def use_triton(cfg, q):
-    """The Triton kernels: on CUDA, in fp16/bf16/fp32, where Triton imports and the kernels cover the variant (the
-    causal lag layout with masked mixers); one log line for a variant that stays on this file's path.
-    HYPERGLU_TRITON=0 in the environment turns them off (A/B against this file's chunked path)."""
-    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return False
-    if os.environ.get("HYPERGLU_TRITON", "1") == "0":
-        return False
-    try:
-        from ops import hyperglu_triton
-    except ImportError:
-        return False
-    ok = hyperglu_triton.supports(cfg)
-    if not ok and cfg.aligner_kind not in _said:
-        _said.add(cfg.aligner_kind)
-        print(f"HyperGLU: aligner_kind={cfg.aligner_kind!r}, do_masking={cfg.do_masking} runs the chunked PyTorch "
-              f"path on CUDA; the Triton kernels cover the causal lag layout")
-    return ok
-
-
 def invalid_mask(M, W, row_start, lag, device):
-    """(M, W) bool, True where query row r = row_start + m must not use column c (as model.invalid_mask).
+    """(M, W) bool, True where query row r = row_start + m must not use column c (model.HyperGLU._rows uses it too).
     Lag layout: the key r + c - (W-1) does not exist (c + r < W-1). Key order: a future key (c > r)."""
     r = torch.arange(row_start, row_start + M, device=device)[:, None]
     c = torch.arange(W, device=device)[None, :]
@@ -143,50 +139,49 @@ def act_forward(Z1, h, glu, use_norm, eps, scale2, tail, keep):
 def no_autocast(fn):
     """Run fn with autocast off: rows_forward/rows_backward cast everything to q's dtype themselves."""
     @functools.wraps(fn)
-    def run(cfg, q, *args, **kw):
+    def run(spec, q, *args, **kw):
         with torch.autocast(q.device.type, enabled=False):
-            return fn(cfg, q, *args, **kw)
+            return fn(spec, q, *args, **kw)
     return run
 
 
 @no_autocast
-def rows_forward(cfg, q, k, v, c1, c2, row_start, params, keep=False):
+def rows_forward(spec, q, k, v, c1, c2, row_start, params, keep=False):
     """model.HyperGLU._rows without autograd: output rows row_start..row_start+M-1 (B,h,M,dv).
     keep=True returns the chunk's maps and small tensors for rows_backward instead of the output."""
     B, H1, M, _ = q.shape
-    W, h, L, glu = k.shape[2], cfg.n_head, cfg.block_size, cfg.attn_kind == "glu"
-    s = L - W  # lag-indexed parameters: a width-W row uses their last W rows
-    lag = cfg.aligner_kind == "offset"
+    W, h, glu, lag = k.shape[2], v.shape[1], spec.glu, spec.lag
+    s = lag_start(params, W)
     dt = q.dtype
     k, v = k.to(dt), v.to(dt)
     U1, Vt1, d1, U2, Vt2, d2 = (p.to(dt) if p is not None else None for p in params)
     base = W - 1 - row_start if lag else 0
-    if lag and not keep and hyperglu_cpu.usable(cfg, q):  # QK^T, op1, the GLU and op2 fused per row block
+    if spec.fused and not keep:  # QK^T, op1, the GLU and op2 fused per row block
         c1, c2 = (c.to(dt) if c is not None else None for c in (c1, c2))
-        f = hyperglu_cpu.middle(cfg, q, k, c1, c2, *fused_mixers(cfg, (U1, Vt1, d1, U2, Vt2, d2), s, W), base)
+        f = fused_middle(spec, q, k, c1, c2, (U1, Vt1, d1, U2, Vt2, d2), s, W, base)
         out = key_view(f["Ab"], W, base) @ v
         return out * f["inv"][..., None] if f["inv"] is not None else out
-    region = invalid_cols(M, W, row_start, lag, q.device) if cfg.do_masking else None
+    region = invalid_cols(M, W, row_start, lag, q.device) if spec.mask else None
 
     # z_j = <q_t, k_{t-j}>, in lag order
     Z = lag_scores(q, k, base) if lag else mask_(q @ k.transpose(-1, -2), region)
     # op1: Z1 = Z (I + diag(d1) + U1 diag(c1) Vt1), then masked
     P = Pc = None
-    if cfg.use_op1:
+    if U1 is not None:
         P = Z @ U1[:, s:]  # (B,H1,M,r1)
         Pc = P * c1.to(dt)
-        Z1 = low_rank_add_(Z * lag_scale(d1, cfg.op1_shortcut, s), Pc, Vt1[:, :, s:])
-        mask_(Z1, region, cfg.op1_do_masking)
+        Z1 = low_rank_add_(Z * lag_scale(d1, spec.shortcut1, s), Pc, Vt1[:, :, s:])
+        mask_(Z1, region, spec.mask1)
     else:
         Z1 = Z
     # a = softplus(Sc) relu(G) / ||G||  (the 1/||G|| is applied to the output), then op2 on a
-    scale2 = lag_scale(d2, cfg.op2_shortcut, s) if cfg.use_op2 else 1.0
-    n, inv, sp, rG, a, Ab = act_forward(Z1, h, glu, cfg.attn_norm != "none", cfg.norm_eps, scale2, base, keep)
+    scale2 = lag_scale(d2, spec.shortcut2, s) if U2 is not None else 1.0
+    n, inv, sp, rG, a, Ab = act_forward(Z1, h, glu, spec.norm, spec.eps, scale2, base, keep)
     Q = Qc = None
-    if cfg.use_op2:
+    if U2 is not None:
         Q = a @ U2[:, s:]  # (B,h,M,r2)
         Qc = Q * c2.to(dt)
-        mask_(low_rank_add_(Ab[..., :W], Qc, Vt2[:, :, s:]), region, cfg.op2_do_masking)
+        mask_(low_rank_add_(Ab[..., :W], Qc, Vt2[:, :, s:]), region, spec.mask2)
     A2 = Ab[..., :W]                                # op2's output, lag order
     A = key_view(Ab, W, base) if lag else A2        # the same map in key order, no copy
     if keep:
@@ -197,16 +192,15 @@ def rows_forward(cfg, q, k, v, c1, c2, row_start, params, keep=False):
 
 
 @no_autocast
-def rows_backward(cfg, q, k, v, c1, c2, row_start, params, gout):
+def rows_backward(spec, q, k, v, c1, c2, row_start, params, gout):
     """Gradients of rows_forward's output for q, k, v, c1, c2 and (U1, Vt1, d1, U2, Vt2, d2) (full L rows),
     from gout (B,h,M,dv): the chunk's maps are recomputed, then each step of rows_forward is undone in reverse."""
-    if cfg.aligner_kind == "offset" and hyperglu_cpu.usable(cfg, q):
-        return rows_backward_fused(cfg, q, k, v, c1, c2, row_start, params, gout)
-    f = rows_forward(cfg, q, k, v, c1, c2, row_start, params, keep=True)
+    if spec.fused:
+        return rows_backward_fused(spec, q, k, v, c1, c2, row_start, params, gout)
+    f = rows_forward(spec, q, k, v, c1, c2, row_start, params, keep=True)
     B, H1, M, _ = q.shape
-    W, h, L, glu = k.shape[2], cfg.n_head, cfg.block_size, cfg.attn_kind == "glu"
-    s = L - W
-    lag = cfg.aligner_kind == "offset"
+    W, h, glu, lag = k.shape[2], v.shape[1], spec.glu, spec.lag
+    s = lag_start(params, W)
     dt = q.dtype
     k, v, gout = k.to(dt), v.to(dt), gout.to(dt)
     base, region = f["base"], f["region"]
@@ -218,18 +212,18 @@ def rows_backward(cfg, q, k, v, c1, c2, row_start, params, gout):
     if lag:  # dA is written straight into lag order; lags of keys < 0 were never read, so they get 0
         gA2 = lag_scores(gy, v, base)
     else:
-        gA2 = mask_(gy @ v.transpose(-1, -2), region, cfg.use_op2 and cfg.op2_do_masking)
+        gA2 = mask_(gy @ v.transpose(-1, -2), region, U2 is not None and spec.mask2)
     gv = f["A"].transpose(-1, -2) @ gy
     # the norm: d inv/dn = -1/n^2 (n > eps) and sum(gout * A v) = rowdot(A, dA) / inv, so dn = -rowdot(A, dA) inv;
     # with dn/dG = G/n, dG gets coef * G, coef = -rowdot(A, dA) inv^2
     coef = None
     if inv is not None:
         dot = (f["A2"] * gA2).sum(-1, keepdim=True, dtype=inv.dtype)
-        coef = torch.where(f["n"] > cfg.norm_eps, -dot * inv * inv, torch.zeros_like(dot)).to(dt)
+        coef = torch.where(f["n"] > spec.eps, -dot * inv * inv, torch.zeros_like(dot)).to(dt)
     # op2: A2 = a (I + diag(d2)) + (a U2 * c2) Vt2
     gc2 = gU2 = gVt2 = gd2 = None
-    if cfg.use_op2:
-        ga = gA2 * lag_scale(d2, cfg.op2_shortcut, s)
+    if U2 is not None:
+        ga = gA2 * lag_scale(d2, spec.shortcut2, s)
         gc2, gU2, gVt2, gd2 = mix_backward(gA2, a, f["Q"], f["Qc"], c2.to(dt), U2, Vt2, d2, s, ga)
     else:
         ga = gA2
@@ -248,8 +242,8 @@ def rows_backward(cfg, q, k, v, c1, c2, row_start, params, gout):
     # (op1's mask needs no backward step here: where it zeroed Z1, G = 0, so relu' and G itself zero dZ1)
     # op1: Z1 = Z (I + diag(d1)) + (Z U1 * c1) Vt1; dZ goes into a buffer whose key view is dS
     gc1 = gU1 = gVt1 = gd1 = None
-    gZb = scaled(gZ1, lag_scale(d1, cfg.op1_shortcut, s) if cfg.use_op1 else 1.0, base)  # future keys get 0
-    if cfg.use_op1:
+    gZb = scaled(gZ1, lag_scale(d1, spec.shortcut1, s) if U1 is not None else 1.0, base)  # future keys get 0
+    if U1 is not None:
         gc1, gU1, gVt1, gd1 = mix_backward(gZ1, Z, f["P"], f["Pc"], c1.to(dt), U1, Vt1, d1, s, gZb[..., :W])
     # z = q k^T: dq = dS k, dk = dS^T q
     gS = key_view(gZb, W, base) if lag else mask_(gZb, region)
@@ -267,14 +261,20 @@ def lag_scores(q, k, base):
     return Sb[..., :W]
 
 
-def fused_mixers(cfg, params, s, W):
+def fused_middle(spec, q, k, c1, c2, params, s, W, base, gA2=None):
+    """hyperglu_cpu.middle for a chunk: its mixers cut to the chunk's W lags (fused_mixers), spec's flags."""
+    mix1, mix2 = fused_mixers(spec, params, s, W)
+    return hyperglu_cpu.middle(q, k, c1, c2, mix1, mix2, base, spec.glu, spec.norm, spec.eps, spec.mask1, spec.mask2,
+                               gA2=gA2)
+
+
+def fused_mixers(spec, params, s, W):
     """(U (H,W,r), Vt (H,r,W), scale (H,W)) of op1 and op2 cut to a chunk's W lags, for hyperglu_cpu.middle; None
     for a mixer that is off. The scale is the full-rank part I + diag(d) (lag_scale) as a vector per head."""
     U1, Vt1, d1, U2, Vt2, d2 = params
     out = []
-    for on, U, Vt, d, shortcut in ((cfg.use_op1, U1, Vt1, d1, cfg.op1_shortcut),
-                                   (cfg.use_op2, U2, Vt2, d2, cfg.op2_shortcut)):
-        if not on:
+    for U, Vt, d, shortcut in ((U1, Vt1, d1, spec.shortcut1), (U2, Vt2, d2, spec.shortcut2)):
+        if U is None:
             out.append(None)
             continue
         scale = lag_scale(d.to(U.dtype) if d is not None else None, shortcut, s)
@@ -284,16 +284,16 @@ def fused_mixers(cfg, params, s, W):
 
 
 @no_autocast
-def rows_backward_fused(cfg, q, k, v, c1, c2, row_start, params, gout):
+def rows_backward_fused(spec, q, k, v, c1, c2, row_start, params, gout):
     """rows_backward with hyperglu_cpu.middle: QK^T, the maps after it and their gradients down to dq and dk fused per
     row block; dA = dout v^T and dv = A^T dy here."""
-    W, L = k.shape[2], cfg.block_size
-    s, base, dt = L - W, W - 1 - row_start, q.dtype
+    W = k.shape[2]
+    s, base, dt = lag_start(params, W), W - 1 - row_start, q.dtype
     k, v, gout = k.to(dt), v.to(dt), gout.to(dt)
     params = tuple(p.to(dt) if p is not None else None for p in params)
     c1, c2 = (c.to(dt) if c is not None else None for c in (c1, c2))
     gA2 = lag_scores(gout, v, base)  # dout v^T in lag order; the kernel scales its rows by inv
-    f = hyperglu_cpu.middle(cfg, q, k, c1, c2, *fused_mixers(cfg, params, s, W), base, gA2=gA2)
+    f = fused_middle(spec, q, k, c1, c2, params, s, W, base, gA2=gA2)
     gy = gout * f["inv"][..., None] if f["inv"] is not None else gout
     gv = key_view(f["Ab"], W, base).transpose(-1, -2) @ gy
     U1, Vt1, d1, U2, Vt2, d2 = params
@@ -313,6 +313,12 @@ def mix_backward(gY, X, P, Pc, ctrl, U, Vt, d, s, gX):
     low_rank_add_(gX, gP, U[:, s:].transpose(-1, -2))
     return (gPc * P, _full(U, (X.transpose(-1, -2) @ gP).sum(0), 1, s),
             _full(Vt, (Pc.transpose(-1, -2) @ gY).sum(0), 2, s), gd)
+
+
+def lag_start(params, W):
+    """s = L - W: a width-W row uses the last W rows of the lag-indexed parameters (L rows; 0 without a mixer)."""
+    U = params[0] if params[0] is not None else params[3]
+    return U.shape[1] - W if U is not None else 0
 
 
 def _full(p, g, dim, s):
@@ -347,10 +353,10 @@ class RecomputeRows(torch.autograd.Function):
     gradient for every chunk's slices and add them up)."""
 
     @staticmethod
-    def forward(ctx, cfg, n_past, step, prune, q, k, v, c1, c2, *params):
-        ctx.cfg, ctx.n_past, ctx.step, ctx.prune = cfg, n_past, step, prune
+    def forward(ctx, spec, n_past, step, prune, q, k, v, c1, c2, *params):
+        ctx.spec, ctx.n_past, ctx.step, ctx.prune = spec, n_past, step, prune
         ctx.save_for_backward(q, k, v, c1, c2, *params)
-        return torch.cat([rows_forward(cfg, *args, row_start, params)
+        return torch.cat([rows_forward(spec, *args, row_start, params)
                           for _, row_start, args in chunks(step, n_past, prune, q, k, v, c1, c2)], dim=2)
 
     @staticmethod
@@ -360,7 +366,7 @@ class RecomputeRows(torch.autograd.Function):
         gc = [torch.empty_like(c) if c is not None else None for c in (c1, c2)]
         gp = [None] * len(params)
         for sl, row_start, args in chunks(ctx.step, ctx.n_past, ctx.prune, q, k, v, c1, c2):
-            dq, dk, dv, *dc_dp = rows_backward(ctx.cfg, *args, row_start, params, g[:, :, sl])
+            dq, dk, dv, *dc_dp = rows_backward(ctx.spec, *args, row_start, params, g[:, :, sl])
             W = dk.shape[2]
             gq[:, :, sl] = dq
             gk[:, :, :W] += dk

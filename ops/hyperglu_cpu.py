@@ -5,12 +5,11 @@ cache. The source is ops/csrc/hyperglu_cpu.cpp.
 
 It is compiled on first use with torch.utils.cpp_extension (a C++ compiler with OpenMP, and ninja; about 30 s,
 then cached) for fp32 and fp64 CPU tensors. Where it cannot be built, for other dtypes (bf16 autocast), under
-torch.compile and on GPUs, ops/hyperglu.py runs its eager steps, which compute the same numbers.
-HYPERGLU_FUSED=0 in the environment turns it off.
+torch.compile and on GPUs, ops/hyperglu.py runs its eager steps, which compute the same numbers (ops.dispatch
+decides; HYPERGLU_FUSED=0 in the environment turns the kernel off).
 """
 
 import os
-import sys
 import time
 import warnings
 
@@ -41,12 +40,12 @@ def load():
             os.makedirs(build, exist_ok=True)
             lock = os.path.join(build, "lock")  # torch's build lock; a build killed midway leaves it behind, and
             if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > 300:  # every later load would wait
-                print(f"ops/hyperglu_cpu.py: removing a stale build lock {lock} (a build killed midway)",
-                      file=sys.stderr, flush=True)
+                warnings.warn(f"ops/hyperglu_cpu.py: removing a stale build lock {lock} (a build killed midway)",
+                              RuntimeWarning)
                 os.remove(lock)
             if not os.path.exists(os.path.join(build, f"{name}.so")):
-                print("ops/hyperglu_cpu.py: building the fused HyperGLU CPU kernel (first use, about 30 s; then "
-                      "cached)", file=sys.stderr, flush=True)
+                warnings.warn("ops/hyperglu_cpu.py: building the fused HyperGLU CPU kernel (first use, about 30 s; "
+                              "then cached)", RuntimeWarning)
             _ext = build_extension(name=name, sources=[SOURCE], build_directory=build, verbose=False,
                                    extra_cflags=["-O3", "-fopenmp", *flags], extra_ldflags=["-fopenmp"])
         except Exception as e:  # no compiler, no ninja, ...: the eager path computes the same thing
@@ -55,29 +54,17 @@ def load():
     return _ext or None
 
 
-def enabled():
-    """Whether the kernel is on: HYPERGLU_FUSED is not "0" and it builds."""
-    return os.environ.get("HYPERGLU_FUSED", "1") != "0" and load() is not None
-
-
-def usable(cfg, q):
-    """Whether the kernel takes this chunk: CPU, fp32 or fp64, lag layout, not compiling, and enabled()."""
-    return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64) and cfg.aligner_kind == "offset"
-            and not torch.compiler.is_compiling() and enabled())
-
-
-def middle(cfg, q, k, c1, c2, mix1, mix2, base, gA2=None):
+def middle(q, k, c1, c2, mix1, mix2, base, glu, use_norm, eps, mask1, mask2, gA2=None):
     """The fused middle of one chunk: q (B,H1,M,dk) and k (B,H1,W,dk), whose product in lag order is op1's input;
     mix1 = (U1 (H1,W,r1), Vt1 (H1,r1,W), scale (H1,W)) and mix2 likewise for op2, each cut to the chunk's W lags
-    (None when the mixer is off); base = W-1-row_start.
+    (None when the mixer is off); base = W-1-row_start; glu (else ReLU), use_norm (1/max(n, eps) per row), and
+    whether op1's and op2's outputs are masked.
     Returns Ab (B,h,M,W+base), op2's output in lag order with `base` zero columns after it (key_view reads it),
     and inv = 1/max(n, eps) (B,h,M) (None for attn_norm="none"). With gA2 (B,h,M,W), the gradient of op2's
     output, it also returns dq (B,H1,M,dk), dk (B,H1,W,dk), dc1, dc2 and the mixers' (dU, dVt, dd) summed over
     the batch. gA2 is taken as dout v^T, before the norm's per-row inv, and is scaled in place."""
     (B, H1, M, _), W = q.shape, k.shape[2]
-    glu = cfg.attn_kind == "glu"
     h = H1 // 2 if glu else H1
-    use_norm = cfg.attn_norm != "none"
     q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
     Ab = q.new_empty(B, h, M, W + base)
     Ab[..., W:].zero_()
@@ -93,10 +80,8 @@ def middle(cfg, q, k, c1, c2, mix1, mix2, base, gA2=None):
         t.update(gA2=gA2, gq=q.new_empty(q.shape), gk=z(H1, W, q.shape[3]),
                  gc1=q.new_empty(B, H1, M, r1), gVt1=z(H1, r1, W), gU1T=z(H1, r1, W), gd1=z(H1, W),
                  gc2=q.new_empty(B, h, M, r2), gVt2=z(h, r2, W), gU2T=z(h, r2, W), gd2=z(h, W))
-    masks = cfg.do_masking
-    load().middle(t, glu=glu, use_norm=use_norm, op1=mix1 is not None, op2=mix2 is not None,
-                  mask1=masks and cfg.op1_do_masking, mask2=masks and cfg.op2_do_masking, eps=cfg.norm_eps,
-                  base=base, rows=ROWS, backward=gA2 is not None)
+    load().middle(t, glu=glu, use_norm=use_norm, op1=mix1 is not None, op2=mix2 is not None, mask1=mask1,
+                  mask2=mask2, eps=eps, base=base, rows=ROWS, backward=gA2 is not None)
     out = dict(Ab=Ab, inv=t["inv"] if use_norm else None)
     if gA2 is not None:
         grads = lambda i: (t[f"gU{i}T"].sum((0, 1)).transpose(1, 2), t[f"gVt{i}"].sum((0, 1)), t[f"gd{i}"].sum((0, 1)))

@@ -47,20 +47,20 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from ops.dispatch import HYPERGLU_BLOCK
 from ops.launch import Launch, run
 
 # per kernel: tiles of BM rows x BN keys (or lags; BN <= BM <= 64), value channels per program for out / dv (DVO) and
 # per step of dy . v (DVC), warps; chosen by scripts/kernel_cost.py --tune (T=1024, B=16, the 12 x 768 model).
-# HYPERGLU_BLOCK="BM,DVO,DVC,num_warps" in the environment sets every kernel's (BN = BM).
+# HYPERGLU_BLOCK="BM,DVO,DVC,num_warps" in the environment (read by ops.dispatch) sets every kernel's (BN = BM).
 BLOCK = dict(stats=dict(BM=64, BN=64, DVO=128, DVC=64, num_warps=8),
              out=dict(BM=32, BN=32, DVO=512, DVC=64, num_warps=4),
              rows=dict(BM=64, BN=64, DVO=128, DVC=64, num_warps=8),
              keys=dict(BM=32, BN=32, DVO=128, DVC=64, num_warps=4),
              values=dict(BM=64, BN=64, DVO=512, DVC=64, num_warps=4),
              params=dict(BM=64, BN=64, DVO=128, DVC=64, num_warps=4))
-if os.environ.get("HYPERGLU_BLOCK"):
-    BLOCK = {k: dict(zip(("BM", "DVO", "DVC", "num_warps"), map(int, os.environ["HYPERGLU_BLOCK"].split(","))))
-             for k in BLOCK}
+if HYPERGLU_BLOCK:
+    BLOCK = {k: dict(zip(("BM", "DVO", "DVC", "num_warps"), HYPERGLU_BLOCK)) for k in BLOCK}
 PAD = 128  # zero lags on either side of the lag parameters: a tile's window reaches 2 BM - 2 lags past the ends
 
 
@@ -1078,24 +1078,24 @@ def lag_major(U, Vt, d, shortcut, W):
     return UL, VL, S
 
 
-def supports(cfg):
-    """The variants the kernels cover: the causal lag layout with masked mixers (the rest runs ops/hyperglu.py)."""
-    return (cfg.aligner_kind == "offset" and cfg.do_masking and (cfg.op1_do_masking or not cfg.use_op1)
-            and (cfg.op2_do_masking or not cfg.use_op2))
+def supports(lag, masked):
+    """The variants the kernels cover: the lag layout (lag) with every map masked (masked: do_masking, and each mixer
+    that is on masks its output). ops/hyperglu.py takes the rest."""
+    return lag and masked
 
 
-def attend(cfg, q, k, v, c1, c2, params, n_past=0):
+def attend(q, k, v, c1, c2, mix1, mix2, n_past, glu, norm, eps):
     """ops.hyperglu.attend's result through the kernels: q (B,H1,T,dqk), k (B,H1,n_past+T,dqk), v (B,h,n_past+T,dv),
-    c1 (B,H1,T,r1), c2 (B,h,T,r2) (None when a mixer is off), params = (U1, Vt1, d1, U2, Vt2, d2) -> (B,h,T,dv).
+    c1 (B,H1,T,r1), c2 (B,h,T,r2) (None when a mixer is off), mix1, mix2 = (U, Vt, d, shortcut) or None, glu (else
+    ReLU), norm (1/max(n, eps) per row) -> (B,h,T,dv).
     The mixers' U and V go in q's dtype (tensor-core operands), S in fp32 (fp64 for fp64)."""
-    U1, Vt1, d1, U2, Vt2, d2 = params
     W = k.shape[2]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     cast = lambda m: (m[0].to(q.dtype), m[1].to(q.dtype), m[2].to(acc)) if m[0] is not None else m  # noqa: E731
-    m1 = cast(lag_major(U1, Vt1, d1, cfg.op1_shortcut, W)) if cfg.use_op1 else (None,) * 3
-    m2 = cast(lag_major(U2, Vt2, d2, cfg.op2_shortcut, W)) if cfg.use_op2 else (None,) * 3
+    m1 = cast(lag_major(*mix1, W)) if mix1 is not None else (None,) * 3
+    m2 = cast(lag_major(*mix2, W)) if mix2 is not None else (None,) * 3
     c1 = c1.to(q.dtype) if c1 is not None else None
     c2 = c2.to(q.dtype) if c2 is not None else None
-    out, _, _, _ = torch.ops.hypergpt.hyperglu_fwd(q, k.to(q.dtype), v.to(q.dtype), c1, c2, *m1, *m2, n_past,
-                                                   cfg.attn_kind == "glu", cfg.attn_norm != "none", cfg.norm_eps)
+    out, _, _, _ = torch.ops.hypergpt.hyperglu_fwd(q, k.to(q.dtype), v.to(q.dtype), c1, c2, *m1, *m2, n_past, glu,
+                                                   norm, eps)
     return out

@@ -1,69 +1,28 @@
 """
 Fast forms of the hyper-connection stream ops (model.HyperConnection and model.ManifoldHC hold the reference
-equations). connect() runs one residual site and chooses among them: on CUDA the fused Triton kernels of
-ops/streams_triton.py; elsewhere the coefficient projection with the norm applied after the matmul
-[mHC Eqs. 14-16], everything before the sublayer as one autograd op with a hand-written backward (StreamPre),
-and the update after it added in place (add_outer).
+equations). connect() runs one residual site from tensors and plain numbers (nothing here imports model.py), in the
+form ops.dispatch picks: "triton", the fused kernels of ops/streams_triton.py; "pre", the coefficient projection with
+the norm applied after the matmul [mHC Eqs. 14-16], everything before the sublayer as one autograd op with a
+hand-written backward (StreamPre), and the update after it added in place (add_outer).
 """
 
 import functools
-import os
 
 import torch
 
 import ops.sinkhorn
 
 
-def _load_triton():
-    """ops.streams_triton where it can run: a CUDA device, triton importable, STREAMS_TRITON not "0". Imported
-    here once (not on CPU-only machines, so tests can turn on TRITON_INTERPRET=1 before they import it)."""
-    if os.environ.get("STREAMS_TRITON", "1") == "0" or not torch.cuda.is_available():
-        return None
-    try:
-        import ops.streams_triton
-    except ImportError:
-        return None
-    return ops.streams_triton
-
-
-TRITON = _load_triton()
-
-
-def triton_usable(x, kind):
-    """Whether connect takes the Triton kernels for streams x (B,T,n,C): CUDA, fp32 / bf16 / fp16, n <= 8 for HC
-    and n <= 4 for mHC (whose register tiles grow as n^4; wider runs take StreamPre)."""
-    return (TRITON is not None and x.is_cuda and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and x.shape[2] <= (4 if kind == "mhc" else 8))
-
-
-def connect(x, f, site):
-    """One HC / mHC site, H' = res + post^T f(u) [HC Eq. 2, mHC Eq. 3], for streams x (B,T,n,C) and the sublayer
-    f (B,T,C) -> (B,T,C); site is the model's HyperConnection or ManifoldHC module, read through site_args."""
-    return run_site(x, f, **site_args(site))
-
-
-def site_args(site):
-    """What the fast forms take from a residual site, read by its attributes (ops does not import model.py).
-    Static HC: its shared coefficients static = (A_m (n,), A_r^T (n,n), B (n,)). Dynamic HC and mHC: the
-    projection W, the norm (g, b, rms, eps) to apply after the matmul, the module's coefficient map mix with its
-    params (mHC's mix takes a sinkhorn= keyword), tanh (HC) and the Sinkhorn iterations (mHC)."""
-    if hasattr(site, "phi"):  # mHC: a weightless RMSNorm of the flat streams (phi holds the gain)
-        return dict(kind="mhc", W=site.phi, norm=(None, None, True, site.eps), mix=site.mix, params=site.mix_params(),
-                    iters=site.iters)
-    if not site.dynamic:
-        return dict(kind="hc", static=site.coefficients(None))
-    norm = site.norm
-    return dict(kind="hc", W=torch.cat([site.W_alpha, site.W_beta], 1), mix=site.mix, params=site.mix_params(),
-                norm=(norm.weight, getattr(norm, "bias", None), isinstance(norm, torch.nn.RMSNorm), norm.eps),
-                tanh=site.tanh)
-
-
-def run_site(x, f, kind, params=(), mix=None, W=None, norm=None, tanh=True, iters=20, static=None):
-    """connect with site_args spelled out, kind "hc" or "mhc"; the coefficients and the update run in fp32
-    outside autocast. triton_usable: ops.streams_triton's kernels; else StreamPre (or, static, two einsums) and
-    add_outer."""
-    if triton_usable(x, kind):
-        return TRITON.connect(x, f, kind, params, W, norm, tanh, iters, static)
+def connect(x, f, kind, params=(), W=None, norm=None, tanh=True, iters=20, static=None, form="pre"):
+    """One HC / mHC site, H' = res + post^T f(u) [HC Eq. 2, mHC Eq. 3], for streams x (B,T,n,C) and the sublayer f
+    (B,T,C) -> (B,T,C); kind "hc" or "mhc". Static HC: its shared coefficients static = (A_m (n,), A_r^T (n,n),
+    B (n,)). Dynamic HC: the projection W (C, n+2) = [W_alpha | W_beta], the norm (weight, bias, rms, eps) applied
+    after the matmul, params = (static_alpha, static_beta, s_alpha, s_beta) and tanh (hc_mix). mHC: W = phi, the
+    weightless RMSNorm (None, None, True, eps), params = (alpha_pre, alpha_post, alpha_res, b_pre, b_post, b_res)
+    and the Sinkhorn iterations (mhc_mix). The coefficients and the update run in fp32 outside autocast."""
+    if form == "triton":
+        from ops import streams_triton
+        return streams_triton.connect(x, f, kind, params, W, norm, tanh, iters, static)
     dev = x.device.type
     with torch.autocast(dev, enabled=False):
         h = x.to(torch.promote_types(x.dtype, torch.float32))
@@ -72,12 +31,30 @@ def run_site(x, f, kind, params=(), mix=None, W=None, norm=None, tanh=True, iter
             u = torch.einsum("...j,...jc->...c", w_in, h)       # H^T A_m (B,T,C)
             res = torch.einsum("...ij,...jc->...ic", w_res, h)  # A_r^T H (B,T,n,C), fresh: add_outer adds into it
         else:
-            if kind == "mhc":
-                mix = functools.partial(mix, sinkhorn=ops.sinkhorn.sinkhorn)
+            mix = functools.partial(mhc_mix, iters=iters) if kind == "mhc" else functools.partial(hc_mix, tanh=tanh)
             u, res, post = pre(mix, h, W, norm, kind == "mhc", params)
     y = f(u.to(x.dtype))
     with torch.autocast(dev, enabled=False):
         return add_outer(res, post, y.to(torch.promote_types(y.dtype, torch.float32))).to(x.dtype)
+
+
+def hc_mix(d, static_alpha, static_beta, s_alpha, s_beta, tanh=True):
+    """HC's coefficients [HC Eqs. 8-13] from d = norm(H) [W_alpha | W_beta] (B,T,n,n+2): A_m (B,T,n), A_r^T (B,T,n,n),
+    B (B,T,n), with alpha = [A_m | A_r] + s_alpha tanh(d_alpha), beta = B + s_beta tanh(d_beta)."""
+    if tanh:
+        d = torch.tanh(d)
+    alpha, beta = static_alpha + s_alpha * d[..., :-1], static_beta + s_beta * d[..., -1]
+    return alpha[..., 0], alpha[..., 1:].transpose(-1, -2), beta
+
+
+def mhc_mix(h, alpha_pre, alpha_post, alpha_res, b_pre, b_post, b_res, iters=20):
+    """mHC's coefficients [mHC Eqs. 7-9] from h = RMSNorm(flat streams) phi (B,T,n^2+2n): H_pre (B,T,n), H_res
+    (B,T,n,n) by Sinkhorn, H_post (B,T,n)."""
+    n = b_pre.shape[0]
+    pre = torch.sigmoid(alpha_pre * h[..., :n] + b_pre)
+    post = 2 * torch.sigmoid(alpha_post * h[..., n:2 * n] + b_post)
+    logits = alpha_res * h[..., 2 * n:].unflatten(-1, (n, n)) + b_res
+    return pre, ops.sinkhorn.sinkhorn(logits, iters), post
 
 
 def pre(mix, x, W, norm, flat, params):
@@ -222,8 +199,8 @@ class NormProj(torch.autograd.Function):
 class StreamPre(torch.autograd.Function):
     """HC / mHC before the sublayer as one op: x (B,T,n,C) -> the sublayer input u = sum_j w_in[j] x_j (B,T,C),
     the mixed streams res_i = sum_j w_res[i,j] x_j (B,T,n,C) and the post weights (B,T,n), where
-    (w_in, w_res, post) = mix(norm_proj(x), *params) and mix is the module's small coefficient map (tanh,
-    sigmoid, Sinkhorn on (B,T,n,K) numbers; autograd differentiates it inside backward). Backward writes dx
+    (w_in, w_res, post) = mix(norm_proj(x), *params) and mix is the small coefficient map (hc_mix or mhc_mix:
+    tanh, sigmoid, Sinkhorn on (B,T,n,K) numbers; autograd differentiates it inside backward). Backward writes dx
     once and accumulates the stream-mixing paths into it in place; autograd over the same ops writes three
     (B,T,n,C) gradients and adds them. flat: normalise each token's n*C streams as one row (mHC) instead of each
     stream (HC)."""

@@ -841,7 +841,7 @@ post.register_autograd(_post_backward, setup_context=_post_setup)
 # ----------------------------------------------------------------------------- one site
 
 def connect(x, f, kind, params=(), W=None, norm=None, tanh=True, iters=20, static=None):
-    """One residual site with these kernels, H' = res + post^T f(u) for x (B,T,n,C): ops.streams.run_site's
+    """One residual site with these kernels, H' = res + post^T f(u) for x (B,T,n,C): ops.streams.connect's
     arguments (it chooses this form on CUDA; the tests call it on CPU tensors under TRITON_INTERPRET=1)."""
     B, T, n, C = x.shape
     N = B * T

@@ -17,43 +17,9 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from checkpoint import load_checkpoint  # noqa: E402
+from checkpoint import load_checkpoint, load_model  # noqa: E402
 from data.shards import val_batches  # noqa: E402
-from model import GPT  # noqa: E402
-
-
-@torch.no_grad()
-def connection_matrices(model, idx):
-    """HC/mHC coefficients at every residual site (attention, MLP, attention, ...) for a batch idx (B, T), averaged
-    over its tokens: a list of (pre (n,), post (n,), res (n,n)), in mHC's orientation (for HC: A_m, B and A_r^T;
-    row i of res builds stream i). Empty for the plain residual."""
-    sites = [m for b in model.transformer.h for m in (b.res_attn, b.res_mlp) if hasattr(m, "coefficients")]
-    out = []
-
-    def record(m, args):
-        x = args[0]
-        with torch.autocast(x.device.type, enabled=False):
-            pre, res, post = m.coefficients(x.to(torch.promote_types(x.dtype, torch.float32)))
-        mean = lambda t, k: t.reshape(-1, *t.shape[t.dim() - k:]).mean(0)  # over tokens (static HC: none)
-        out.append((mean(pre, 1), mean(post, 1), mean(res, 2)))
-    hooks = [m.register_forward_pre_hook(record) for m in sites]
-    try:
-        model(idx)
-    finally:
-        for h in hooks:
-            h.remove()
-    return out
-
-
-def amax_gain(res_list):
-    """Composite gain of the residual mixing across sites [mHC §3.1]: C_k = H_res_k ... H_res_1; returns, per
-    depth k, the forward gain (max absolute row sum of C_k) and the backward gain (max absolute column sum)."""
-    C, fwd, bwd = None, [], []
-    for H in res_list:
-        C = H.double() if C is None else H.double() @ C
-        fwd.append(C.abs().sum(-1).max().item())
-        bwd.append(C.abs().sum(-2).max().item())
-    return fwd, bwd
+from diagnostics import amax_gain, connection_matrices  # noqa: E402
 
 
 def main(argv=None):
@@ -78,7 +44,7 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     if state["model_args"]["residual"] == "plain":
         sys.exit(f"error: {args.ckpt} uses the plain residual: there are no connection matrices to plot")
-    model = GPT.from_checkpoint(state).eval()
+    model = load_model(state).eval()
     cfg = model.config
     data = args.dataset or state["config"]["dataset"]
     if not os.path.isdir(data):

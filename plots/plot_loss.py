@@ -23,7 +23,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from config.grids import label  # noqa: E402  (the one definition of the variant grammar)
 from checkpoint import upgrade  # noqa: E402
-from model import GPTConfig, param_report  # noqa: E402
+from config.budget import param_report  # noqa: E402
+from model import GPTConfig  # noqa: E402
 
 FAMILIES = ["softmax", "ReLU attention", "HyperMLP", "HyperGLU"]
 

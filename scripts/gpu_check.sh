@@ -5,7 +5,7 @@
 #      time and peak memory at T=4096, and the core at B=1, T=16384;
 #   3. the compiled 12 x 768 model step, T=1024: softmax against HyperGLU, then plain / HC / mHC with softmax
 #      (fast kernels, the compiled reference forms, and CUDA graphs through torch.compile's reduce-overhead);
-#   4. the rest of tests/test_cuda.py.
+#   4. the rest of tests/model/test_cuda.py.
 # Each stage has its own time limit and is skipped once the budget is spent, so a slow stage cannot eat the rest.
 # Everything goes to the folder given as $1, else $OUT, else ./gpu_check: a log per stage, the bench tables as
 # markdown (*.md) and JSON (*.json), and summary.md (stage, exit code, seconds).
@@ -51,7 +51,7 @@ bench() {  # bench NAME SECONDS args...: bench.py with its tables also as NAME.j
 stage env 30 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true;
     python -c "import torch, triton; print(\"torch\", torch.__version__, \"triton\", triton.__version__)";
     git log -1 --format="commit %H %s" 2>/dev/null || true'
-stage kernel_tests 150 python -m pytest -q -x tests/test_cuda.py -k triton
+stage kernel_tests 150 python -m pytest -q -x tests/model/test_cuda.py -k triton
 bench core 60 --sections=core --batch_size=8 --n_embd=768 --n_head=12 --hyper_heads=2 --model_layers=12 \
     --T_list=1024,4096 --repeats=5
 bench layer 60 --sections=layer --batch_size=8 --n_embd=768 --n_head=12 --hyper_heads=2 --T_list=4096 --repeats=3
@@ -63,5 +63,5 @@ bench step 120 "${common[@]}" --attns=softmax,hyperglu --residuals=plain
 bench streams 120 "${common[@]}" --attns=softmax --residuals=plain,hc,mhc
 bench streams_reference 90 "${common[@]}" --attns=softmax --residuals=plain,hc,mhc --impl=reference
 bench streams_graphs 90 "${common[@]}" --attns=softmax --residuals=plain,hc,mhc --compile_mode=reduce-overhead
-stage other_tests 150 python -m pytest -q tests/test_cuda.py -k "not triton"
+stage other_tests 150 python -m pytest -q tests/model/test_cuda.py -k "not triton"
 cat "$out/summary.md"

@@ -6,9 +6,9 @@ warp-instructions by class, following each runtime loop with its trip count, and
 A causal flash-attention baseline (scripts/flash_baseline.py, 12 heads x 64) is counted the same way, so the
 ratio shares the model's errors. docs/performance.md explains the method; it can prove a kernel slow, never fast.
 
-$ python scripts/kernel_cost.py                        # the table at T=1024 (B=16), 4096 (B=4), 16384 (B=1)
-$ python scripts/kernel_cost.py --json=cost.json       # also the JSON
-$ python scripts/kernel_cost.py --T=1024 --B=16 --detail   # one shape, launch by launch
+$ python -m scripts.kernel_cost                        # the table at T=1024 (B=16), 4096 (B=4), 16384 (B=1)
+$ python -m scripts.kernel_cost --json=cost.json       # also the JSON
+$ python -m scripts.kernel_cost --T=1024 --B=16 --detail   # one shape, launch by launch
 """
 import argparse
 import contextlib
@@ -16,19 +16,15 @@ import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
 import time
 import warnings
 from unittest import mock
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
 # -----------------------------------------------------------------------------
 # the machine: an H100 SXM5. Throughputs per SM per clock, from NVIDIA's H100 datasheet and the Hopper whitepaper
@@ -259,7 +255,8 @@ SHAPES = [(1024, 16), (4096, 4), (16384, 1)]
 
 def hyperglu_shape(T, n_layer=12, n_embd=768):
     """(h, DK, DV, r1, r2) of config/hyperglu.py's budget-matched HyperGLU (2 heads) at block_size T."""
-    from model import GPTConfig, match_budget
+    from config.budget import match_budget
+    from model import GPTConfig
     cfg = match_budget(GPTConfig(n_layer=n_layer, n_head=12, n_embd=n_embd, block_size=T, bias=False),
                        attn="hyperglu", n_head=2)
     h = cfg.n_head
@@ -321,7 +318,8 @@ def chunked_cost(B, T, dtype=torch.bfloat16):
     bytes its ops move, counted by running it on the meta device under a dispatch mode, forward and backward."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils.flop_counter import FlopCounterMode
-    from model import GPTConfig, match_budget
+    from config.budget import match_budget
+    from model import GPTConfig
     from ops import hyperglu
 
     class Bytes(TorchDispatchMode):
@@ -344,7 +342,7 @@ def chunked_cost(B, T, dtype=torch.bfloat16):
             return out
 
     cfg = match_budget(GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=T, bias=False), attn="hyperglu",
-                       n_head=2).hyperglu_config()
+                       n_head=2)
     h, H1 = cfg.n_head, 2 * cfg.n_head
     DK, DV = cfg.qk_rank // H1, 768 // h
     meta = dict(device="meta", dtype=dtype)
@@ -359,7 +357,9 @@ def chunked_cost(B, T, dtype=torch.bfloat16):
     step = hyperglu.default_chunk("cuda")
     no_autocast = lambda *a, **kw: contextlib.nullcontext()  # noqa: E731 (autocast has no meta device)
     with mock.patch("torch.autocast", no_autocast), FlopCounterMode(display=False) as fc, Bytes() as mem:
-        out = hyperglu.RecomputeRows.apply(cfg, 0, step, True, q, k, v, c1, c2, *params)
+        spec = hyperglu.Spec(glu=True, norm=True, eps=cfg.norm_eps, lag=True, mask=True, mask1=True, mask2=True,
+                             shortcut1=True, shortcut2=True, fused=False)
+        out = hyperglu.RecomputeRows.apply(spec, 0, step, True, q, k, v, c1, c2, *params)
         out.backward(torch.empty_like(out))
     flops, nbytes = fc.get_total_flops(), mem.bytes
     t_tensor, t_mem = flops / H100["bf16_flops"], nbytes / H100["hbm"]

@@ -1,11 +1,11 @@
 """
 Train a named experiment grid from config/grids.py into out/<grid>/<variant>-s<seed>/.
 
-$ python scripts/run_grid.py --grid=cpu                            # sequentially on this machine
-$ python scripts/run_grid.py --grid=cpu --only="S-pc,G-cg-q-12o"   # a subset
-$ python scripts/run_grid.py --grid=fineweb --launcher="torchrun --standalone --nproc_per_node=8"   # each run on 8 GPUs
-$ python scripts/run_grid.py --grid=cpu --gpus=0,1,2,3             # one run per GPU, four at a time
-$ python scripts/run_grid.py --grid=cpu --dry_run                  # print the commands
+$ python -m scripts.run_grid --grid=cpu                            # sequentially on this machine
+$ python -m scripts.run_grid --grid=cpu --only="S-pc,G-cg-q-12o"   # a subset
+$ python -m scripts.run_grid --grid=fineweb --launcher="torchrun --standalone --nproc_per_node=8"   # each run on 8 GPUs
+$ python -m scripts.run_grid --grid=cpu --gpus=0,1,2,3             # one run per GPU, four at a time
+$ python -m scripts.run_grid --grid=cpu --dry_run                  # print the commands
 
 A run with a DONE marker is skipped; one with a ckpt_last.pt but no DONE resumes, so the grid can simply be
 re-run after an interruption. Each run's output goes to its folder's train.log. Extra --key=value arguments
@@ -18,9 +18,9 @@ import subprocess
 import sys
 import time
 
+from config.grids import GRIDS, variants
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # scripts/ is one level below the root
-sys.path.insert(0, REPO)
-from config.grids import GRIDS, variants  # noqa: E402
 
 
 def slug(name):

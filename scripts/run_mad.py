@@ -2,12 +2,12 @@
 Score model variants on the MAD memory tasks (data/mad.py): train every variant on every task over a small
 learning-rate (x weight-decay) sweep, then write the table and figure with plots/plot_mad.py.
 
-$ python scripts/run_mad.py                                        # the lite suite for config.grids.MAD_VARIANTS
-$ python scripts/run_mad.py --variants="S-pc,G-cg-q-12o" --tasks=in_context_recall,memorization --jobs=2
-$ python scripts/run_mad.py --size=original --gpus=0,1,2,3         # mad-lab's settings and sweep, one run per GPU
-$ python scripts/run_mad.py --tasks=fuzzy_recall --mad_args=epochs=16 --out=out/long   # longer training
-$ python scripts/run_mad.py --variants=S-pc --seeds=1337,1338     # two seeds (data and weights both follow it)
-$ python scripts/run_mad.py --dry_run                              # print the commands
+$ python -m scripts.run_mad                                        # the lite suite for config.grids.MAD_VARIANTS
+$ python -m scripts.run_mad --variants="S-pc,G-cg-q-12o" --tasks=in_context_recall,memorization --jobs=2
+$ python -m scripts.run_mad --size=original --gpus=0,1,2,3         # mad-lab's settings and sweep, one run per GPU
+$ python -m scripts.run_mad --tasks=fuzzy_recall --mad_args=epochs=16 --out=out/long   # longer training
+$ python -m scripts.run_mad --variants=S-pc --seeds=1337,1338     # two seeds (data and weights both follow it)
+$ python -m scripts.run_mad --dry_run                              # print the commands
 
 Runs go to <out>/mad-<size>/<variant>/<task>/lr<lr>-wd<wd>/ (train.py run folders), with a -s<seed> suffix for
 seeds other than 1337 so that earlier single-seed suites keep their folders; the table and figure to
@@ -21,13 +21,10 @@ import math
 import os
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # scripts/ is one level below the root
-sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.join(REPO, "plots"))
-from config.grids import MAD_BASE, MAD_SWEEP, MAD_VARIANTS, variants  # noqa: E402
-from data.mad import TASKS, make_task  # noqa: E402
-from plot_mad import write_results  # noqa: E402
-from scripts.run_grid import run_all, slug  # noqa: E402
+from config.grids import MAD_BASE, MAD_SWEEP, MAD_VARIANTS, variants
+from data.mad import TASKS, make_task
+from plots.plot_mad import write_results
+from scripts.run_grid import REPO, run_all, slug
 
 
 def commands(size, out, names, tasks, lrs, wds, extra, mad_args="", seeds=(1337,)):

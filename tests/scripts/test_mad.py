@@ -11,10 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import REPO
 from data import mad
 from model import GPT, GPTConfig
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def small(name):
@@ -244,8 +243,8 @@ def test_ddp_two_processes_match_one_on_a_mad_task(tmp_path):
         assert abs(float(a["val_acc"]) - float(b["val_acc"])) < 1e-9
         assert abs(float(a["val_acc_macro"]) - float(b["val_acc_macro"])) < 1e-9
     # the logged macro score is the per-batch score averaged with batch-size weights (mad-lab's Lightning logging)
-    from checkpoint import load_checkpoint
-    model = GPT.from_checkpoint(load_checkpoint(str(tmp_path / "one" / "ckpt_last.pt"))).eval()
+    from checkpoint import load_checkpoint, load_model
+    model = load_model(load_checkpoint(str(tmp_path / "one" / "ckpt_last.pt"))).eval()
     task = mad.make_task("compression", "lite", "seq_len=9,train_examples=64,test_examples=22")
     with torch.no_grad():
         scores = [(mad.macro_accuracy(model(x, y)[0], y).item(), len(x)) for x, y in mad.val_batches(task, 4, 1337)]
@@ -321,7 +320,7 @@ def test_table_scores_macro_best_per_seed_then_mean_with_micro_beside(tmp_path, 
 
 
 def test_runner_builds_the_sweep(tmp_path):
-    r = subprocess.run([sys.executable, "scripts/run_mad.py", "--dry_run", "--tasks=compression,memorization",
+    r = subprocess.run([sys.executable, "-m", "scripts.run_mad", "--dry_run", "--tasks=compression,memorization",
                         "--variants=S,G-cg-q-12o", f"--out={tmp_path}"], cwd=REPO, capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0, r.stderr
@@ -334,10 +333,10 @@ def test_runner_builds_the_sweep(tmp_path):
     hyper = [ln for ln in lines if "--attn=hyperglu" in ln]
     assert len(hyper) == 4 and all("--qk_rank=" in ln and "--n_head=2" in ln for ln in hyper)
     assert {ln.split("--learning_rate=")[1].split()[0] for ln in lines} == {"0.001", "0.003"}
-    bad = subprocess.run([sys.executable, "scripts/run_mad.py", "--dry_run", "--variants=Q"], cwd=REPO,
+    bad = subprocess.run([sys.executable, "-m", "scripts.run_mad", "--dry_run", "--variants=Q"], cwd=REPO,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "unknown variants ['Q']" in bad.stderr
-    r = subprocess.run([sys.executable, "scripts/run_mad.py", "--dry_run", "--tasks=compression", "--variants=S",
+    r = subprocess.run([sys.executable, "-m", "scripts.run_mad", "--dry_run", "--tasks=compression", "--variants=S",
                         "--lrs=1e-3", "--seeds=1337,1338", f"--out={tmp_path}"], cwd=REPO, capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0, r.stderr
@@ -345,6 +344,6 @@ def test_runner_builds_the_sweep(tmp_path):
                   for ln in r.stdout.strip().splitlines())
     assert runs == [("1337", f"{tmp_path}/mad-lite/S/compression/lr0.001-wd0"),
                     ("1338", f"{tmp_path}/mad-lite/S/compression/lr0.001-wd0-s1338")]
-    bad = subprocess.run([sys.executable, "scripts/run_mad.py", "--dry_run", "--seeds=1,x"], cwd=REPO,
+    bad = subprocess.run([sys.executable, "-m", "scripts.run_mad", "--dry_run", "--seeds=1,x"], cwd=REPO,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "error: --seeds='1,x' is not a comma-separated list of integers" in bad.stderr

@@ -11,11 +11,12 @@ import pytest
 import torch
 
 import plots.plot_loss
+from conftest import REPO
 from config.grids import CPU_BASE, FINEWEB_BASE, MAD_BASE, budget, label, variants
-from model import GPTConfig, param_report
+from config.budget import param_report
+from model import GPTConfig
 from plots.plot_loss import family, main as plot_main
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIGURE_5 = {  # the paper's Figure 5, panel by panel (../shared/research/hypermlp.md §5.1)
     "softmax": ["S", "S-p", "S-c", "S-pc", "S-g-q", "S-c-q", "S-c-v"],
     "ReLU attention": ["R", "R-p", "R-c", "R-pc", "R-cg-q", "R-c-q", "R-c-v"],
@@ -194,7 +195,7 @@ def test_grid_runner_dry_run(tmp_path):
     done = tmp_path / "cpu" / "S-pc-s1337"
     done.mkdir(parents=True)
     (done / "DONE").write_text("{}")
-    r = subprocess.run([sys.executable, "scripts/run_grid.py", "--grid=cpu", "--only=S-pc,G-cg-q-12o + mHC",
+    r = subprocess.run([sys.executable, "-m", "scripts.run_grid", "--grid=cpu", "--only=S-pc,G-cg-q-12o + mHC",
                         f"--out={tmp_path}", "--dry_run", "--max_iters=7"], cwd=REPO, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -205,6 +206,6 @@ def test_grid_runner_dry_run(tmp_path):
     assert f"--out_dir={tmp_path / 'cpu' / 'S-pc-s1338'}" in cmds[0]
     assert "--residual=mhc" in cmds[1] and "G-cg-q-12o_mHC-s1337" in cmds[1]
     assert f"--out_dir={tmp_path / 'cpu' / 'S-pc-s1339'}" in cmds[2]
-    bad = subprocess.run([sys.executable, "scripts/run_grid.py", "--grid=cpu", "--only=Q", "--dry_run"], cwd=REPO,
+    bad = subprocess.run([sys.executable, "-m", "scripts.run_grid", "--grid=cpu", "--only=Q", "--dry_run"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "unknown variants ['Q']" in bad.stderr

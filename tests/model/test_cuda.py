@@ -1,7 +1,8 @@
 """The GPU path: every attention x residual on CUDA against the same model on the CPU, the chunked HyperGLU paths
 on CUDA against dense, decoding with the cache, bf16 autocast and torch.compile. Skipped where CUDA is missing
-(CI has no GPU); `TEST_DEVICE=cpu pytest tests/test_cuda.py` runs the same checks on the CPU."""
+(CI has no GPU); `TEST_DEVICE=cpu pytest tests/model/test_cuda.py` runs the same checks on the CPU."""
 import copy
+import dataclasses
 import itertools
 import os
 
@@ -9,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import ops.streams
+import ops.dispatch
 from model import GPT, HyperGLU, KVCache
-from test_model import ATTNS, RESIDUALS, layer_cfg, randomize, run_layer, tiny
+from conftest import ATTNS, RESIDUALS, layer_cfg, randomize, run_layer, tiny
 
 DEV = os.environ.get("TEST_DEVICE", "cuda")
 pytestmark = pytest.mark.skipif(DEV == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -43,10 +44,11 @@ def test_every_combination_matches_cpu(attn, residual):
                                                                     ["offset", "identity"])))
 def test_chunked_and_fast_equal_dense(kind, norm, layout):
     torch.manual_seed(0)
-    layer = randomize(HyperGLU(layer_cfg(attn_kind=kind, attn_norm=norm, aligner_kind=layout))).double().to(DEV)
+    layer = randomize(HyperGLU(layer_cfg(attn_kind=kind, attn_norm=norm, aligner_kind=layout, impl="fast")))
+    layer = layer.double().to(DEV)
     x = torch.randn(2, 17, 24, dtype=torch.float64, device=DEV)
     y0, g0 = run_layer(layer, x, impl="dense")
-    for impl, chunk in (("chunked", 5), ("fast", 4), ("fast", 17)):
+    for impl, chunk in (("chunked", 5), (None, 4), (None, 17)):
         y1, g1 = run_layer(layer, x, impl=impl, chunk_T=chunk)
         assert (y0 - y1).abs().max() < 1e-12
         for n in g0:
@@ -56,10 +58,10 @@ def test_chunked_and_fast_equal_dense(kind, norm, layout):
 def test_default_chunks_equal_dense():
     """chunk_T=None: the device's default chunk (1024 rows on a GPU), two chunks at T=1100, the last partial."""
     torch.manual_seed(0)
-    layer = randomize(HyperGLU(layer_cfg(block_size=1100, chunk_T=None)), 0.1).double().to(DEV)
+    layer = randomize(HyperGLU(layer_cfg(block_size=1100, chunk_T=None, impl="fast")), 0.1).double().to(DEV)
     x = torch.randn(1, 1100, 24, dtype=torch.float64, device=DEV)
     y0, g0 = run_layer(layer, x, impl="dense")
-    y1, g1 = run_layer(layer, x, impl="fast")
+    y1, g1 = run_layer(layer, x)
     assert (y0 - y1).abs().max() < 1e-12
     for n in g0:
         assert (g0[n] - g1[n]).abs().max() < 1e-12, n
@@ -126,13 +128,13 @@ def rel(a, b):
 def test_triton_kernels_against_float64(T, dtype, variant):
     """The layer's fast path (the Triton kernels) against the float64 chunked reference on the same weights: fp32
     with TF32 off (1e-4 relative), and bf16 autocast with fp32 parameters (3e-2; gradients stay fp32)."""
-    import ops.hyperglu
+    import ops.dispatch
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(0)
     cfg = layer_cfg(n_embd=128, qk_rank=32, vo_rank=128, op1_rank=8, op2_rank=8, block_size=T, chunk_T=1024,
                     **TRITON_VARIANTS[variant])
-    assert ops.hyperglu.use_triton(cfg, torch.zeros(1, device="cuda"))
-    layer = randomize(HyperGLU(cfg, fast=True), 0.05).to(DEV)
+    assert ops.dispatch.hyperglu("fast", torch.zeros(1, device="cuda"), (), (), True, (True,) * 3) == "triton"
+    layer = randomize(HyperGLU(dataclasses.replace(cfg, impl="fast")), 0.05).to(DEV)
     ref = randomize(HyperGLU(cfg), 0.0).to(DEV).double()
     ref.load_state_dict(layer.state_dict())
     x = torch.randn(2, T, 128, device=DEV)
@@ -151,7 +153,7 @@ def test_triton_decoding_and_long_context():
     runs forward + backward with memory linear in T (no T x T buffer)."""
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(0)
-    layer = randomize(HyperGLU(layer_cfg(n_embd=64, qk_rank=16, vo_rank=64, block_size=16384), fast=True), 0.05)
+    layer = randomize(HyperGLU(layer_cfg(n_embd=64, qk_rank=16, vo_rank=64, block_size=16384, impl="fast")), 0.05)
     layer = layer.to(DEV)
     x = torch.randn(1, 300, 64, device=DEV)
     with torch.no_grad():
@@ -176,10 +178,10 @@ def test_stream_kernels_match_float64(residual, dynamic, norm, monkeypatch):
     """The HC / mHC Triton kernels (ops/streams_triton.py, what impl="fast" runs for CUDA streams) against the
     module's float64 reference, n = 4, C = 96, 1,200 tokens, output and every gradient: fp32 with TF32 off within
     twice the reference's own fp32 error (+1e-5); bf16 autocast (the sublayer in bf16) fp32 results, close."""
-    if not ops.streams.triton_usable(torch.empty(1, 1, 4, 1, device=DEV), residual):
+    if ops.dispatch.streams("fast", torch.empty(1, 1, 4, 1, device=DEV), residual) != "triton":
         pytest.skip("the Triton stream kernels do not run on this device")
     calls = []
-    kernels = ops.streams.TRITON
+    kernels = ops.dispatch.triton_module("streams_triton")
     monkeypatch.setattr(kernels, "connect", lambda *a, _connect=kernels.connect: calls.append(1) or _connect(*a))
     torch.manual_seed(0)
     model = randomize(GPT(tiny(residual=residual, hc_dynamic=dynamic, norm=norm, n_embd=96, hc_streams=4)), 0.3)
@@ -187,7 +189,7 @@ def test_stream_kernels_match_float64(residual, dynamic, norm, monkeypatch):
     H = torch.randn(4, 300, 4, 96, device=DEV) + 1.0
 
     def run(module, f, H, fast):
-        module.fast = fast
+        monkeypatch.setitem(ops.dispatch.override, "streams", None if fast else "reference")
         H = H.clone().requires_grad_(True)
         out = module(H, f)
         g = torch.linspace(-1, 1, out.numel(), device=DEV, dtype=out.dtype).view_as(out)

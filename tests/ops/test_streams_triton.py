@@ -13,10 +13,10 @@ if not torch.cuda.is_available():  # before Triton decorates the kernels
 pytest.importorskip("triton")
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter tests; tests/test_cuda.py on a GPU")
 
-import ops.streams  # noqa: E402
+import ops.dispatch  # noqa: E402
 import ops.streams_triton as st  # noqa: E402
 from model import GPT, sinkhorn  # noqa: E402
-from test_model import randomize, tiny  # noqa: E402
+from conftest import randomize, tiny  # noqa: E402
 
 
 def site(residual, n, dtype=torch.float64, dynamic=True, tanh=True, norm="layernorm", bias=True):
@@ -36,15 +36,17 @@ def grads(step, H, module, f):
 
 
 def kernels(module, f):
-    """The site through ops.streams_triton.connect (the kernels hold their own coefficient maps: no mix)."""
-    kw = {k: v for k, v in ops.streams.site_args(module).items() if k != "mix"}
-    return lambda H: st.connect(H, f, **kw)
+    """The site through ops.streams_triton.connect, with the arguments the model passes ops.streams.connect."""
+    return lambda H: st.connect(H, f, module.kind, **module.fast_args())
 
 
 def run(module, f, H, use_kernels):
     """grads() of the site through the kernels (on these CPU tensors) or through the module's reference equations."""
-    module.fast = False
-    return grads(kernels(module, f) if use_kernels else lambda H: module(H, f), H, module, f)
+    ops.dispatch.override["streams"] = "reference"
+    try:
+        return grads(kernels(module, f) if use_kernels else lambda H: module(H, f), H, module, f)
+    finally:
+        del ops.dispatch.override["streams"]
 
 
 def errors(a, b):
@@ -117,8 +119,7 @@ def test_gpt_through_the_kernels_equals_the_reference(monkeypatch):
     dynamic HC and static HC gives the reference loss and every parameter's gradient (float64), all four sites
     through the kernels; every parameter gets its gradient through autograd (as DDP needs)."""
     calls = []
-    monkeypatch.setattr(ops.streams, "TRITON", st)
-    monkeypatch.setattr(ops.streams, "triton_usable", lambda x, kind: True)
+    monkeypatch.setitem(ops.dispatch.override, "streams", "triton")
     monkeypatch.setattr(st, "connect", lambda *a, _connect=st.connect: calls.append(a[2]) or _connect(*a))
     for residual, dynamic in (("mhc", True), ("hc", True), ("hc", False)):
         torch.manual_seed(0)
@@ -140,16 +141,21 @@ def test_gpt_through_the_kernels_equals_the_reference(monkeypatch):
 
 
 def test_dispatch_takes_the_kernels_for_cuda_streams_they_cover(monkeypatch):
-    """ops.streams.triton_usable, on fake CUDA tensors: CUDA fp32 / bf16 / fp16 streams with n <= 4 (mHC) or <= 8
-    (HC); not CPU streams, fp64 (StreamPre serves those), wider streams, or where triton is missing."""
+    """ops.dispatch.streams, on fake CUDA tensors: CUDA fp32 / bf16 / fp16 streams with n <= 4 (mHC) or <= 8
+    (HC); not CPU streams, fp64 (StreamPre serves those), wider streams, where triton is missing or with
+    STREAMS_TRITON=0; impl="reference" runs the reference."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    monkeypatch.setattr(ops.streams, "TRITON", st)
+    monkeypatch.setitem(ops.dispatch._modules, "streams_triton", st)
     with FakeTensorMode():
         x4, x8 = torch.empty(2, 3, 4, 8, device="cuda"), torch.empty(2, 3, 8, 8, device="cuda")
-    usable = ops.streams.triton_usable
+    usable = lambda x, kind: ops.dispatch.streams("fast", x, kind) == "triton"
     assert usable(x4, "mhc") and usable(x4.bfloat16(), "hc") and usable(x4.half(), "mhc") and usable(x8, "hc")
     assert not (usable(x8, "mhc") or usable(x4.double(), "hc") or usable(torch.empty(2, 3, 4, 8), "hc"))
-    monkeypatch.setattr(ops.streams, "TRITON", None)
+    assert ops.dispatch.streams("reference", x4, "mhc") == "reference"
+    monkeypatch.setattr(ops.dispatch, "OFF", {"STREAMS_TRITON"})
+    assert not usable(x4, "mhc")
+    monkeypatch.setattr(ops.dispatch, "OFF", set())
+    monkeypatch.setitem(ops.dispatch._modules, "streams_triton", None)
     assert not usable(x4, "mhc")
 
 

@@ -16,9 +16,8 @@ if not torch.cuda.is_available():  # before Triton decorates the kernels
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
+from conftest import REPO  # noqa: E402
 from scripts import flash_baseline, kernel_cost  # noqa: E402
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test")
@@ -78,8 +77,8 @@ def test_cost_model_writes_its_json(tmp_path):
     tiles, its loops match the plan's trip counts, and the JSON has the documented fields."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "cost.json"
-    r = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "kernel_cost.py"), "--T=128", "--B=1",
-                        f"--json={out}"], capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+    r = subprocess.run([sys.executable, "-m", "scripts.kernel_cost", "--T=128", "--B=1", f"--json={out}"],
+                       capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     data = json.loads(out.read_text())
     (row,) = data["hyperglu"]

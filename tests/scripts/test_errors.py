@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import REPO
 from data.shards import write_shard
 from data.tokenizer import char_spec, save_meta
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--device=cpu", "--n_layer=1", "--n_embd=16", "--n_head=2", "--block_size=16", "--batch_size=2",
         "--eval_iters=1", "--log_interval=1", "--warmup_iters=1"]
 

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import REPO
 from data.shards import write_shard
 from data.tokenizer import char_spec, save_meta
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--device=cpu", "--n_layer=2", "--n_embd=32", "--n_head=2", "--block_size=32", "--batch_size=4",
         "--eval_iters=2", "--log_interval=1", "--warmup_iters=2", "--learning_rate=3e-3", "--min_lr=3e-4"]
 
@@ -218,10 +218,11 @@ def test_resume_keeps_the_optimizer(dataset, tmp_path):
 def test_muon_groups_cover_every_parameter_once(attn, residual):
     """Muon takes the weights of the blocks' nn.Linear layers and nothing else; AdamW the rest; no parameter twice,
     none left out (wte and lm_head are one tensor)."""
-    from model import GPT, GPTConfig, MuonAdamW
+    from model import GPT, GPTConfig
+    from optim import MuonAdamW
     model = GPT(GPTConfig(attn=attn, residual=residual, n_layer=2, n_head=2, n_embd=32, block_size=16,
                           vocab_size=40, use_kv_conv=True, use_qk_gate=True, use_vo_gate=True))
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", "muon", 0.02, 0.95)
+    opt, _ = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", "muon", 0.02, 0.95)
     assert isinstance(opt, MuonAdamW)
     muon = [id(p) for g in opt.optimizers["muon"].param_groups for p in g["params"]]
     adamw = [id(p) for g in opt.optimizers["adamw"].param_groups for p in g["params"]]
@@ -239,7 +240,7 @@ def test_muon_groups_cover_every_parameter_once(attn, residual):
     if attn != "softmax":
         assert {"U", "Vt", "d"} <= kept
     assert all(".conv." not in names[i] for i in muon)
-    plain = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")  # the default: AdamW alone, as before
+    plain, _ = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")  # the default: AdamW alone, as before
     assert isinstance(plain, torch.optim.AdamW)
     assert sorted(id(p) for g in plain.param_groups for p in g["params"]) == sorted(everything)
 

@@ -3,7 +3,7 @@
 On a machine without a GPU the kernels run under TRITON_INTERPRET=1 on the CPU (numpy, one program at a time,
 exact float32 and float64 dots), on 16 x 16 tiles with sequence lengths that do not divide by 16. The GPU checks
 (bf16, TF32, T = 1024 and 4096) are in tests/test_cuda.py."""
-import itertools
+import dataclasses
 import os
 
 import pytest
@@ -14,17 +14,16 @@ if not torch.cuda.is_available():  # before Triton decorates the kernels
 pytest.importorskip("triton")
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter tests; tests/test_cuda.py on a GPU")
 
-import ops.hyperglu  # noqa: E402
+import ops.dispatch  # noqa: E402
 import ops.hyperglu_triton  # noqa: E402
 from model import GPT, HyperGLU  # noqa: E402
-from test_model import layer_cfg, randomize, run_layer, tiny  # noqa: E402
-from test_ops import saved_bytes  # noqa: E402
+from conftest import layer_cfg, randomize, run_layer, saved_bytes, tiny  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def triton_path(monkeypatch):
     """Route impl="fast" through the kernels on the CPU, on 16 x 16 tiles, 16 value channels per program and per step."""
-    monkeypatch.setattr(ops.hyperglu, "use_triton", lambda cfg, q: ops.hyperglu_triton.supports(cfg))
+    monkeypatch.setitem(ops.dispatch.override, "hyperglu", "triton")
     monkeypatch.setattr(ops.hyperglu_triton, "BLOCK", {k: dict(BM=16, DVO=16, DVC=16, num_warps=4)
                                                        for k in ops.hyperglu_triton.BLOCK})
 
@@ -53,19 +52,19 @@ def test_kernels_match_the_reference_float64(kind, norm, op, shortcut, diag):
     (op1 and op2 get opposite settings), T = 21 on 16 x 16 tiles (two row and key blocks, the second partial)."""
     torch.manual_seed(0)
     cfg = layer_cfg(attn_kind=kind, attn_norm=norm, use_op1=op[0], use_op2=op[1], op1_shortcut=shortcut,
-                    op2_shortcut=not shortcut, op1_use_diag=diag, op2_use_diag=not diag, block_size=24)
+                    op2_shortcut=not shortcut, op1_use_diag=diag, op2_use_diag=not diag, block_size=24, impl="fast")
     layer = randomize(HyperGLU(cfg)).double()
     x = torch.randn(1, 21, 24, dtype=torch.float64)
-    assert worst(run_layer(layer, x, impl="dense"), run_layer(layer, x, impl="fast")) < 1e-12
+    assert worst(run_layer(layer, x, impl="dense"), run_layer(layer, x)) < 1e-12
 
 
 @pytest.mark.parametrize("kind", ["glu", "relu"])
 def test_kernels_match_the_reference_float32(kind):
     """float32 (the interpreter's float32 dots are exact): 1e-5 relative at T = 37, batch 2, ranks 3 and 5."""
     torch.manual_seed(0)
-    layer = randomize(HyperGLU(layer_cfg(attn_kind=kind, block_size=40, op2_rank=5)), 0.1)
+    layer = randomize(HyperGLU(layer_cfg(attn_kind=kind, block_size=40, op2_rank=5, impl="fast")), 0.1)
     x = torch.randn(2, 37, 24)
-    (y0, g0), (y1, g1) = run_layer(layer, x, impl="dense"), run_layer(layer, x, impl="fast")
+    (y0, g0), (y1, g1) = run_layer(layer, x, impl="dense"), run_layer(layer, x)
     rel = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()
     assert rel(y1, y0) < 1e-5
     for n in g0:
@@ -75,7 +74,7 @@ def test_kernels_match_the_reference_float32(kind):
 def test_decoding_with_a_cache_equals_the_full_forward():
     """row0 > 0: a prefill of 19 rows, then one new row at a time against the cached keys, no grad."""
     torch.manual_seed(0)
-    layer = randomize(HyperGLU(layer_cfg(block_size=24), fast=True)).double()
+    layer = randomize(HyperGLU(layer_cfg(block_size=24, impl="fast"))).double()
     x = torch.randn(2, 23, 24, dtype=torch.float64)
     full = layer(x, impl="dense")
     cache = {}
@@ -110,13 +109,13 @@ def test_the_identity_layout_stays_on_the_pytorch_path(monkeypatch):
     for layout, masking in (("identity", True), ("offset", False)):
         with pytest.warns(RuntimeWarning) if not masking else torch.no_grad():
             cfg = layer_cfg(aligner_kind=layout, do_masking=masking)
-        HyperGLU(cfg, fast=True).double()(x)
+        HyperGLU(dataclasses.replace(cfg, impl="fast")).double()(x)
     assert calls == []
 
 
 def test_saved_activations_grow_linearly_in_T():
     """What the op keeps for backward is O(T d): inputs, output, the norm and the rank-r row vectors."""
-    layer = HyperGLU(layer_cfg(n_embd=32, block_size=128, qk_rank=16, vo_rank=32), fast=True)
+    layer = HyperGLU(layer_cfg(n_embd=32, block_size=128, qk_rank=16, vo_rank=32, impl="fast"))
     mem = {}
     for T in (32, 64, 128):
         x = torch.randn(1, T, 32, requires_grad=True)
@@ -128,7 +127,7 @@ def test_torch_compile_keeps_the_custom_op_in_one_graph():
     """fullgraph=True fails on any graph break: the kernels are one custom op with a fake (shape) function and a
     registered backward. aot_eager traces forward and backward without compiling them further."""
     torch.manual_seed(0)
-    layer = randomize(HyperGLU(layer_cfg(block_size=24), fast=True), 0.1).double()
+    layer = randomize(HyperGLU(layer_cfg(block_size=24, impl="fast")), 0.1).double()
     x = torch.randn(1, 21, 24, dtype=torch.float64)
     y0, g0 = run_layer(layer, x)
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
