@@ -11,8 +11,10 @@ $ python bench.py --device=cuda --dtype=bfloat16 --compile=True --batch_size=8 -
 
 Sections:
   core    the attention core (everything between the projections and c_proj), forward + backward: SDPA (flash on a
-          GPU) with n_head heads against HyperGLU's op (ops.hyperglu.attend: the Triton kernels on a GPU) with
-          hyper_heads heads at the ranks match_budget gives a model of this width; ms, peak memory, TFLOP/s.
+          GPU) with n_head heads, and on a GPU the cost model's flash baseline (scripts/flash_baseline.py), against
+          HyperGLU's op (ops.hyperglu.attend) with hyper_heads heads at the ranks match_budget gives a model of this
+          width, in the form ops.dispatch picks (the Triton kernels on a GPU) and in the chunked torch form;
+          ms, peak memory, TFLOP/s.
   layer   one attention layer, forward + backward: ms, and memory. Memory is the bytes of the unique storages
           autograd saves for backward on CPU (saved_tensors_hooks), torch.cuda.max_memory_allocated on GPU.
           Softmax is causal SDPA with n_head heads; HyperGLU / HyperMLP use hyper_heads heads.
@@ -23,10 +25,13 @@ compile=True runs the layers and models through torch.compile (as train.py does 
 memory; CPU memory is counted on the eager modules (saved-tensor hooks do not see inside compiled graphs), and
 decoding stays eager. Each time is the median of `repeats` rounds after `warmup` rounds (at least two with
 compile); in each round every variant of a table runs once in turn, and a ratio is the median of the per-round
-ratios. Absolute times on a shared machine are noise;
+ratios. On a GPU, CUDA events time the work, and SDPA is pinned to flash (--sdpa=any lets torch choose).
+--json and --md files are rewritten as each row is measured (earlier rounds' medians stand in until a row is final),
+so a run that is killed keeps what it measured. Absolute times on a shared machine are noise;
 read the ratio columns, which compare measurements taken side by side.
 """
 
+import os
 import statistics
 import sys
 import time
@@ -34,6 +39,7 @@ from contextlib import nullcontext
 from dataclasses import replace
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import ops.dispatch
 import ops.hyperglu_cpu
@@ -66,10 +72,12 @@ compile = False              # torch.compile layers and models (timings, GPU mem
 compile_mode = "default"     # torch.compile's mode: "reduce-overhead" adds CUDA graphs
 impl = "fast"                # "fast" (ops/) | "reference" (model.py alone), as GPTConfig.impl
 repeats = 7
-json = ""                    # also write every table to this JSON file
+json = ""                    # also write the tables to this JSON file, rewritten after every measured row
+md = ""                      # and as markdown to this file, likewise (a run cut short keeps what it measured)
+sdpa = "flash"               # on CUDA: "flash" pins SDPA to FlashAttention (bf16/fp16), "any" lets torch choose
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))]
-dev = ctx = gpu = mem_name = None  # set by main(): the device type, the autocast context, the device's name
+dev = ctx = gpu = mem_name = backend = None  # set by main(): device type, autocast, device name, SDPA backend
 tables = []
 
 
@@ -89,21 +97,42 @@ def sync():
         torch.cuda.synchronize()
 
 
-def timed(fns):
+def clock():
+    """Start timing GPU work: a recorded CUDA event on a GPU (the time the GPU took, without the launch latency of
+    a host timer), the host clock elsewhere. elapsed(clock()) gives seconds."""
+    if dev == "cuda":
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+    return time.perf_counter()
+
+
+def elapsed(t0):
+    if dev == "cuda":
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        e.synchronize()
+        return t0.elapsed_time(e) / 1e3
+    return time.perf_counter() - t0
+
+
+def timed(fns, report=None):
     """Median seconds of each fn, and the median of its per-round ratio to fns[0]. The fns take turns
-    (`warmup` rounds, then `repeats` timed rounds), so a slow spell on a shared machine hits all of them."""
+    (`warmup` rounds, then `repeats` timed rounds), so a slow spell on a shared machine hits all of them.
+    report(secs, ratios, rounds) after every timed round: the medians so far, for rows written as they come."""
     for _ in range(max(warmup, 2 if compile else 0)):  # the first calls compile (and may recompile once)
         for fn in fns:
             fn()
     ts = [[] for _ in fns]
-    for _ in range(repeats):
+    for i in range(repeats):
         for fn, t in zip(fns, ts):
             sync()
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            sync()
-            t.append(time.perf_counter() - t0)
-    ratios = [statistics.median(a / b for a, b in zip(t, ts[0])) for t in ts]
+            t.append(elapsed(t0))
+        ratios = [statistics.median(a / b for a, b in zip(t, ts[0])) for t in ts]
+        if report and i + 1 < repeats:
+            report([statistics.median(t) for t in ts], ratios, i + 1)
     return [statistics.median(t) for t in ts], ratios
 
 
@@ -131,29 +160,63 @@ def memory(fn):
     return saved_bytes(fn)
 
 
-def table(title, cols, rows):
-    tables.append(dict(title=title, columns=cols, rows=rows))
-    if json:  # rewritten after every table, so a run cut short keeps what it measured
-        import json as json_
-        with open(json, "w") as f:
-            json_.dump(dict(device=gpu, dtype=dtype, torch=torch.__version__, impl=impl, compile=compile,
-                            argv=sys.argv[1:], tables=tables), f, indent=1)
+def table(title, cols):
+    """A new table, printed and saved row by row with put()."""
+    t = dict(title=title, columns=cols, rows=[], partial=[])
+    tables.append(t)
     print(f"\n### {title}\n")
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
-    for r in rows:
-        print("| " + " | ".join(r) + " |")
     sys.stdout.flush()
+    return t
+
+
+def put(t, rows, rounds=None):
+    """rows measured for table t: final ones (rounds None) are printed and kept; partial ones (the medians after
+    `rounds` of `repeats` timed rounds) replace the table's earlier partial rows. Either way the json and md files
+    are rewritten at once, so a run that is killed keeps every row measured so far."""
+    if rounds is None:
+        t["rows"] += rows
+        t["partial"] = []
+        for r in rows:
+            print("| " + " | ".join(r) + " |")
+        sys.stdout.flush()
+    else:
+        t["partial"] = [r + [f"({rounds} of {repeats} rounds)"] for r in rows]
+    if json:
+        import json as json_
+        write(json, lambda f: json_.dump(dict(device=gpu, dtype=dtype, torch=torch.__version__, impl=impl,
+                                              compile=compile, sdpa=backend, argv=sys.argv[1:], tables=tables), f,
+                                         indent=1))
+    if md:
+        def markdown(f):
+            f.write(f"bench on {gpu}, {dtype}, torch {torch.__version__}, impl={impl}, SDPA {backend}\n")
+            for t in tables:
+                f.write(f"\n### {t['title']}\n\n| " + " | ".join(t["columns"]) + " |\n|" + "---|" * len(t["columns"])
+                        + "\n")
+                f.writelines("| " + " | ".join(r) + " |\n" for r in t["rows"] + t["partial"])
+        write(md, markdown)
+
+
+def write(path, fill):
+    """fill(f) into path through a temp file and a rename: a reader (or a kill) never sees half a file."""
+    with open(f"{path}.tmp", "w") as f:
+        fill(f)
+    os.replace(f"{path}.tmp", path)
 
 
 def core():
-    """The attention core: SDPA against ops.hyperglu.attend, forward + backward."""
+    """The attention core, forward + backward: SDPA, the cost model's flash baseline (scripts/flash_baseline.py, on
+    CUDA), and ops.hyperglu.attend in the form ops.dispatch picks (the Triton kernels on a GPU) and in the chunked
+    torch form ("rows", what HYPERGLU_TRITON=0 runs)."""
     import torch.nn.functional as F
 
     import ops.hyperglu
-    rows = []
     dt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
     peak = peak_flops(device)
+    t = table(f"attention core, forward + backward (B={batch_size}, width {n_embd}, {dtype}; softmax {n_head} heads, "
+              f"hyperglu {hyper_heads} heads, budget matched)",
+              ["T", "attn", "ms", "time vs softmax", mem_name, "memory vs softmax", "TFLOP/s", "MFU"])
     for T in [int(t) for t in T_list.split(",")]:
         base = GPTConfig(n_layer=model_layers, n_head=n_head, n_embd=n_embd, block_size=T, bias=False)
         hcfg = matched(base, "hyperglu")
@@ -168,34 +231,51 @@ def core():
                   torch.zeros(H1, T, device=device), torch.randn(h, T, r2, device=device) * 0.02,
                   torch.randn(h, r2, T, device=device) * 0.02, torch.zeros(h, T, device=device)]
         params = [p.requires_grad_() for p in params]
+        mixers = (*params[:3], True), (*params[3:], True)  # (U, Vt, d, shortcut) of op1 and op2
 
         def sdpa():
             y = F.scaled_dot_product_attention(*soft, is_causal=True)
             y.backward(torch.ones_like(y))
-        mixers = (*params[:3], True), (*params[3:], True)  # (U, Vt, d, shortcut) of op1 and op2
-        form = ops.dispatch.hyperglu("fast", hyper[0], *mixers, True, (True, True, True))
 
-        def hyperglu():
+        def flash():
+            y = flash_baseline.attention(*soft)
+            y.backward(torch.ones_like(y))
+
+        def hyperglu(form):
             y = ops.hyperglu.attend(*hyper, *mixers, glu=True, norm=True, eps=hcfg.norm_eps, form=form)
             y.backward(torch.ones_like(y))
-        fns = [sdpa, hyperglu]
-        secs, ratios = timed(fns)
-        mbs = [memory(fn) / 2 ** 20 for fn in fns]
+        form = ops.dispatch.hyperglu("fast", hyper[0], *mixers, True, (True, True, True))
+        names, fns = [f"softmax (SDPA, {backend})"], [sdpa]
+        if dev == "cuda" and ops.dispatch.triton_module("hyperglu_triton") is not None:
+            from scripts import flash_baseline
+            names.append("softmax (flash_baseline.py)")
+            fns.append(flash)
+        names.append(f"hyperglu ({form})")
+        fns.append(lambda: hyperglu(form))
+        if form != "rows":
+            names.append("hyperglu (rows: chunked torch)")
+            fns.append(lambda: hyperglu("rows"))
         # forward FLOPs of the score maps as GPT.flops_per_token counts them (full rows), times 3 for fwd + bwd
-        maps = [4 * T * n_embd, T * (2 * qk + 4 * H1 * r1 + 4 * h * r2 + 2 * n_embd)]
-        for name, t, r, mb, f in zip(("softmax (SDPA)", "hyperglu"), secs, ratios, mbs, maps):
-            tflops = 3 * f * batch_size * T / t / 1e12
-            rows.append([str(T), name, f"{t * 1e3:.2f}", f"{r:.2f}x", f"{mb:.0f}", f"{mb / mbs[0]:.2f}x",
-                         f"{tflops:.1f}", f"{tflops * 1e12 / peak * 100:.1f}%" if peak else "n/a"])
+        flops = [4 * T * n_embd if n.startswith("softmax") else T * (2 * qk + 4 * H1 * r1 + 4 * h * r2 + 2 * n_embd)
+                 for n in names]
+
+        def rows(secs, ratios, mbs):
+            out = []
+            for name, s, r, mb, f in zip(names, secs, ratios, mbs, flops):
+                tflops = 3 * f * batch_size * T / s / 1e12
+                out.append([str(T), name, f"{s * 1e3:.2f}", f"{r:.2f}x", "" if mb is None else f"{mb:.0f}",
+                            "" if mb is None else f"{mb / mbs[0]:.2f}x", f"{tflops:.1f}",
+                            f"{tflops * 1e12 / peak * 100:.1f}%" if peak else "n/a"])
+            return out
+        secs, ratios = timed(fns, lambda s, r, n: put(t, rows(s, r, [None] * len(fns)), n))
+        put(t, rows(secs, ratios, [memory(fn) / 2 ** 20 for fn in fns]))
         soft = hyper = params = None  # freed before the next T
-    table(f"attention core, forward + backward (B={batch_size}, width {n_embd}, {dtype}; softmax {n_head} heads, "
-          f"hyperglu {hyper_heads} heads, budget matched)",
-          ["T", "attn", "ms", "time vs softmax", mem_name, "memory vs softmax", "TFLOP/s", "MFU"], rows)
 
 
 def layer():
     """One attention layer of each kind, forward + backward."""
-    rows = []
+    t = table(f"one attention layer, forward + backward (B={batch_size}, n_embd={n_embd}; softmax {n_head} heads, "
+              f"hyper {hyper_heads} heads)", ["T", "attn", "ms", "time vs softmax", mem_name, "memory vs softmax"])
     for T in [int(t) for t in T_list.split(",")]:
         x = torch.randn(batch_size, T, n_embd, device=device, requires_grad=True)
         layers = []
@@ -214,20 +294,25 @@ def layer():
 
         def step(layer):
             fwd(layer).float().sum().backward()
+
+        def rows(secs, ratios, mbs):
+            return [[str(T), attn, f"{s * 1e3:.1f}", f"{r:.2f}x", "" if mb is None else f"{mb:.1f}",
+                     "" if mb is None else f"{mb / mbs[0]:.2f}x"]
+                    for attn, s, r, mb in zip(attns.split(","), secs, ratios, mbs)]
         runs = [torch.compile(layer, mode=compile_mode) if compile else layer for layer in layers]
-        secs, ratios = timed([lambda r=r: step(r) for r in runs])
+        secs, ratios = timed([lambda r=r: step(r) for r in runs], lambda s, r, n: put(t, rows(s, r, [None] * 9), n))
         mbs = [(memory(lambda: fwd(layer)) if dev != "cuda" else memory(lambda: step(r))) / 2 ** 20
                for layer, r in zip(layers, runs)]
-        for attn, t, r, mb in zip(attns.split(","), secs, ratios, mbs):
-            rows.append([str(T), attn, f"{t * 1e3:.1f}", f"{r:.2f}x", f"{mb:.1f}", f"{mb / mbs[0]:.2f}x"])
+        put(t, rows(secs, ratios, mbs))
         del layers
-    table(f"one attention layer, forward + backward (B={batch_size}, n_embd={n_embd}; softmax {n_head} heads, "
-          f"hyper {hyper_heads} heads)", ["T", "attn", "ms", "time vs softmax", mem_name, "memory vs softmax"], rows)
 
 
 def model():
     """A training step (forward, backward, AdamW) of the whole GPT for every attn x residual."""
-    rows = []
+    t = table(f"training step of the whole model ({model_layers} x {model_embd}, T={model_T}, B={batch_size}; "
+              f"HyperGLU/HyperMLP budget matched)",
+              ["attn", "residual", "ms/step", "ms/layer", "tok/s", "time vs softmax/plain", mem_name,
+               "memory vs softmax/plain", "MFU"])
     soft = GPTConfig(vocab_size=50304 if dev == "cuda" else 8192, block_size=model_T, n_layer=model_layers,
                      n_head=model_heads, n_embd=model_embd, bias=False, impl=impl)
     idx = torch.randint(0, soft.vocab_size, (batch_size, model_T), device=device)
@@ -249,24 +334,27 @@ def model():
     def fwd(model):
         with ctx:
             model(idx, idx)
-    secs, ratios = timed([lambda m=r, o=run[3]: step(m, o) for run, r in zip(runs, runners)])
+    peak = peak_flops(device)
+
+    def rows(secs, ratios, mbs):
+        out = []
+        for (attn, res, model, _), s, r, mb in zip(runs, secs, ratios, mbs):
+            mfu = f"{model.flops_per_token(model_T) * batch_size * model_T / s / peak * 100:.1f}%" if peak else "n/a"
+            out.append([attn, res, f"{s * 1e3:.0f}", f"{s * 1e3 / model_layers:.1f}",
+                        f"{batch_size * model_T / s:,.0f}", f"{r:.2f}x", "" if mb is None else f"{mb:.0f}",
+                        "" if mb is None else f"{mb / mbs[0]:.2f}x", mfu])
+        return out
+    secs, ratios = timed([lambda m=r, o=run[3]: step(m, o) for run, r in zip(runs, runners)],
+                         lambda s, r, n: put(t, rows(s, r, [None] * len(runs)), n))
     mbs = [memory(lambda: fwd(model) if dev != "cuda" else step(r, opt)) / 2 ** 20
            for (_, _, model, opt), r in zip(runs, runners)]
-    peak = peak_flops(device)
-    for (attn, res, model, _), s, r, mb in zip(runs, secs, ratios, mbs):
-        mfu = f"{model.flops_per_token(model_T) * batch_size * model_T / s / peak * 100:.1f}%" if peak else "n/a"
-        rows.append([attn, res, f"{s * 1e3:.0f}", f"{s * 1e3 / model_layers:.1f}", f"{batch_size * model_T / s:,.0f}",
-                     f"{r:.2f}x", f"{mb:.0f}", f"{mb / mbs[0]:.2f}x", mfu])
-    del runs, runners
-    table(f"training step of the whole model ({model_layers} x {model_embd}, T={model_T}, B={batch_size}; "
-          f"HyperGLU/HyperMLP budget matched)",
-          ["attn", "residual", "ms/step", "ms/layer", "tok/s", "time vs softmax/plain", mem_name,
-           "memory vs softmax/plain", "MFU"], rows)
+    put(t, rows(secs, ratios, mbs))
 
 
 def decode():
     """ms per generated token with the KV cache and with full recompute."""
-    rows = []
+    t = table(f"decoding at a {decode_T}-token context ({n_layer} x {n_embd}, batch 1)",
+              ["attn", "ms/token, KV cache", "ms/token, full recompute", "speed-up"])
     base_cfg = GPTConfig(vocab_size=8192, block_size=decode_T, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                          bias=False, impl=impl)
     for attn in attns.split(","):
@@ -280,39 +368,35 @@ def decode():
             with ctx:
                 model(prompt, cache=cache)  # prefill, not timed below
                 sync()
-                t0 = time.perf_counter()
+                t0 = clock()
                 tok = prompt[:, -1:]
                 for _ in range(decode_tokens):
                     logits, _ = model(tok, cache=cache)
                     tok = logits[:, -1].argmax(-1, keepdim=True)
-                sync()
-            return time.perf_counter() - t0
+                return elapsed(t0)
 
         @torch.no_grad()
         def full():
             seq = prompt
             sync()
             with ctx:
-                t0 = time.perf_counter()
+                t0 = clock()
                 for _ in range(decode_tokens):
                     logits, _ = model(seq)
                     seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
-                sync()
-            return time.perf_counter() - t0
+                return elapsed(t0)
         cached()
         with_cache = statistics.median(cached() for _ in range(repeats)) / decode_tokens * 1e3
         without = statistics.median(full() for _ in range(repeats)) / decode_tokens * 1e3
-        rows.append([attn, f"{with_cache:.2f}", f"{without:.1f}", f"{without / with_cache:.1f}x"])
+        put(t, [[attn, f"{with_cache:.2f}", f"{without:.1f}", f"{without / with_cache:.1f}x"]])
         del model
-    table(f"decoding at a {decode_T}-token context ({n_layer} x {n_embd}, batch 1)",
-          ["attn", "ms/token, KV cache", "ms/token, full recompute", "speed-up"], rows)
 
 
 SECTIONS = {"core": core, "layer": layer, "model": model, "decode": decode}
 
 
 def main():
-    global device, dev, ctx, gpu, mem_name
+    global device, dev, ctx, gpu, mem_name, backend
     try:
         configure(globals(), config_keys, sys.argv[1:], {"device": str})
         device, dev = pick_device(device)
@@ -324,6 +408,11 @@ def main():
         sys.exit(f"error: sections={sections!r}: unknown {sorted(unknown)}; expected core, layer, model, decode")
     if impl not in ("fast", "reference"):
         sys.exit(f"error: impl={impl!r} is not valid; expected 'fast' or 'reference'")
+    if sdpa not in ("flash", "any"):
+        sys.exit(f"error: sdpa={sdpa!r} is not valid; expected 'flash' or 'any'")
+    pin = dev == "cuda" and sdpa == "flash"
+    if pin and dtype not in ("bfloat16", "float16"):
+        sys.exit(f"error: sdpa='flash' needs dtype bfloat16 or float16 on CUDA (got {dtype!r}); pass --sdpa=any")
     if dev == "cpu" and threads:
         torch.set_num_threads(threads)
     ctx = nullcontext() if dtype == "float32" else torch.autocast(dev, dtype=getattr(torch, dtype))
@@ -331,12 +420,16 @@ def main():
     mem_name = "peak MiB" if dev == "cuda" else "saved MiB"
     gpu = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
     fused = dev == "cpu" and impl == "fast" and "HYPERGLU_FUSED" not in ops.dispatch.OFF and ops.hyperglu_cpu.load()
-    print(f"bench on {gpu}, {dtype}, torch {torch.__version__}, impl={impl}"
+    backend = "flash, pinned" if pin else f"{dev}, torch's choice"
+    print(f"bench on {gpu}, {dtype}, torch {torch.__version__}, impl={impl}, SDPA {backend}"
           + (f", {torch.get_num_threads()} threads, HyperGLU fused CPU kernel {'on' if fused else 'off'}"
              if dev == "cpu" else "") + (f", torch.compile (mode {compile_mode})" if compile else ""))
     for name in SECTIONS:  # in this order, whatever the order asked
         if name in wanted:
-            SECTIONS[name]()
+            # pinned, SDPA fails loudly where flash cannot run, instead of timing another kernel; decoding's prefill
+            # against a cache needs a mask, which flash does not take
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION) if pin and name != "decode" else nullcontext():
+                SECTIONS[name]()
 
 
 if __name__ == "__main__":

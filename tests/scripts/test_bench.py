@@ -32,3 +32,24 @@ def test_bench_compile_runs():
                     "--compile=True", timeout=600)
     assert ", torch.compile" in out.splitlines()[0]
     assert "| 16 | softmax |" in out and "| softmax | hc |" in out
+
+
+def test_rows_are_written_as_measured(tmp_path, monkeypatch):
+    """bench.put rewrites the json and md files at every row: partial rows (the medians of the rounds so far) stand
+    until the final ones replace them, so a run killed mid-table keeps what it measured."""
+    import json
+
+    import bench
+    monkeypatch.setattr(bench, "tables", [])
+    monkeypatch.setattr(bench, "json", str(tmp_path / "b.json"))
+    monkeypatch.setattr(bench, "md", str(tmp_path / "b.md"))
+    t = bench.table("a table", ["T", "ms"])
+    bench.put(t, [["16", "2.0"]], rounds=1)
+    assert json.loads((tmp_path / "b.json").read_text())["tables"][0]["partial"] == [["16", "2.0", "(1 of 7 rounds)"]]
+    assert "| 16 | 2.0 | (1 of 7 rounds) |" in (tmp_path / "b.md").read_text()
+    bench.put(t, [["16", "1.5"]])
+    bench.put(t, [["32", "3.0"]], rounds=2)
+    saved = json.loads((tmp_path / "b.json").read_text())["tables"][0]
+    assert saved["rows"] == [["16", "1.5"]] and saved["partial"] == [["32", "3.0", "(2 of 7 rounds)"]]
+    md = (tmp_path / "b.md").read_text()
+    assert "### a table" in md and "| 16 | 1.5 |" in md and "2.0" not in md and "| 32 | 3.0 | (2 of 7 rounds) |" in md
