@@ -76,6 +76,28 @@ def test_every_variant_name_is_the_label_of_its_settings(base):
         assert got == name, (name, got)
 
 
+def test_run_name_tags():
+    """A grid run name is a variant and tags: h<N> heads (R and G matched again), Muon (+ wsd), lr<X>; tags_of
+    reads them back from a run's config and checks each against the settings it records."""
+    from config.grids import run_settings, split_tags, tags_of
+    assert split_tags("G-cg-q-12o + mHC") == ("G-cg-q-12o + mHC", [])
+    assert split_tags("G-cg-q-12o nopos h4 Muon lr0.04") == ("G-cg-q-12o nopos", ["h4", "Muon", "lr0.04"])
+    assert run_settings(CPU_BASE, "S-pc") == variants(CPU_BASE)["S-pc"]  # untagged: the variant's own settings
+    assert run_settings(CPU_BASE, "S-p lr2e-3") == dict(pos="rope", learning_rate=2e-3, min_lr=2e-4,
+                                                        wandb_run_name="S-p lr2e-3")
+    assert run_settings(CPU_BASE, "S-p Muon lr0.04") == dict(pos="rope", optimizer="muon", lr_schedule="wsd",
+                                                             muon_lr=0.04, wandb_run_name="S-p Muon lr0.04")
+    assert run_settings(CPU_BASE, "S-p h2")["n_head"] == 2
+    g4 = run_settings(CPU_BASE, "G-cg-q-12o h4")
+    assert (g4["n_head"], g4["qk_rank"]) == (4, 64) and abs(budget(CPU_BASE, {k: v for k, v in g4.items()
+                                                                             if k != "wandb_run_name"})) <= 0.06
+    cfg = dict(CPU_BASE, **run_settings(CPU_BASE, "G-cg-q-12o h4 Muon"))
+    cfg["model_args"] = dict(n_head=4)
+    assert tags_of(cfg) == ["h4", "Muon"] and tags_of(dict(CPU_BASE, model_args={})) == []
+    with pytest.raises(ValueError, match="tag 'lr0.04'"):
+        tags_of(dict(cfg, wandb_run_name="G-cg-q-12o h4 Muon lr0.04"))
+
+
 def test_label_details():
     base = dict(attn="hyperglu", n_embd=64, qk_rank=None, vo_rank=None)
     assert label(base) == "G-cg-q-12o"  # the defaults are the paper's HyperGLU
@@ -199,12 +221,18 @@ def test_grid_runner_dry_run(tmp_path):
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
-    assert lines[0].startswith("skip S-pc") and len(lines) == 4  # S-pc s1337 is DONE; s1338, s1339, G + mHC left
+    assert lines[0].startswith("skip S-pc") and len(lines) == 6  # S-pc s1337 is DONE; s1338-s1341, G + mHC left
     cmds = lines[1:]
     assert all(os.path.join(REPO, "train.py") in ln and ln.endswith("--max_iters=7") for ln in cmds)
     assert f"--out_dir={tmp_path / 'cpu' / 'S-pc-s1338'}" in cmds[0]
     assert "--residual=mhc" in cmds[1] and "G-cg-q-12o_mHC-s1337" in cmds[1]
-    assert f"--out_dir={tmp_path / 'cpu' / 'S-pc-s1339'}" in cmds[2]
+    assert f"--out_dir={tmp_path / 'cpu' / 'S-pc-s1339'}" in cmds[2] and "S-pc-s1341" in cmds[4]
+    r = subprocess.run([sys.executable, "scripts/run_grid.py", "--grid=cpu", "--only=S-p Muon lr0.04",
+                        f"--out={tmp_path}", "--dry_run"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    cmd = r.stdout.strip()  # a tagged run: its own folder, its tags' settings, its name recorded
+    assert r.returncode == 0 and len(cmd.splitlines()) == 1, r.stderr
+    assert f"--out_dir={tmp_path / 'cpu' / 'S-p_Muon_lr0.04-s1337'}" in cmd and "--pos=rope" in cmd
+    assert "--optimizer=muon --lr_schedule=wsd --muon_lr=0.04 '--wandb_run_name=S-p Muon lr0.04'" in cmd
     bad = subprocess.run([sys.executable, "scripts/run_grid.py", "--grid=cpu", "--only=Q", "--dry_run"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "unknown variants ['Q']" in bad.stderr
