@@ -120,6 +120,17 @@ def label(cfg):
 TAG = re.compile(r"^(h\d+|Muon|lr\d[\d.e-]*)$")
 
 
+_tables = {}
+
+
+def _variants(base, n_head_hyper=2):
+    """variants(base, n_head_hyper), computed once per base (a grid names dozens of runs)."""
+    key = (tuple(sorted(base.items())), n_head_hyper)
+    if key not in _tables:
+        _tables[key] = variants(base, n_head_hyper)
+    return _tables[key]
+
+
 def split_tags(name):
     """(variant, [tags]) of a grid run name: the trailing words that are tags, e.g. "S-p Muon lr0.04"."""
     words = name.split(" ")
@@ -135,9 +146,9 @@ def run_settings(base, name):
     variant, tags = split_tags(name)
     heads = [int(t[1:]) for t in tags if t.startswith("h")]
     if heads:
-        settings = dict(variants(dict(base, n_head=heads[0]), n_head_hyper=heads[0])[variant], n_head=heads[0])
+        settings = dict(_variants(dict(base, n_head=heads[0]), heads[0])[variant], n_head=heads[0])
     else:
-        settings = dict(variants(base)[variant])
+        settings = dict(_variants(base)[variant])
     muon = "Muon" in tags
     if muon:
         settings.update(optimizer="muon", lr_schedule="wsd")

@@ -3,6 +3,7 @@ plots, the grid launcher."""
 import csv
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -183,11 +184,32 @@ def test_seed_statistics_and_headline_pairs(tmp_path):
     md = open(f"{out}.md").read()
     assert "| S-pc | 3 | 1 2 3 | 1.7200 ± 0.0200 |" in md and "| G-cg-q-12o | 3 | 1 2 3 | 1.6100 ± 0.0100 |" in md
     assert "| R-cg-q-12o | 1 | 1 | 1.7100 | 1.7100 |" in md  # one seed: no std
-    assert "| G-cg-q-12o | S-pc | 1 2 3 | -0.1100 | 0.0258 | yes |" in md   # 2 sqrt((4e-4 + 1e-4) / 3)
-    assert "| R-cg-q-12o | S-pc | 1 | +0.0100 | n/a | n/a (one seed) |" in md
-    assert "| R-pc | S-pc | 1 2 | +0.0100 | 0.0201 | no |" in md            # over seeds 1 and 2 only
+    # paired: d = -0.10, -0.11, -0.12, sd 0.01, 2 SE = 2 x 0.01 / sqrt(3); p from t = -19.05 at 2 df
+    assert "| G-cg-q-12o | S-pc | 1 2 3 | -0.1100 | 0.0115 | yes | 0.003 | 3/3 | 0.004 |" in md
+    assert "| R-cg-q-12o | S-pc | 1 | +0.0100 | n/a | n/a (one seed) | n/a | 0/1 | n/a |" in md
+    assert "| R-pc | S-pc | 1 2 | +0.0100 | 0.0180 | no | 0.467 | 0/2 | 0.499 |" in md  # over seeds 1 and 2 only
     rows = {r["variant"]: r for r in csv.DictReader(open(f"{out}_variants.csv"))}
     assert rows["S-pc"]["n"] == "3" and abs(float(rows["S-pc"]["final_val_std"]) - 0.02) < 1e-12
+
+
+def test_paired_statistics_on_a_hand_made_example():
+    """a = 1.0, 1.2, 1.1 and b = 1.1, 1.25, 1.3 over three seeds: d = -0.1, -0.05, -0.2, mean -0.11667, sd
+    0.076376, SE 0.044096, t = -2.6458 at 2 df, where the two-sided p is 1 - |t| / sqrt(t² + 2) = 0.11808.
+    Welch: SE sqrt(0.01/3 + 0.010833/3) = 0.083333, t = -1.4 at 3.9936 df (Welch-Satterthwaite); its p is checked
+    against the t density integrated numerically."""
+    from plots.plot_loss import paired, t_p
+    diff, se, p, welch = paired([1.0, 1.2, 1.1], [1.1, 1.25, 1.3])
+    assert diff == pytest.approx(-0.116667, abs=1e-6) and se == pytest.approx(0.0440959, abs=1e-7)
+    t = diff / se
+    assert p == pytest.approx(1 - abs(t) / (t * t + 2) ** 0.5, abs=1e-12) and p == pytest.approx(0.118083, abs=1e-6)
+    df = (0.01 / 3 + 0.0108333333 / 3) ** 2 / ((0.01 / 3) ** 2 / 2 + (0.0108333333 / 3) ** 2 / 2)
+    dens = lambda x: (1 + x * x / df) ** (-(df + 1) / 2)  # unnormalized t density; p = 1 - 2 F(1.4) / F(inf)
+    simpson = lambda f, lo, hi, n=20000: (hi - lo) / (3 * n) * sum(
+        f(lo + i * (hi - lo) / n) * (1 if i in (0, n) else 4 if i % 2 else 2) for i in range(n + 1))
+    total = simpson(lambda u: dens(math.tan(u)) / math.cos(u) ** 2, 0, math.pi / 2 - 1e-9)  # x = tan u
+    assert welch == pytest.approx(1 - simpson(dens, 0, 1.4) / total, abs=1e-6)
+    assert t_p(2.776445, 4) == pytest.approx(0.05, abs=1e-6) and t_p(12.7062, 1) == pytest.approx(0.05, abs=1e-5)
+    assert paired([1.0], [1.1])[1:] == (None, None, None)  # one seed: no SE, no p
 
 
 def test_no_runs_is_a_clear_error(tmp_path):
