@@ -190,7 +190,9 @@ def write_table(summaries, threshold, out):
 
 HEADLINE = [("G-cg-q-12o", "S-pc"), ("R-cg-q-12o", "S-pc"), ("G-cg-q-12o", "R-cg-q-12o"), ("R-pc", "S-pc"),
             # issue 25: against the strongest softmax, with either optimizer, and the head-count controls
-            ("S-pc", "S-p"), ("G-cg-q-12o", "S-p"), ("G-g-q-12o", "S-p"),
+            ("S-pc", "S-p"), ("G-cg-q-12o", "S-p"), ("G-g-q-12o", "S-p"), ("G-pcg-q-12o", "S-p"),
+            ("R-cg-q-12o", "S-p"), ("R-pc", "S-p"), ("G-pcg-q-12o", "G-cg-q-12o"), ("G-g-q-12o", "G-cg-q-12o"),
+            ("G-cg-q-12o nopos", "G-cg-q-12o"),
             ("S-p Muon", "S-p"), ("S-pc Muon", "S-pc"), ("G-cg-q-12o Muon", "G-cg-q-12o"),
             ("G-g-q-12o Muon", "G-g-q-12o"), ("S-pc Muon", "S-p Muon"), ("G-cg-q-12o Muon", "S-p Muon"),
             ("G-g-q-12o Muon", "S-p Muon"), ("G-cg-q-12o Muon", "S-pc Muon"),
