@@ -23,11 +23,10 @@ from test_ops import saved_bytes  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def triton_path(monkeypatch):
-    """Route impl="fast" through the kernels on the CPU, on 16 x 16 tiles (16-channel value blocks)."""
+    """Route impl="fast" through the kernels on the CPU, on 16 x 16 tiles, 16 value channels per program and per step."""
     monkeypatch.setattr(ops.hyperglu, "use_triton", lambda cfg, q: ops.hyperglu_triton.supports(cfg))
-    monkeypatch.setitem(ops.hyperglu_triton.BLOCK, "BM", 16)
-    monkeypatch.setitem(ops.hyperglu_triton.BLOCK, "BN", 16)
-    monkeypatch.setitem(ops.hyperglu_triton.BLOCK, "DVB", 16)
+    monkeypatch.setattr(ops.hyperglu_triton, "BLOCK", {k: dict(BM=16, DVO=16, DVC=16, num_warps=4)
+                                                       for k in ops.hyperglu_triton.BLOCK})
 
 
 def worst(a, b):
@@ -138,10 +137,11 @@ def test_torch_compile_keeps_the_custom_op_in_one_graph():
 
 
 def test_lag_major_maps_parameter_rows_to_lags():
-    """Column l of the lag-major form is the parameter row L-1-l (model.LagMix: row L-1 is lag 0)."""
+    """Row l of the lag-major form is U's row L-1-l and Vt's column L-1-l (model.LagMix: row L-1 is lag 0)."""
     U, Vt, d = torch.randn(2, 10, 3), torch.randn(2, 3, 10), torch.randn(2, 10)
-    UT, VtT, S = ops.hyperglu_triton.lag_major(U, Vt, d, True, 7)
+    UL, VL, S = ops.hyperglu_triton.lag_major(U, Vt, d, True, 7)
+    assert UL.shape == VL.shape == (2, 7, 3)
     for lag in range(7):
-        assert torch.equal(UT[:, :, lag], U[:, 9 - lag]) and torch.equal(VtT[:, :, lag], Vt[:, :, 9 - lag])
+        assert torch.equal(UL[:, lag], U[:, 9 - lag]) and torch.equal(VL[:, lag], Vt[:, :, 9 - lag])
         assert torch.equal(S[:, lag], d[:, 9 - lag] + 1)
     assert torch.equal(ops.hyperglu_triton.lag_major(U, Vt, None, False, 7)[2], torch.zeros(2, 7))
