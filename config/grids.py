@@ -196,7 +196,8 @@ CPU_RUNS = [("S-pc", 1337), ("S-pc", 1338), ("S", 1337), ("R-cg-q-12o", 1337), (
 # dim 128) and G-cg-q-12o with S's 4 heads (matched again: qk_rank 64, op ranks 4), five seeds each
 CPU_RUNS += [(name, 1337) for name in ("S-p lr5e-4", "G-cg-q-12o lr5e-4", "S-p lr2e-3", "G-cg-q-12o lr2e-3",
                                        "S-p Muon lr0.01", "G-cg-q-12o Muon lr0.01", "S-p Muon",
-                                       "G-cg-q-12o Muon", "S-p Muon lr0.04", "G-cg-q-12o Muon lr0.04")]
+                                       "G-cg-q-12o Muon", "S-p Muon lr0.04", "G-cg-q-12o Muon lr0.04",
+                                       "S-p lr4e-3", "G-cg-q-12o lr4e-3")]  # lr 2e-3 beat 1e-3: past the edge
 CPU_RUNS += [(name, seed) for seed in (1340, 1341) for name in ("S-p", "S-pc", "G-cg-q-12o", "G-g-q-12o")]
 CPU_RUNS += [(name, seed) for seed in range(1337, 1342) for name in ("S-p h2", "G-cg-q-12o h4")]
 
