@@ -16,7 +16,13 @@ written in it:
   mixing       1 op1, 2 op2, then o for the lag (offset) layout; a trailing ! marks mixing without QK
                compression, i.e. not budget matched (R-12!)
   residual     " + HC", " + SHC" (static HC) or " + mHC"; label() appends the stream count, e.g. " + mHC×4"
+
+A grid run's name is a variant, then optionally training-setup tags (run_settings), e.g. "S-p Muon lr0.04":
+  h<N>         N heads: softmax gets n_head=N, R and G are matched again with N heads (variants(n_head_hyper=N))
+  Muon         optimizer="muon" with lr_schedule="wsd" (train.py): Muon on the blocks' matrices, a warmdown
+  lr<X>        the matrices' peak rate: learning_rate=X (and min_lr=X/10) with AdamW, muon_lr=X with Muon
 """
+import re
 from dataclasses import fields, replace
 
 from checkpoint import upgrade
@@ -112,6 +118,61 @@ def label(cfg):
     return name
 
 
+TAG = re.compile(r"^(h\d+|Muon|lr\d[\d.e-]*)$")
+
+
+_tables = {}
+
+
+def _variants(base, n_head_hyper=2):
+    """variants(base, n_head_hyper), computed once per base (a grid names dozens of runs)."""
+    key = (tuple(sorted(base.items())), n_head_hyper)
+    if key not in _tables:
+        _tables[key] = variants(base, n_head_hyper)
+    return _tables[key]
+
+
+def split_tags(name):
+    """(variant, [tags]) of a grid run name: the trailing words that are tags, e.g. "S-p Muon lr0.04"."""
+    words = name.split(" ")
+    n = len(words)
+    while n > 1 and TAG.match(words[n - 1]):
+        n -= 1
+    return " ".join(words[:n]), words[n:]
+
+
+def run_settings(base, name):
+    """The settings (over base) of a grid run name: its variant's, then its tags'. A tagged run also gets
+    wandb_run_name=name, which train.py records in config.json and plot_loss reads its tags from."""
+    variant, tags = split_tags(name)
+    heads = [int(t[1:]) for t in tags if t.startswith("h")]
+    if heads:
+        settings = dict(_variants(dict(base, n_head=heads[0]), heads[0])[variant], n_head=heads[0])
+    else:
+        settings = dict(_variants(base)[variant])
+    muon = "Muon" in tags
+    if muon:
+        settings.update(optimizer="muon", lr_schedule="wsd")
+    for t in tags:
+        if t.startswith("lr"):
+            lr = float(t[2:])
+            settings.update(muon_lr=lr) if muon else settings.update(learning_rate=lr, min_lr=lr / 10)
+    return dict(settings, wandb_run_name=name) if tags else settings
+
+
+def tags_of(config):
+    """The tags of a run's config.json (its wandb_run_name's), each checked against the settings it records;
+    [] for an untagged run. Raises ValueError where a tag and the settings disagree."""
+    _, tags = split_tags(config.get("wandb_run_name") or "")
+    for t in tags:
+        ok = {"h": lambda: config["model_args"]["n_head"] == int(t[1:]),
+              "M": lambda: config.get("optimizer") == "muon" and config.get("lr_schedule") == "wsd",
+              "l": lambda: float(t[2:]) == config.get("muon_lr" if "Muon" in tags else "learning_rate")}[t[0]]()
+        if not ok:
+            raise ValueError(f"tag {t!r} of run name {config['wandb_run_name']!r} does not match its settings")
+    return tags
+
+
 # ---------------------------------------------------------------------------------------------------------
 # cpu: tiny Shakespeare characters, 4 x 256, T=128, 2M tokens; each run takes 4-10 minutes on 2 cores.
 # T=128 rather than 256 halves HyperGLU's T^2 work, and width 256 leaves the mixers rank 16 at the matched
@@ -130,6 +191,16 @@ CPU_RUNS = [("S-pc", 1337), ("S-pc", 1338), ("S", 1337), ("R-cg-q-12o", 1337), (
             ("G-pcg-q-12o", 1338), ("G-pcg-q-12o", 1339), ("G-g-q-12o", 1338), ("G-g-q-12o", 1339),
             ("G-cg-q-12o nopos", 1338), ("G-cg-q-12o nopos", 1339), ("G-12!", 1337), ("S-p", 1337), ("S-c", 1337),
             ("S-p", 1338), ("S-p", 1339)]
+# issue 25: against the strongest softmax. (1) a learning-rate sweep per optimizer on S-p and G-cg-q-12o at seed
+# 1337 (AdamW's lr 1e-3 is the runs above; Muon's lr0.02 is train.py's default muon_lr); (2) seeds 1340 and 1341
+# of the AdamW recipe for S-p, S-pc, G-cg-q-12o, G-g-q-12o; (3) head-count controls: S-p with G's 2 heads (head
+# dim 128) and G-cg-q-12o with S's 4 heads (matched again: qk_rank 64, op ranks 4), five seeds each
+CPU_RUNS += [(name, 1337) for name in ("S-p lr5e-4", "G-cg-q-12o lr5e-4", "S-p lr2e-3", "G-cg-q-12o lr2e-3",
+                                       "S-p Muon lr0.01", "G-cg-q-12o Muon lr0.01", "S-p Muon",
+                                       "G-cg-q-12o Muon", "S-p Muon lr0.04", "G-cg-q-12o Muon lr0.04",
+                                       "S-p lr4e-3", "G-cg-q-12o lr4e-3")]  # lr 2e-3 beat 1e-3: past the edge
+CPU_RUNS += [(name, seed) for seed in (1340, 1341) for name in ("S-p", "S-pc", "G-cg-q-12o", "G-g-q-12o")]
+CPU_RUNS += [(name, seed) for seed in range(1337, 1342) for name in ("S-p h2", "G-cg-q-12o h4")]
 
 # fineweb: GPT-2 124M scale on 8 GPUs (config/fineweb.py's recipe, shortened to 5,000 steps = 2.6B tokens).
 FINEWEB_BASE = dict(dataset="fineweb", data_order="sequential", n_layer=12, n_head=12, n_embd=768,

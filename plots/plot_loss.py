@@ -6,8 +6,10 @@ $ python plots/plot_loss.py out/cpu/* --layout=families --threshold=1.7 --zoom=0
 $ python plots/plot_loss.py out/fineweb/* --x=tokens --train --ema=0.9 --logy --ref="3.425=GPT-2 124M" --format=svg
 
 Labels come from each run's config by config.grids.label, in the paper's grammar (S-pc, R-12!,
-G-cg-q-12o + mHC×4, ...), not from the folder name. --layout=families draws one panel per attention family
-(softmax, ReLU attention, HyperMLP, HyperGLU) on shared axes. The table gives final and best val loss,
+G-cg-q-12o + mHC×4, ...), not from the folder name; a grid run with training-setup tags (config/grids.py: h2,
+Muon, lr2e-3) adds them, read from its recorded name and checked against its settings (S-p Muon lr0.04).
+--untagged leaves those runs out. --layout=families draws one panel per attention family (softmax, ReLU
+attention, HyperMLP, HyperGLU) present, on shared axes. The table gives final and best val loss,
 steps and tokens to reach --threshold, parameters, median tok/s and wall time. For a step logged twice (a
 resumed run) the later entry wins.
 """
@@ -21,7 +23,7 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from config.grids import label  # noqa: E402  (the one definition of the variant grammar)
+from config.grids import label, tags_of  # noqa: E402  (the one definition of the variant grammar)
 from checkpoint import upgrade  # noqa: E402
 from config.budget import param_report  # noqa: E402
 from model import GPTConfig  # noqa: E402
@@ -71,7 +73,12 @@ def read_run(path):
             rows.setdefault(step, {}).update(cells)  # a later entry for the same step wins
     if not rows:
         return None, "metrics.csv has no rows yet"
-    return dict(path=path, name=os.path.basename(os.path.normpath(path)), label=label(model_args),
+    try:
+        tags = tags_of(config)
+    except ValueError as e:
+        return None, str(e)
+    return dict(path=path, name=os.path.basename(os.path.normpath(path)),
+                label=" ".join([label(model_args), *tags]), tags=tags,
                 family=family(model_args), config=config, model_args=model_args, seed=config.get("seed"),
                 rows=dict(sorted(rows.items())), done=os.path.isfile(os.path.join(path, "DONE"))), None
 
@@ -158,13 +165,17 @@ def write_table(summaries, threshold, out):
         lines.append(f"| {g['label']} | {g['n']} | {' '.join(map(str, g['seeds']))} | {g['mean']:.4f}{std} | "
                      f"{g['best']:.4f} | {fmt('attn_vs_s', g['attn_vs_s'])} |")
     if pairs:
-        lines += ["", "Headline pairs, over the seeds both have: difference of mean final val loss (a - b; negative: "
-                  "a is lower) and its standard error sqrt(s_a²/n + s_b²/n).", "",
-                  "| a | b | seeds | a - b | 2 SE | beyond 2 SE |", "|---|---|---|---|---|---|"]
+        lines += ["", "Headline pairs, paired over the seeds both have (a seed sets the init and the data order): the "
+                  "mean of the per-seed differences of final val loss (a - b; negative: a is lower), twice its "
+                  "standard error sd(d)/sqrt(n), the paired t test's two-sided p, the seeds where a is lower, and "
+                  "beside them Welch's unpaired t test's p.", "",
+                  "| a | b | seeds | a - b | 2 SE (paired) | beyond 2 SE | paired p | a lower | Welch p |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for p in pairs:
-            se2 = "n/a" if p["se"] is None else f"{2 * p['se']:.4f}"
-            lines.append(f"| {p['a']} | {p['b']} | {' '.join(map(str, p['seeds']))} | {p['diff']:+.4f} | {se2} | "
-                         f"{p['verdict']} |")
+            na = lambda v, f: "n/a" if v is None else f.format(v)
+            lines.append(f"| {p['a']} | {p['b']} | {' '.join(map(str, p['seeds']))} | {p['diff']:+.4f} | "
+                         f"{na(p['se'] and 2 * p['se'], '{:.4f}')} | {p['verdict']} | {na(p['p'], '{:.3f}')} | "
+                         f"{p['lower']}/{len(p['seeds'])} | {na(p['welch_p'], '{:.3f}')} |")
     lines += ["", "Per run:", "", "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for s in summaries:
         lines.append("| " + " | ".join(fmt(k, s[k]) for k in cols) + " |")
@@ -178,7 +189,15 @@ def write_table(summaries, threshold, out):
                         "" if g["std"] is None else g["std"], g["best"], g["attn_vs_s"]])
 
 
-HEADLINE = [("G-cg-q-12o", "S-pc"), ("R-cg-q-12o", "S-pc"), ("G-cg-q-12o", "R-cg-q-12o"), ("R-pc", "S-pc")]
+HEADLINE = [("G-cg-q-12o", "S-pc"), ("R-cg-q-12o", "S-pc"), ("G-cg-q-12o", "R-cg-q-12o"), ("R-pc", "S-pc"),
+            # issue 25: against the strongest softmax, with either optimizer, and the head-count controls
+            ("S-pc", "S-p"), ("G-cg-q-12o", "S-p"), ("G-g-q-12o", "S-p"), ("G-pcg-q-12o", "S-p"),
+            ("R-cg-q-12o", "S-p"), ("R-pc", "S-p"), ("G-pcg-q-12o", "G-cg-q-12o"), ("G-g-q-12o", "G-cg-q-12o"),
+            ("G-cg-q-12o nopos", "G-cg-q-12o"),
+            ("S-p Muon", "S-p"), ("S-pc Muon", "S-pc"), ("G-cg-q-12o Muon", "G-cg-q-12o"),
+            ("G-g-q-12o Muon", "G-g-q-12o"), ("S-pc Muon", "S-p Muon"), ("G-cg-q-12o Muon", "S-p Muon"),
+            ("G-g-q-12o Muon", "S-p Muon"), ("G-cg-q-12o Muon", "S-pc Muon"),
+            ("S-p h2", "S-p"), ("G-cg-q-12o h4", "G-cg-q-12o"), ("G-cg-q-12o", "S-p h2"), ("G-cg-q-12o h4", "S-p")]
 
 
 def finals(summaries, lab):
@@ -202,9 +221,59 @@ def variant_stats(summaries):
     return out
 
 
+def betainc(a, b, x):
+    """The regularized incomplete beta function I_x(a, b), by its continued fraction (evaluated with Lentz's
+    method), on the side of x where the fraction converges fast; I_x(a, b) = 1 - I_(1-x)(b, a) gives the other."""
+    if x <= 0 or x >= 1:
+        return float(x >= 1)
+    if x > (a + 1) / (a + b + 2):
+        return 1 - betainc(b, a, 1 - x)
+    front = math.exp(a * math.log(x) + b * math.log1p(-x) + math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)) / a
+    tiny, f, c, d = 1e-300, 1.0, 1.0, 0.0
+    for i in range(400):  # f = 1 / (1 + d1 / (1 + d2 / (1 + ...))), d_(2m+1) and d_(2m) as below
+        m = i // 2
+        if i == 0:
+            num = 1.0
+        elif i % 2:
+            num = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        else:
+            num = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        d = 1 + num * d
+        d = 1 / (d if abs(d) > tiny else tiny)
+        c = 1 + num / c
+        c = c if abs(c) > tiny else tiny
+        f *= c * d
+        if abs(c * d - 1) < 1e-15:
+            break
+    return front * (f - 1)
+
+
+def t_p(t, df):
+    """Two-sided p of Student's t with df degrees of freedom: P(|T| >= |t|) = I_(df / (df + t²))(df/2, 1/2)."""
+    return betainc(df / 2, 0.5, df / (df + t * t))
+
+
+def paired(xa, xb):
+    """(mean difference, its standard error, paired t test's two-sided p, Welch's t test's two-sided p) of two
+    samples over the same seeds, in the same order; the SE and p values are None for one seed (or no spread)."""
+    d = [a - b for a, b in zip(xa, xb)]
+    n, mean = len(d), statistics.mean(d)
+    if n < 2:
+        return mean, None, None, None
+    se = statistics.stdev(d) / math.sqrt(n)
+    p = t_p(mean / se, n - 1) if se > 0 else None
+    va, vb = statistics.variance(xa) / n, statistics.variance(xb) / n
+    welch = None
+    if va + vb > 0:  # Welch-Satterthwaite degrees of freedom
+        df = (va + vb) ** 2 / (va ** 2 / (n - 1) + vb ** 2 / (n - 1))
+        welch = t_p((statistics.mean(xa) - statistics.mean(xb)) / math.sqrt(va + vb), df)
+    return mean, se, p, welch
+
+
 def pair_stats(summaries, pairs=HEADLINE):
-    """The headline pairs present: difference of means over the common seeds, its standard error and whether
-    the difference exceeds twice it ("consistent with" a direction is all a smaller one supports)."""
+    """The headline pairs present, paired over their common seeds: mean difference, its standard error, whether
+    the difference exceeds twice it ("consistent with" a direction is all a smaller one supports), the paired and
+    Welch p values, and at how many seeds a is lower."""
     out = []
     for a, b in pairs:
         fa, fb = finals(summaries, a), finals(summaries, b)
@@ -212,11 +281,10 @@ def pair_stats(summaries, pairs=HEADLINE):
         if not seeds:
             continue
         xa, xb = [fa[k] for k in seeds], [fb[k] for k in seeds]
-        diff = statistics.mean(xa) - statistics.mean(xb)
-        se = (math.sqrt((statistics.variance(xa) + statistics.variance(xb)) / len(seeds)) if len(seeds) > 1
-              else None)
+        diff, se, p, welch = paired(xa, xb)
         verdict = "n/a (one seed)" if se is None else "yes" if abs(diff) > 2 * se else "no"
-        out.append(dict(a=a, b=b, seeds=seeds, diff=diff, se=se, verdict=verdict))
+        out.append(dict(a=a, b=b, seeds=seeds, diff=diff, se=se, verdict=verdict, p=p, welch_p=welch,
+                        lower=sum(x < y for x, y in zip(xa, xb))))
     return out
 
 
@@ -234,6 +302,7 @@ def main(argv=None):
     p.add_argument("--threshold", type=float, default=None, help="val loss for the steps/tokens-to-threshold columns")
     p.add_argument("--format", default="pdf", choices=["pdf", "svg"], help="vector format written beside the PNG")
     p.add_argument("--title", default="")
+    p.add_argument("--untagged", action="store_true", help="leave out runs with training-setup tags (Muon, lr, h)")
     args = p.parse_args(argv)
 
     import matplotlib
@@ -245,6 +314,8 @@ def main(argv=None):
         run, why = read_run(path)
         if run is None:
             print(f"skip {path}: {why}")
+            continue
+        if args.untagged and run["tags"]:
             continue
         if not any("val_loss" in r for r in run["rows"].values()):
             print(f"note {path}: no val point yet; only its train loss is drawn" if args.train else
@@ -263,7 +334,7 @@ def main(argv=None):
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     color = {v: colors[i % len(colors)] for i, v in enumerate(dict.fromkeys(r["variant"] for r in runs))}
 
-    panels = FAMILIES if args.layout == "families" else [None]
+    panels = [f for f in FAMILIES if any(r["family"] == f for r in runs)] if args.layout == "families" else [None]
     ncols = 2 if len(panels) > 1 else 1
     nrows = math.ceil(len(panels) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(7 * ncols, 4.6 * nrows), sharex=True, sharey=True, squeeze=False)

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from config.grids import GRIDS, variants
+from config.grids import GRIDS, run_settings, split_tags, variants
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # scripts/ is one level below the root
 
@@ -29,12 +29,11 @@ def slug(name):
 
 def commands(grid, out, only, launcher, extra):
     base, runs = GRIDS[grid]
-    table = variants(base)
     for name, seed in runs:
         if only and name not in only:
             continue
         run_dir = os.path.join(out, grid, f"{slug(name)}-s{seed}")
-        settings = dict(base, **table[name], seed=seed, out_dir=run_dir)
+        settings = dict(base, **run_settings(base, name), seed=seed, out_dir=run_dir)
         if os.path.isfile(os.path.join(run_dir, "ckpt_last.pt")):
             settings["init_from"] = "resume"
         cmd = shlex.split(launcher) if launcher else [sys.executable]
@@ -46,16 +45,17 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--grid", required=True, choices=sorted(GRIDS))
     parser.add_argument("--out", default="out")
-    parser.add_argument("--only", default="", help="comma-separated variant names")
+    parser.add_argument("--only", default="", help="comma-separated run names (variants, with tags if any)")
     parser.add_argument("--launcher", default="", help='e.g. "torchrun --standalone --nproc_per_node=8"')
     parser.add_argument("--gpus", default="", help="comma-separated GPU ids: one run per GPU at a time")
     parser.add_argument("--jobs", type=int, default=1, help="CPU runs at a time (they share the cores)")
     parser.add_argument("--dry_run", action="store_true")
     args, extra = parser.parse_known_args()
     only = [s.strip() for s in args.only.split(",") if s.strip()]
-    unknown = set(only) - set(variants(GRIDS[args.grid][0]))
+    known = set(variants(GRIDS[args.grid][0])) | {name for name, _ in GRIDS[args.grid][1]}
+    unknown = {name for name in only if split_tags(name)[0] not in known}
     if unknown:
-        sys.exit(f"error: unknown variants {sorted(unknown)}; known: {sorted(variants(GRIDS[args.grid][0]))}")
+        sys.exit(f"error: unknown variants {sorted(unknown)}; known: {sorted(known)}")
     failed = run_all(commands(args.grid, args.out, only, args.launcher, extra), [g for g in args.gpus.split(",") if g],
                      args.jobs, args.dry_run)
     if failed:

@@ -3,6 +3,7 @@ plots, the grid launcher."""
 import csv
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -75,6 +76,28 @@ def test_every_variant_name_is_the_label_of_its_settings(base):
             assert got.endswith(streams), (name, got)
             got = got[:-len(streams)]
         assert got == name, (name, got)
+
+
+def test_run_name_tags():
+    """A grid run name is a variant and tags: h<N> heads (R and G matched again), Muon (+ wsd), lr<X>; tags_of
+    reads them back from a run's config and checks each against the settings it records."""
+    from config.grids import run_settings, split_tags, tags_of
+    assert split_tags("G-cg-q-12o + mHC") == ("G-cg-q-12o + mHC", [])
+    assert split_tags("G-cg-q-12o nopos h4 Muon lr0.04") == ("G-cg-q-12o nopos", ["h4", "Muon", "lr0.04"])
+    assert run_settings(CPU_BASE, "S-pc") == variants(CPU_BASE)["S-pc"]  # untagged: the variant's own settings
+    assert run_settings(CPU_BASE, "S-p lr2e-3") == dict(pos="rope", learning_rate=2e-3, min_lr=2e-4,
+                                                        wandb_run_name="S-p lr2e-3")
+    assert run_settings(CPU_BASE, "S-p Muon lr0.04") == dict(pos="rope", optimizer="muon", lr_schedule="wsd",
+                                                             muon_lr=0.04, wandb_run_name="S-p Muon lr0.04")
+    assert run_settings(CPU_BASE, "S-p h2")["n_head"] == 2
+    g4 = run_settings(CPU_BASE, "G-cg-q-12o h4")
+    assert (g4["n_head"], g4["qk_rank"]) == (4, 64) and abs(budget(CPU_BASE, {k: v for k, v in g4.items()
+                                                                             if k != "wandb_run_name"})) <= 0.06
+    cfg = dict(CPU_BASE, **run_settings(CPU_BASE, "G-cg-q-12o h4 Muon"))
+    cfg["model_args"] = dict(n_head=4)
+    assert tags_of(cfg) == ["h4", "Muon"] and tags_of(dict(CPU_BASE, model_args={})) == []
+    with pytest.raises(ValueError, match="tag 'lr0.04'"):
+        tags_of(dict(cfg, wandb_run_name="G-cg-q-12o h4 Muon lr0.04"))
 
 
 def test_label_details():
@@ -162,11 +185,32 @@ def test_seed_statistics_and_headline_pairs(tmp_path):
     md = open(f"{out}.md").read()
     assert "| S-pc | 3 | 1 2 3 | 1.7200 ± 0.0200 |" in md and "| G-cg-q-12o | 3 | 1 2 3 | 1.6100 ± 0.0100 |" in md
     assert "| R-cg-q-12o | 1 | 1 | 1.7100 | 1.7100 |" in md  # one seed: no std
-    assert "| G-cg-q-12o | S-pc | 1 2 3 | -0.1100 | 0.0258 | yes |" in md   # 2 sqrt((4e-4 + 1e-4) / 3)
-    assert "| R-cg-q-12o | S-pc | 1 | +0.0100 | n/a | n/a (one seed) |" in md
-    assert "| R-pc | S-pc | 1 2 | +0.0100 | 0.0201 | no |" in md            # over seeds 1 and 2 only
+    # paired: d = -0.10, -0.11, -0.12, sd 0.01, 2 SE = 2 x 0.01 / sqrt(3); p from t = -19.05 at 2 df
+    assert "| G-cg-q-12o | S-pc | 1 2 3 | -0.1100 | 0.0115 | yes | 0.003 | 3/3 | 0.004 |" in md
+    assert "| R-cg-q-12o | S-pc | 1 | +0.0100 | n/a | n/a (one seed) | n/a | 0/1 | n/a |" in md
+    assert "| R-pc | S-pc | 1 2 | +0.0100 | 0.0180 | no | 0.467 | 0/2 | 0.499 |" in md  # over seeds 1 and 2 only
     rows = {r["variant"]: r for r in csv.DictReader(open(f"{out}_variants.csv"))}
     assert rows["S-pc"]["n"] == "3" and abs(float(rows["S-pc"]["final_val_std"]) - 0.02) < 1e-12
+
+
+def test_paired_statistics_on_a_hand_made_example():
+    """a = 1.0, 1.2, 1.1 and b = 1.1, 1.25, 1.3 over three seeds: d = -0.1, -0.05, -0.2, mean -0.11667, sd
+    0.076376, SE 0.044096, t = -2.6458 at 2 df, where the two-sided p is 1 - |t| / sqrt(t² + 2) = 0.11808.
+    Welch: SE sqrt(0.01/3 + 0.010833/3) = 0.083333, t = -1.4 at 3.9936 df (Welch-Satterthwaite); its p is checked
+    against the t density integrated numerically."""
+    from plots.plot_loss import paired, t_p
+    diff, se, p, welch = paired([1.0, 1.2, 1.1], [1.1, 1.25, 1.3])
+    assert diff == pytest.approx(-0.116667, abs=1e-6) and se == pytest.approx(0.0440959, abs=1e-7)
+    t = diff / se
+    assert p == pytest.approx(1 - abs(t) / (t * t + 2) ** 0.5, abs=1e-12) and p == pytest.approx(0.118083, abs=1e-6)
+    df = (0.01 / 3 + 0.0108333333 / 3) ** 2 / ((0.01 / 3) ** 2 / 2 + (0.0108333333 / 3) ** 2 / 2)
+    dens = lambda x: (1 + x * x / df) ** (-(df + 1) / 2)  # unnormalized t density; p = 1 - 2 F(1.4) / F(inf)
+    simpson = lambda f, lo, hi, n=20000: (hi - lo) / (3 * n) * sum(
+        f(lo + i * (hi - lo) / n) * (1 if i in (0, n) else 4 if i % 2 else 2) for i in range(n + 1))
+    total = simpson(lambda u: dens(math.tan(u)) / math.cos(u) ** 2, 0, math.pi / 2 - 1e-9)  # x = tan u
+    assert welch == pytest.approx(1 - simpson(dens, 0, 1.4) / total, abs=1e-6)
+    assert t_p(2.776445, 4) == pytest.approx(0.05, abs=1e-6) and t_p(12.7062, 1) == pytest.approx(0.05, abs=1e-5)
+    assert paired([1.0], [1.1])[1:] == (None, None, None)  # one seed: no SE, no p
 
 
 def test_no_runs_is_a_clear_error(tmp_path):
@@ -200,12 +244,18 @@ def test_grid_runner_dry_run(tmp_path):
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
-    assert lines[0].startswith("skip S-pc") and len(lines) == 4  # S-pc s1337 is DONE; s1338, s1339, G + mHC left
+    assert lines[0].startswith("skip S-pc") and len(lines) == 6  # S-pc s1337 is DONE; s1338-s1341, G + mHC left
     cmds = lines[1:]
     assert all(os.path.join(REPO, "train.py") in ln and ln.endswith("--max_iters=7") for ln in cmds)
     assert f"--out_dir={tmp_path / 'cpu' / 'S-pc-s1338'}" in cmds[0]
     assert "--residual=mhc" in cmds[1] and "G-cg-q-12o_mHC-s1337" in cmds[1]
-    assert f"--out_dir={tmp_path / 'cpu' / 'S-pc-s1339'}" in cmds[2]
+    assert f"--out_dir={tmp_path / 'cpu' / 'S-pc-s1339'}" in cmds[2] and "S-pc-s1341" in cmds[4]
+    r = subprocess.run([sys.executable, "-m", "scripts.run_grid", "--grid=cpu", "--only=S-p Muon lr0.04",
+                        f"--out={tmp_path}", "--dry_run"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    cmd = r.stdout.strip()  # a tagged run: its own folder, its tags' settings, its name recorded
+    assert r.returncode == 0 and len(cmd.splitlines()) == 1, r.stderr
+    assert f"--out_dir={tmp_path / 'cpu' / 'S-p_Muon_lr0.04-s1337'}" in cmd and "--pos=rope" in cmd
+    assert "--optimizer=muon --lr_schedule=wsd --muon_lr=0.04 '--wandb_run_name=S-p Muon lr0.04'" in cmd
     bad = subprocess.run([sys.executable, "-m", "scripts.run_grid", "--grid=cpu", "--only=Q", "--dry_run"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "unknown variants ['Q']" in bad.stderr
