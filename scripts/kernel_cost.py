@@ -16,10 +16,14 @@ import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 import time
 import warnings
 from unittest import mock
+
+if __package__ in (None, ""):  # run as a file, the project's packages would not import
+    sys.exit("error: scripts/kernel_cost.py runs from the repository root as a module: python -m scripts.kernel_cost ...")
 
 import torch
 import triton

@@ -18,6 +18,9 @@ import subprocess
 import sys
 import time
 
+if __package__ in (None, ""):  # run as a file, the project's packages would not import
+    sys.exit("error: scripts/run_grid.py runs from the repository root as a module: python -m scripts.run_grid ...")
+
 from config.grids import GRIDS, run_settings, split_tags, variants
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # scripts/ is one level below the root

@@ -21,6 +21,9 @@ import math
 import os
 import sys
 
+if __package__ in (None, ""):  # run as a file, the project's packages would not import
+    sys.exit("error: scripts/run_mad.py runs from the repository root as a module: python -m scripts.run_mad ...")
+
 from config.grids import MAD_BASE, MAD_SWEEP, MAD_VARIANTS, variants
 from data.mad import TASKS, make_task
 from plots.plot_mad import write_results
