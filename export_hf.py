@@ -137,7 +137,7 @@ def byte_chars():
     return out
 
 
-def hf_tokenizer(spec):
+def hf_tokenizer(spec, block_size):
     """A transformers fast tokenizer that encodes as data/tokenizer.py's encoder(spec) does."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -149,7 +149,9 @@ def hf_tokenizer(spec):
         text = lambda b: "".join(chars[c] for c in b)
         if kind == "bytes":
             vocab, merges = {chars[b]: b for b in range(256)}, []
-            special = dict(pad_token=chars[0])  # lm-eval pads; byte 0 pads right, where a causal model never looks
+            # byte 0 as bos (lm-eval's prefix for an empty context) and pad (right padding, which a causal model's
+            # real tokens never see); no eos, so generate() runs on as sample.py does
+            special = dict(bos_token=chars[0], pad_token=chars[0])
         else:
             enc = gpt2_encoding(tokenizer_file)
             pieces = {enc.decode_single_token_bytes(i): i for i in range(enc.n_vocab) if i != GPT2_EOT}
@@ -172,8 +174,8 @@ def hf_tokenizer(spec):
         tok.decoder = decoders.Fuse()
     else:
         raise ValueError(f"a {kind!r} tokenizer has no Hugging Face form here; expected bytes, char or gpt2")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=None, clean_up_tokenization_spaces=False,
-                                   **special)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=block_size,
+                                   clean_up_tokenization_spaces=False, **special)
 
 
 def export(state, to):
@@ -195,8 +197,12 @@ def export(state, to):
                 f.write(src)
         for name in ("configuration_hypergpt.py", "modeling_hypergpt.py"):
             shutil.copyfile(os.path.join(REPO, "hf", name), os.path.join(tmp, name))
-        tokenizer = hf_tokenizer(spec)
+        tokenizer = hf_tokenizer(spec, model_args["block_size"])
         tokenizer.save_pretrained(tmp)
+        path = os.path.join(tmp, "tokenizer_config.json")  # the class's name in transformers 4 and 5 alike
+        tok_config = dict(json.load(open(path)), tokenizer_class="PreTrainedTokenizerFast")
+        with open(path, "w") as f:
+            json.dump(tok_config, f, indent=2)
         config = {
             "model_type": MODEL_TYPE, "architectures": ["HyperGPTForCausalLM"],
             "auto_map": {"AutoConfig": "configuration_hypergpt.HyperGPTConfig",

@@ -1,0 +1,234 @@
+"""HellaSwag as llm.c scores it (hellaswag.py, eval.py, data/hellaswag/prepare.py), on hand-written examples in
+rowanz's public jsonl schema: the batched scoring equals a direct per-ending loss for every attention x residual,
+a model that prefers ending k picks k, eval.py prints its metrics and JSON (one process and torchrun alike), and
+bad input is one `error:` line."""
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hellaswag
+from data.tokenizer import encoder
+from model import GPT, GPTConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BYTES = {"kind": "bytes", "vocab_size": 256}
+
+# rowanz/hellaswag's schema (data/hellaswag_val.jsonl); the last context is longer than the tiny models' block_size,
+# so it is cut from the left, and its label is a string, as in the Hugging Face copy
+EXAMPLES = [
+    {"ind": 4, "activity_label": "Baking cookies", "ctx_a": "A woman pours flour into a bowl.", "ctx_b": "she",
+     "ctx": "A woman pours flour into a bowl. she", "split": "val", "split_type": "indomain", "label": 1,
+     "endings": ["throws the bowl at the dog.", "stirs in two eggs and some sugar.", "paints the ceiling blue.",
+                 "drives to the beach."], "source_id": "activitynet~v_0001"},
+    {"ind": 9, "activity_label": "Tennis", "ctx_a": "A man bounces a ball on a court.", "ctx_b": "he",
+     "ctx": "A man bounces a ball on a court. he", "split": "val", "split_type": "indomain", "label": 3,
+     "endings": ["eats the racket.", "reads a newspaper in the rain.", "swims across the net.",
+                 "serves the ball over the net."], "source_id": "activitynet~v_0002"},
+    {"ind": 13, "activity_label": "Playing piano", "ctx_a": "A boy sits at a piano.", "ctx_b": "he",
+     "ctx": "A boy sits at a piano. he", "split": "val", "split_type": "zeroshot", "label": 0,
+     "endings": ["plays a short song.", "mails it.", "cooks dinner on the keys while a cat watches.", "flies."],
+     "source_id": "activitynet~v_0003"},
+    {"ind": 21, "activity_label": "Home and Garden", "ctx_a": "[header] How to water a plant. [title] Check the "
+     "soil. [step] Push a finger into the soil near the stem to feel whether it is dry.", "ctx_b": "",
+     "ctx": "[header] How to water a plant. [title] Check the soil. [step] Push a finger into the soil near the "
+     "stem to feel whether it is dry.", "split": "val", "split_type": "zeroshot", "label": "2",
+     "endings": ["Sing to it.", "Paint it.", "If it is dry, pour water slowly at the base.", "Sell it."],
+     "source_id": "wikihow~1"},
+]
+
+
+def write_jsonl(path, examples=EXAMPLES):
+    with open(path, "w") as f:
+        for ex in examples:
+            f.write(json.dumps(ex) + "\n")
+    return str(path)
+
+
+def tiny(seed=0, **cfg):
+    """A small random GPT over bytes, its weights moved off their init (HC/mHC start as the plain network)."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**dict(dict(vocab_size=256, n_layer=2, n_embd=32, n_head=2, block_size=64), **cfg)))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def save_run(folder, model, tokenizer=BYTES):
+    os.makedirs(folder, exist_ok=True)
+    torch.save({"model": model.state_dict(), "model_args": asdict(model.config), "tokenizer": tokenizer, "step": 5},
+               os.path.join(folder, "ckpt_best.pt"))
+    return str(folder)
+
+
+def direct_losses(model, example, encode):
+    """The per-ending (summed loss, tokens), one ending at a time, from the full forward's log-softmax."""
+    ctx, endings, _ = example
+    out = []
+    for e in endings:
+        c, end = encode(ctx), encode(" " + e)
+        tokens = torch.tensor((c + end)[-(model.config.block_size + 1):])
+        n = min(len(end), len(tokens) - 1)
+        with torch.no_grad():
+            logits, _ = model(tokens[None, :-1], tokens[None, 1:])
+        logp = F.log_softmax(logits[0].double(), -1)
+        nll = -logp[torch.arange(len(tokens) - 1), tokens[1:]]
+        out.append((nll[-n:].sum().item(), n))
+    return out
+
+
+VARIANTS = [dict(attn=a, residual=r) for a in ("softmax", "hyperglu", "hypermlp") for r in ("plain", "hc", "mhc")]
+VARIANTS += [dict(attn="softmax", pos="rope", use_kv_conv=True), dict(attn="hyperglu", aligner_kind="identity")]
+
+
+@pytest.mark.parametrize("cfg", VARIANTS, ids=lambda c: "-".join(str(v) for v in c.values()))
+def test_batched_scoring_equals_direct_per_ending_loss(tmp_path, cfg):
+    examples = hellaswag.load(write_jsonl(tmp_path / "hs.jsonl"))
+    encode, _ = encoder(BYTES)
+    model = tiny(**cfg)
+    got = hellaswag.ending_losses(model, examples, encode, model.config.block_size, "cpu", batch_size=3)
+    assert sorted(got) == list(range(len(examples)))
+    for i, ex in enumerate(examples):
+        want = direct_losses(model, ex, encode)
+        assert [n for _, n in got[i]] == [n for _, n in want]
+        for (s, _), (w, _) in zip(got[i], want):
+            assert s == pytest.approx(w, rel=1e-5)
+    # the fixture's last context is longer than block_size: its rows are cut to block_size + 1 tokens
+    assert max(len(t) for t, _ in hellaswag.render(examples[3], encode, 64)) == 65
+
+
+class Prefers(torch.nn.Module):
+    """A stand-in model that prefers ending k of every example: it puts its mass on the next byte of ending k's row
+    wherever the row so far is a prefix of it (and spreads it evenly elsewhere). config.block_size as GPT's."""
+
+    def __init__(self, examples, k, block_size=64):
+        super().__init__()
+        self.config = GPTConfig(vocab_size=256, block_size=block_size, n_layer=1, n_head=1, n_embd=8)
+        self.rows = [list((ex[0] + " " + ex[1][k]).encode())[-(block_size + 1):] for ex in examples]
+
+    def forward(self, x, targets=None):
+        logits = torch.zeros(*x.shape, 256)
+        for b, row in enumerate(x.tolist()):
+            for want in self.rows:
+                for t in range(len(row)):
+                    if row[:t + 1] == want[:t + 1] and t + 1 < len(want):
+                        logits[b, t, want[t + 1]] = 20.0
+        return logits, None
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3])
+def test_a_model_that_prefers_ending_k_picks_it(tmp_path, k):
+    examples = hellaswag.load(write_jsonl(tmp_path / "hs.jsonl"))
+    encode, _ = encoder(BYTES)
+    losses = hellaswag.ending_losses(Prefers(examples, k), examples, encode, 64, "cpu", batch_size=2)
+    assert all(hellaswag.predictions(losses[i]) == (k, k) for i in losses)
+    count, acc, norm = hellaswag.tally(examples, losses)
+    right = sum(ex[2] == k for ex in examples)  # labels are 1, 3, 0, 2: one example each
+    assert (count, acc, norm) == (4, right, right)
+
+
+def test_acc_sums_and_acc_norm_averages():
+    """Ending 0 has the lower sum, ending 1 the lower mean per token: acc picks 0, acc_norm 1 (llm.c's rule)."""
+    assert hellaswag.predictions([(6.0, 2), (8.0, 4)]) == (0, 1)
+    m = hellaswag.summary(10, 3, 5)
+    assert (m["acc"], m["acc_norm"], m["count"]) == (0.3, 0.5, 10)
+    assert m["acc_stderr"] == pytest.approx(math.sqrt(0.3 * 0.7 / 9))
+
+
+@pytest.mark.parametrize("line, says", [
+    ("not json", "not JSON"),
+    (json.dumps({"ctx": "a", "endings": ["b", "c"]}), "expected an object with ctx, endings and label"),
+    (json.dumps({"ctx": "a", "endings": ["b"], "label": 0}), "endings must be a list of at least 2 strings"),
+    (json.dumps({"ctx": "a", "endings": ["b", "c"], "label": 2}), "label=2 is not valid; expected an int 0..1"),
+    (json.dumps({"ctx": "", "endings": ["b", "c"], "label": 0}), "ctx must be a non-empty string"),
+])
+def test_load_names_the_file_line_and_problem(tmp_path, line, says):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(EXAMPLES[0]) + "\n\n" + line + "\n")
+    with pytest.raises(ValueError) as e:
+        hellaswag.load(str(path))
+    assert f"bad.jsonl: line 3: {says}" in str(e.value)
+
+
+def run(*args, **kw):
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300, **kw)
+
+
+def expected_metrics(model, examples):
+    encode, _ = encoder(BYTES)
+    losses = {i: direct_losses(model, ex, encode) for i, ex in enumerate(examples)}
+    return hellaswag.summary(*hellaswag.tally(examples, losses))
+
+
+def test_eval_py_prints_one_line_per_metric_then_json(tmp_path):
+    model = tiny(attn="hyperglu", residual="mhc")
+    run_dir = save_run(tmp_path / "run", model)
+    data = write_jsonl(tmp_path / "hs.jsonl")
+    r = run("eval.py", f"--out_dir={run_dir}", "--task=hellaswag", f"--input={data}", "--device=cpu", "--batch_size=5")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert [line.split()[0] for line in lines[:3]] == ["acc", "acc_norm", "count"]
+    got = json.loads(lines[3])
+    want = expected_metrics(model, hellaswag.load(data))
+    assert {k: got[k] for k in want} == pytest.approx(want)
+    assert lines[2].split() == ["count", "4"]
+    assert float(lines[1].split()[1]) == pytest.approx(want["acc_norm"], abs=5e-5)
+
+
+def test_eval_py_under_torchrun_equals_one_process(tmp_path):
+    model = tiny(attn="softmax", residual="hc")
+    run_dir = save_run(tmp_path / "run", model)
+    data = write_jsonl(tmp_path / "hs.jsonl", EXAMPLES * 2)  # 8 examples, 4 a rank
+    args = ["eval.py", f"--out_dir={run_dir}", f"--input={data}", "--device=cpu"]
+    one = run(*args)
+    two = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    a, b = json.loads(one.stdout.splitlines()[-1]), json.loads(two.stdout.splitlines()[-1])
+    assert b["world_size"] == 2 and b["count"] == 8
+    assert {k: a[k] for k in ("acc", "acc_norm", "count")} == {k: b[k] for k in ("acc", "acc_norm", "count")}
+    assert {k: a[k] for k in ("acc", "acc_norm")} == pytest.approx({k: v for k, v in expected_metrics(
+        model, hellaswag.load(data)).items() if k in ("acc", "acc_norm")})
+
+
+def test_eval_py_errors_are_one_line(tmp_path):
+    run_dir = save_run(tmp_path / "run", tiny(n_layer=1))
+    data = write_jsonl(tmp_path / "hs.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"ctx": "a", "endings": ["b", "c"], "label": 0}\n{"ctx": "a", "endings": "b"}\n')
+    (tmp_path / "empty").mkdir()
+    cases = [
+        ([f"--out_dir={run_dir}", f"--input={tmp_path / 'missing.jsonl'}"], "missing.jsonl cannot be read"),
+        ([f"--out_dir={run_dir}", f"--input={bad}"], "bad.jsonl: line 2: expected an object with ctx, endings"),
+        ([f"--out_dir={tmp_path / 'empty'}", f"--input={data}"], "no ckpt_best.pt or ckpt_last.pt in out_dir"),
+        ([f"--out_dir={run_dir}", "--task=mmlu"], "task='mmlu' is not valid; expected 'hellaswag'"),
+        ([f"--out_dir={run_dir}", "--limit=-1"], "limit=-1 is not valid"),
+    ]
+    for args, says in cases:
+        r = run("eval.py", "--device=cpu", *args)
+        assert r.returncode == 1 and r.stdout == "", (args, r.stdout, r.stderr)
+        assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and says in r.stderr, (args, r.stderr)
+    r = run("eval.py", "--help")
+    assert r.returncode == 0 and "acc_norm" in r.stdout and "input = " in r.stdout
+
+
+def test_prepare_checks_and_keeps_a_local_copy(tmp_path):
+    src = write_jsonl(tmp_path / "hellaswag_val.jsonl")
+    out = tmp_path / "data"
+    r = run("data/hellaswag/prepare.py", f"--input={src}", f"--out_dir={out}")
+    assert r.returncode == 0, r.stderr
+    assert "4 examples" in r.stdout
+    assert (out / "hellaswag_val.jsonl").read_text() == open(src).read()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(EXAMPLES[0]) + "\n{oops\n")
+    r = run("data/hellaswag/prepare.py", f"--input={bad}", f"--out_dir={tmp_path / 'other'}")
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and "line 2: not JSON" in r.stderr, r.stderr
+    assert not (tmp_path / "other" / "hellaswag_val.jsonl").exists() and os.listdir(tmp_path / "other") == []
+    r = run("data/hellaswag/prepare.py", f"--input={tmp_path / 'nope.jsonl'}", f"--out_dir={tmp_path / 'other'}")
+    assert r.returncode == 1 and "error: --input" in r.stderr and "not found" in r.stderr
