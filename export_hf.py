@@ -137,7 +137,7 @@ def byte_chars():
     return out
 
 
-def hf_tokenizer(spec, block_size):
+def hf_tokenizer(spec, block_size, tokenizer_file=""):
     """A transformers fast tokenizer that encodes as data/tokenizer.py's encoder(spec) does."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -178,8 +178,9 @@ def hf_tokenizer(spec, block_size):
                                    clean_up_tokenization_spaces=False, **special)
 
 
-def export(state, to):
-    """Write the export into the new folder `to` (through a temp folder renamed at the end)."""
+def export(state, to, tokenizer_file=""):
+    """Write the export of a checkpoint dict (checkpoint.load_checkpoint's) into the folder `to`, through a temp
+    folder renamed at the end; an earlier export there is replaced."""
     import torch
     from safetensors.torch import save_file
 
@@ -197,7 +198,7 @@ def export(state, to):
                 f.write(src)
         for name in ("configuration_hypergpt.py", "modeling_hypergpt.py"):
             shutil.copyfile(os.path.join(REPO, "hf", name), os.path.join(tmp, name))
-        tokenizer = hf_tokenizer(spec, model_args["block_size"])
+        tokenizer = hf_tokenizer(spec, model_args["block_size"], tokenizer_file)
         tokenizer.save_pretrained(tmp)
         path = os.path.join(tmp, "tokenizer_config.json")  # the class's name in transformers 4 and 5 alike
         tok_config = dict(json.load(open(path)), tokenizer_class="PreTrainedTokenizerFast")
@@ -214,10 +215,15 @@ def export(state, to):
         }
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
+        # generate() never picks an id the tokenizer lacks (GPT-2's 50257 padded to 50304), as sample.py's vocab_limit
+        generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        generation["suppress_tokens"] = list(range(spec["vocab_size"], model_args["vocab_size"])) or None
+        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+            json.dump(generation, f, indent=2)
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(card(model_args, spec, state))
-        if os.path.isdir(to):
-            os.rmdir(to) if not os.listdir(to) else shutil.rmtree(to)
+        if os.path.isdir(to):  # empty, or an earlier export that --overwrite=True replaces
+            shutil.rmtree(to)
         os.replace(tmp, to)
     finally:
         if os.path.isdir(tmp):
@@ -277,7 +283,7 @@ if __name__ == "__main__":
         sys.exit(f"error: export_hf.py needs transformers and safetensors ({e}); pip install -r requirements-eval.txt")
     try:
         state = load_checkpoint(ckpt, trust_checkpoint)
-        export(state, to)
+        export(state, to, tokenizer_file)
     except ValueError as e:
         sys.exit(f"error: {e}")
     print(f"exported {ckpt} (step {state.get('step')}, {state['tokenizer']['kind']} tokenizer) -> {to}")

@@ -26,11 +26,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 R50K = os.path.join(REPO, "..", "shared", "data", "tokenizers", "r50k_base.tiktoken")
 
 
-def export(model, folder, tokenizer=BYTES):
+def export(model, folder, tokenizer=BYTES, tokenizer_file=""):
     """Save model as a run, export it with export_hf.py's export(), load it back with transformers."""
     run_dir = save_run(folder / "run", model, tokenizer)
     state = load_checkpoint(os.path.join(run_dir, "ckpt_best.pt"))
-    export_hf.export(state, str(folder / "hf"))
+    export_hf.export(state, str(folder / "hf"), tokenizer_file)
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder / "hf"), trust_remote_code=True)
     return hf.eval(), GPT.from_checkpoint(state).eval()
 
@@ -102,10 +102,13 @@ def test_char_tokenizer_encodes_as_the_run_did(tmp_path):
 
 
 @pytest.mark.skipif(not os.path.isfile(R50K), reason="needs the r50k_base.tiktoken ranks file (offline BPE)")
-def test_gpt2_tokenizer_from_tiktoken_ranks_encodes_as_tiktoken(tmp_path, monkeypatch):
-    monkeypatch.setattr(export_hf, "tokenizer_file", R50K)
+def test_gpt2_tokenizer_from_tiktoken_ranks_encodes_as_tiktoken(tmp_path):
     spec = {"kind": "gpt2", "vocab_size": 50257}
-    hf, native = export(tiny(n_layer=1, n_embd=16, vocab_size=50304), tmp_path, spec)
+    model = tiny(n_layer=1, n_embd=16, vocab_size=50304)
+    with torch.no_grad():  # every position's argmax is the padded id 50300, which generate() must never pick
+        model.transformer.ln_f.weight.zero_()
+        model.lm_head.weight[50300] = 10 * model.transformer.ln_f.bias / model.transformer.ln_f.bias.norm() ** 2
+    hf, native = export(model, tmp_path, spec, R50K)
     tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     encode, _ = encoder(spec, R50K)
     words = "the of and to in is was he for it with as his on be at by I had not are but from or have an they".split()
@@ -117,8 +120,10 @@ def test_gpt2_tokenizer_from_tiktoken_ranks_encodes_as_tiktoken(tmp_path, monkey
     assert (tok.eos_token_id, len(tok)) == (50256, 50257)
     x = torch.tensor([encode("Hello world, this is a test")])
     with torch.no_grad():
-        assert hf.generate(x, max_new_tokens=10, do_sample=False).tolist() == \
-            native.generate(x, 10, temperature=0, vocab_limit=50257).tolist()
+        assert hf(x).logits[0].argmax(-1).eq(50300).all()
+        got = hf.generate(x, max_new_tokens=10, do_sample=False)
+        assert got.tolist() == native.generate(x, 10, temperature=0, vocab_limit=50257).tolist()
+    assert got.max() < 50257
 
 
 def test_export_py_command_line(tmp_path):
