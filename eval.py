@@ -76,6 +76,8 @@ try:
     examples = hellaswag.load(input, limit)
     state = load_checkpoint(ckpt, trust_checkpoint)
     encode, _ = encoder(state["tokenizer"], tokenizer_file)
+    for _i in range(len(examples)):  # every rank checks them all: one rank must not stop while the others wait
+        hellaswag.render_checked(examples, _i, encode, state["model_args"]["block_size"])
 except ValueError as e:
     fail(e)
 

@@ -13,6 +13,7 @@ one it gets alone, for every attention (HyperGLU's identity layout reads the seq
 
 import json
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -76,14 +77,22 @@ def render(example, encode, block_size):
     return rows
 
 
+def render_checked(examples, i, encode, block_size):
+    """render() of example i, a text the tokenizer cannot encode being a ValueError that names the example."""
+    try:
+        return render(examples[i], encode, block_size)
+    except ValueError as e:  # a char tokenizer meets a character outside its vocabulary
+        raise ValueError(f"HellaSwag example {i + 1} cannot be encoded with the model's tokenizer: {e}") from None
+
+
 @torch.no_grad()
-def ending_losses(model, examples, encode, block_size, device, batch_size=32, ctx=None, rank=0, world=1):
+def ending_losses(model, examples, encode, block_size, device, batch_size=32, autocast=None, rank=0, world=1):
     """{example index: [(summed loss, token count) per ending]} for this rank's share of the examples (index % world
     == rank). Rows of one length go through the model together, batch_size at a time; the losses are in fp32
-    whatever the autocast context ctx runs the model in."""
+    whatever autocast context the model runs in."""
     rows = {}  # length -> [(example, ending, tokens, n)]
     for i in range(rank, len(examples), world):
-        for j, (tokens, n) in enumerate(render(examples[i], encode, block_size)):
+        for j, (tokens, n) in enumerate(render_checked(examples, i, encode, block_size)):
             rows.setdefault(len(tokens), []).append((i, j, tokens, n))
     out = {i: [None] * len(examples[i][1]) for i in range(rank, len(examples), world)}
     was_training = model.training
@@ -96,11 +105,8 @@ def ending_losses(model, examples, encode, block_size, device, batch_size=32, ct
             x, y = seq[:, :-1], seq[:, 1:].clone()
             n = torch.tensor([k for _, _, _, k in batch], device=device)[:, None]
             y[torch.arange(length - 1, device=device)[None, :] < length - 1 - n] = -1  # score the ending only
-            if ctx is not None:
-                with ctx:
-                    logits, _ = model(x, y)  # targets given: logits at every position
-            else:
-                logits, _ = model(x, y)
+            with autocast or nullcontext():
+                logits, _ = model(x, y)  # targets given: logits at every position
             loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction="none")
             sums = loss.view(len(batch), -1).double().sum(1).tolist()
             for (i, j, _, k), s in zip(batch, sums):

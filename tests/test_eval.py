@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import hellaswag
-from data.tokenizer import encoder
+from data.tokenizer import char_spec, encoder
 from model import GPT, GPTConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -199,6 +199,8 @@ def test_eval_py_under_torchrun_equals_one_process(tmp_path):
 
 def test_eval_py_errors_are_one_line(tmp_path):
     run_dir = save_run(tmp_path / "run", tiny(n_layer=1))
+    spec = char_spec("to be or not to be")  # a char model whose vocabulary lacks HellaSwag's characters
+    chars_run = save_run(tmp_path / "chars", tiny(n_layer=1, vocab_size=spec["vocab_size"]), spec)
     data = write_jsonl(tmp_path / "hs.jsonl")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"ctx": "a", "endings": ["b", "c"], "label": 0}\n{"ctx": "a", "endings": "b"}\n')
@@ -209,6 +211,8 @@ def test_eval_py_errors_are_one_line(tmp_path):
         ([f"--out_dir={tmp_path / 'empty'}", f"--input={data}"], "no ckpt_best.pt or ckpt_last.pt in out_dir"),
         ([f"--out_dir={run_dir}", "--task=mmlu"], "task='mmlu' is not valid; expected 'hellaswag'"),
         ([f"--out_dir={run_dir}", "--limit=-1"], "limit=-1 is not valid"),
+        ([f"--out_dir={chars_run}", f"--input={data}"], "HellaSwag example 1 cannot be encoded with the model's "
+                                                         "tokenizer: characters not in the training vocabulary"),
     ]
     for args, says in cases:
         r = run("eval.py", "--device=cpu", *args)
