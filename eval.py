@@ -73,11 +73,9 @@ if not ckpt:
 if not os.path.isfile(ckpt):
     fail(f"checkpoint '{ckpt}' not found")
 try:
-    examples = hellaswag.load(input, limit)
     state = load_checkpoint(ckpt, trust_checkpoint)
     encode, _ = encoder(state["tokenizer"], tokenizer_file)
-    for _i in range(len(examples)):  # every rank checks them all: one rank must not stop while the others wait
-        hellaswag.render_checked(examples, _i, encode, state["model_args"]["block_size"])
+    examples = hellaswag.load_encoded(input, encode, state["model_args"]["block_size"], limit)  # on every rank
 except ValueError as e:
     fail(e)
 
@@ -94,14 +92,10 @@ ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
 
 model = GPT.from_checkpoint(state).to(device)
-block_size = model.config.block_size
-losses = hellaswag.ending_losses(model, examples, encode, block_size, device, batch_size, ctx, rank, world)
-counts = torch.tensor(hellaswag.tally(examples, losses), dtype=torch.float64, device=device)
+m = hellaswag.score(model, examples, encode, model.config.block_size, device, batch_size, ctx)
 if ddp:
-    dist.all_reduce(counts)
     dist.destroy_process_group()
 if rank == 0:
-    m = hellaswag.summary(*counts.tolist())
     print(f"acc       {m['acc']:.4f} ± {m['acc_stderr']:.4f}")
     print(f"acc_norm  {m['acc_norm']:.4f} ± {m['acc_norm_stderr']:.4f}")
     print(f"count     {m['count']}")

@@ -16,6 +16,7 @@ import math
 from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 
@@ -77,6 +78,15 @@ def render(example, encode, block_size):
     return rows
 
 
+def load_encoded(path, encode, block_size, limit=0):
+    """load(), then every example rendered once, so that a text the tokenizer cannot encode (a char vocabulary
+    lacks a character) is a ValueError before any model runs, on every rank alike."""
+    examples = load(path, limit)
+    for i in range(len(examples)):
+        render_checked(examples, i, encode, block_size)
+    return examples
+
+
 def render_checked(examples, i, encode, block_size):
     """render() of example i, a text the tokenizer cannot encode being a ValueError that names the example."""
     try:
@@ -134,6 +144,17 @@ def tally(examples, losses):
         hits[1] += pred == label
         hits[2] += pred_norm == label
     return hits
+
+
+def score(model, examples, encode, block_size, device, batch_size=32, autocast=None):
+    """The metrics (summary) of the model on the examples. Under torch.distributed each rank scores its share
+    and the counts are all-reduced, so every rank returns the same metrics."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    losses = ending_losses(model, examples, encode, block_size, device, batch_size, autocast, rank, world)
+    counts = torch.tensor(tally(examples, losses), dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(counts)
+    return summary(*counts.tolist())
 
 
 def summary(count, acc_hits, norm_hits):
