@@ -236,3 +236,89 @@ def test_prepare_checks_and_keeps_a_local_copy(tmp_path):
     assert not (tmp_path / "other" / "hellaswag_val.jsonl").exists() and os.listdir(tmp_path / "other") == []
     r = run("data/hellaswag/prepare.py", f"--input={tmp_path / 'nope.jsonl'}", f"--out_dir={tmp_path / 'other'}")
     assert r.returncode == 1 and "error: --input" in r.stderr and "not found" in r.stderr
+
+
+# ---------------------------------------------------------------- in training: val_bpb, hellaswag_every, plot_loss
+
+TRAIN = ["--device=cpu", "--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=64", "--batch_size=4",
+         "--eval_iters=2", "--log_interval=2", "--warmup_iters=1", "--learning_rate=3e-3"]
+
+
+@pytest.fixture(scope="module")
+def bytes_data(tmp_path_factory):
+    """A bytes dataset (header shards) from a text with HellaSwag's words, and the fixture jsonl."""
+    root = tmp_path_factory.mktemp("bytes")
+    text = " ".join(ex["ctx"] + " " + e for ex in EXAMPLES for e in ex["endings"]) * 12
+    (root / "t.txt").write_text(text)
+    r = run("data/textfile/prepare.py", f"--input={root / 't.txt'}", f"--out_dir={root / 'data'}", "--tokenizer=bytes")
+    assert r.returncode == 0, r.stderr
+    return str(root / "data"), write_jsonl(root / "hs.jsonl")
+
+
+def rows(out_dir):
+    import csv
+    with open(os.path.join(out_dir, "metrics.csv")) as f:
+        return {int(r["step"]): r for r in csv.DictReader(f)}
+
+
+def test_val_bpb_is_loss_over_ln2_for_bytes_and_hellaswag_every_logs_eval_py_acc_norm(tmp_path, bytes_data):
+    data, hs = bytes_data
+    out = str(tmp_path / "run")
+    r = run("train.py", *TRAIN, f"--dataset={data}", f"--out_dir={out}", "--max_iters=6", "--eval_interval=3",
+            "--hellaswag_every=4", f"--hellaswag_file={hs}")
+    assert r.returncode == 0, r.stderr
+    assert "hellaswag: 4 examples" in r.stdout and "step 4: hellaswag acc_norm" in r.stdout
+    m = rows(out)
+    evals = [s for s, row in m.items() if row["val_loss"]]
+    assert evals == [0, 3, 6]
+    for s in evals:  # one byte a token: bits per byte is the loss over ln 2, exactly
+        assert float(m[s]["val_bpb"]) == float(m[s]["val_loss"]) / math.log(2)
+    assert [s for s, row in m.items() if row["hellaswag_acc_norm"]] == [0, 4, 6]  # 0, every 4th step, the last
+    e = run("eval.py", f"--ckpt={out}/ckpt_last.pt", f"--input={hs}")
+    assert e.returncode == 0, e.stderr
+    assert float(m[6]["hellaswag_acc_norm"]) == json.loads(e.stdout.splitlines()[-1])["acc_norm"]
+
+
+def test_token_bytes_count_the_utf8_bytes_of_the_text():
+    from data.tokenizer import token_bytes
+    text = "naïve café, 日本語 and plain ASCII\n"
+    spec = char_spec(text)
+    encode, _ = encoder(spec)
+    table = token_bytes(spec)
+    assert sum(table[i] for i in encode(text)) == len(text.encode("utf-8")) and max(table) == 3
+    assert token_bytes(BYTES) == [1] * 256
+    r50k = os.path.join(REPO, "..", "shared", "data", "tokenizers", "r50k_base.tiktoken")
+    if os.path.isfile(r50k):  # GPT-2 BPE offline; <|endoftext|> separates documents and counts no bytes
+        gpt2 = {"kind": "gpt2", "vocab_size": 50257}
+        encode, _ = encoder(gpt2, r50k)
+        table = token_bytes(gpt2, r50k)
+        assert sum(table[i] for i in encode(text + "<|endoftext|>")) == len(text.encode("utf-8"))
+
+
+def test_hellaswag_every_errors_before_the_run_folder_is_made(tmp_path, bytes_data):
+    data, hs = bytes_data
+    cases = [([f"--dataset={data}", f"--hellaswag_file={tmp_path / 'nope.jsonl'}"], "hellaswag_every: "),
+             (["--dataset=mad:in_context_recall"], "needs a text dataset"),
+             ([f"--dataset={data}", "--hellaswag_every=-1"], "hellaswag_every=-1 is not valid")]
+    for args, says in cases:
+        r = run("train.py", *TRAIN, "--hellaswag_every=2", *args, f"--out_dir={tmp_path / 'run'}")
+        assert r.returncode == 1 and r.stderr.startswith("error: ") and says in r.stderr, r.stderr
+        assert r.stderr.count("\n") == 1 and not (tmp_path / "run").exists()
+
+
+def test_plot_loss_draws_bpb_and_hellaswag(tmp_path, bytes_data):
+    from plots.plot_loss import main as plot_main
+    data, hs = bytes_data
+    out = str(tmp_path / "run")
+    r = run("train.py", *TRAIN, f"--dataset={data}", f"--out_dir={out}", "--max_iters=4", "--eval_interval=2",
+            "--hellaswag_every=2", f"--hellaswag_file={hs}")
+    assert r.returncode == 0, r.stderr
+    m = rows(out)
+    for y, col in (("val_bpb", "final_bpb"), ("hellaswag_acc_norm", "hellaswag")):
+        fig = str(tmp_path / y)
+        summary = plot_main([out, f"--y={y}", f"--out={fig}"])
+        assert os.path.getsize(fig + ".png") > 1000
+        assert summary[0][col] == float(m[4][y])
+        assert f"{float(m[4][y]):.4f}" in open(fig + ".md").read()
+    with pytest.raises(SystemExit):
+        plot_main([out, "--y=val_bpb", "--train", f"--out={tmp_path / 'x'}"])
