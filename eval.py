@@ -17,13 +17,13 @@ import sys
 from contextlib import nullcontext
 
 import torch
-import torch.distributed as dist
 
+import distributed
 import hellaswag
-from checkpoint import load_checkpoint
+from checkpoint import load_checkpoint, load_model
 from configurator import configure, pick_device
 from data.tokenizer import encoder
-from model import GPT
+from distributed import fail, finish
 
 # -----------------------------------------------------------------------------
 out_dir = "out"           # a run folder: uses its ckpt_best.pt, else ckpt_last.pt
@@ -38,18 +38,7 @@ tokenizer_file = ""       # GPT-2 BPE offline: path to r50k_base.tiktoken
 trust_checkpoint = False  # load a checkpoint older than safe loading (a full unpickle: your own files only)
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))]
-ddp = int(os.environ.get("RANK", -1)) != -1
-rank, local_rank, world = (int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 0, 1)
-
-
-def fail(msg):
-    """One `error:` line (from the first process of a node under torchrun) and exit code 1. Every process meets the
-    same settings, file or checkpoint error before the process group exists."""
-    if local_rank == 0:
-        print(f"error: {msg}", file=sys.stderr, flush=True)
-    sys.exit(1)
-
-
+ddp, rank, local_rank, world = distributed.env()
 try:
     configure(globals(), config_keys, sys.argv[1:], dict(device=str, dtype=str))
     _checks = [("task", task in ("hellaswag",), "'hellaswag'"),
@@ -80,24 +69,18 @@ except ValueError as e:
     fail(e)
 
 if ddp:
-    if device_type == "cuda":
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
-    else:  # share the cores between the local processes
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
-    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    device = distributed.setup(device, device_type, None, local_rank, world)
 if dtype is None:
     dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
 ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
 
-model = GPT.from_checkpoint(state).to(device)
+model = load_model(state).to(device)
 m = hellaswag.score(model, examples, encode, model.config.block_size, device, batch_size, ctx)
-if ddp:
-    dist.destroy_process_group()
 if rank == 0:
     print(f"acc       {m['acc']:.4f} ± {m['acc_stderr']:.4f}")
     print(f"acc_norm  {m['acc_norm']:.4f} ± {m['acc_norm_stderr']:.4f}")
     print(f"count     {m['count']}")
     print(json.dumps(dict(task=task, **m, ckpt=ckpt, input=input, step=state.get("step"), world_size=world,
                           dtype=dtype)))
+finish(0)

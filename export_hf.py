@@ -184,8 +184,8 @@ def export(state, to, tokenizer_file=""):
     import torch
     from safetensors.torch import save_file
 
-    from model import GPT
-    model = GPT.from_checkpoint(state)
+    from checkpoint import load_model
+    model = load_model(state)
     spec = state["tokenizer"]
     model_args = dict(state["model_args"], impl="reference")
     tmp = f"{os.path.normpath(to)}.tmp-{os.getpid()}"

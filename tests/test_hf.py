@@ -17,9 +17,8 @@ transformers = pytest.importorskip("transformers")
 
 import export_hf  # noqa: E402
 import hellaswag  # noqa: E402
-from checkpoint import load_checkpoint  # noqa: E402
+from checkpoint import load_checkpoint, load_model  # noqa: E402
 from data.tokenizer import char_spec, encoder  # noqa: E402
-from model import GPT  # noqa: E402
 from test_eval import BYTES, EXAMPLES, VARIANTS, save_run, tiny, write_jsonl  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,7 +31,7 @@ def export(model, folder, tokenizer=BYTES, tokenizer_file=""):
     state = load_checkpoint(os.path.join(run_dir, "ckpt_best.pt"))
     export_hf.export(state, str(folder / "hf"), tokenizer_file)
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder / "hf"), trust_remote_code=True)
-    return hf.eval(), GPT.from_checkpoint(state).eval()
+    return hf.eval(), load_model(state).eval()
 
 
 @pytest.mark.parametrize("cfg", VARIANTS, ids=lambda c: "-".join(str(v) for v in c.values()))
