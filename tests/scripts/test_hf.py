@@ -18,11 +18,8 @@ transformers = pytest.importorskip("transformers")
 import export_hf  # noqa: E402
 import hellaswag  # noqa: E402
 from checkpoint import load_checkpoint, load_model  # noqa: E402
+from conftest import BYTES, HELLASWAG, R50K, REPO, VARIANTS, bytes_model, save_run, write_jsonl  # noqa: E402
 from data.tokenizer import char_spec, encoder  # noqa: E402
-from test_eval import BYTES, EXAMPLES, VARIANTS, save_run, tiny, write_jsonl  # noqa: E402
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-R50K = os.path.join(REPO, "..", "shared", "data", "tokenizers", "r50k_base.tiktoken")
 
 
 def export(model, folder, tokenizer=BYTES, tokenizer_file=""):
@@ -36,7 +33,7 @@ def export(model, folder, tokenizer=BYTES, tokenizer_file=""):
 
 @pytest.mark.parametrize("cfg", VARIANTS, ids=lambda c: "-".join(str(v) for v in c.values()))
 def test_exported_logits_equal_native(tmp_path, cfg):
-    hf, native = export(tiny(**cfg), tmp_path)
+    hf, native = export(bytes_model(**cfg), tmp_path)
     assert hf.dtype == torch.float32 and hf.gpt.config.impl == "reference"
     x = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -55,7 +52,7 @@ def test_exported_logits_equal_native(tmp_path, cfg):
 @pytest.mark.parametrize("cfg", [dict(attn="hyperglu", residual="mhc"), dict(attn="softmax", pos="rope"),
                                  dict(attn="hyperglu", aligner_kind="identity")], ids=["G-mhc", "S-p", "G-identity"])
 def test_generate_gives_the_native_greedy_tokens_past_block_size(tmp_path, cfg):
-    hf, native = export(tiny(**cfg), tmp_path)
+    hf, native = export(bytes_model(**cfg), tmp_path)
     prompt = torch.tensor([list(b"A man sits at a piano. he")])
     with torch.no_grad():
         want = native.generate(prompt, 50, temperature=0, vocab_limit=256)  # 25 + 50 > block_size 64: the window slides
@@ -64,7 +61,7 @@ def test_generate_gives_the_native_greedy_tokens_past_block_size(tmp_path, cfg):
 
 
 def test_generate_gives_sample_py_greedy_tokens(tmp_path):
-    hf, _ = export(tiny(attn="hyperglu", residual="hc"), tmp_path)
+    hf, _ = export(bytes_model(attn="hyperglu", residual="hc"), tmp_path)
     start = "A boy sits at a piano. he"
     r = subprocess.run([sys.executable, "sample.py", f"--out_dir={tmp_path / 'run'}", f"--start={start}",
                         "--num_samples=1", "--max_new_tokens=50", "--temperature=0", "--device=cpu"],
@@ -82,7 +79,7 @@ TEXTS = ["Hello world", "I'm   here, aren't we?  \n\n  ok", "naïve café 日本
 
 
 def test_bytes_tokenizer_encodes_utf8_bytes(tmp_path):
-    export(tiny(n_layer=1), tmp_path)
+    export(bytes_model(n_layer=1), tmp_path)
     tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     encode, _ = encoder(BYTES)
     for s in TEXTS:
@@ -93,7 +90,7 @@ def test_bytes_tokenizer_encodes_utf8_bytes(tmp_path):
 def test_char_tokenizer_encodes_as_the_run_did(tmp_path):
     text = "First Citizen:\nBefore we proceed any further, hear me speak.\n"
     spec = char_spec(text)
-    export(tiny(n_layer=1, vocab_size=spec["vocab_size"]), tmp_path, spec)
+    export(bytes_model(n_layer=1, vocab_size=spec["vocab_size"]), tmp_path, spec)
     tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     encode, decode = encoder(spec)
     assert tok(text)["input_ids"] == encode(text)
@@ -103,7 +100,7 @@ def test_char_tokenizer_encodes_as_the_run_did(tmp_path):
 @pytest.mark.skipif(not os.path.isfile(R50K), reason="needs the r50k_base.tiktoken ranks file (offline BPE)")
 def test_gpt2_tokenizer_from_tiktoken_ranks_encodes_as_tiktoken(tmp_path):
     spec = {"kind": "gpt2", "vocab_size": 50257}
-    model = tiny(n_layer=1, n_embd=16, vocab_size=50304)
+    model = bytes_model(n_layer=1, n_embd=16, vocab_size=50304)
     with torch.no_grad():  # every position's argmax is the padded id 50300, which generate() must never pick
         model.transformer.ln_f.weight.zero_()
         model.lm_head.weight[50300] = 10 * model.transformer.ln_f.bias / model.transformer.ln_f.bias.norm() ** 2
@@ -126,7 +123,7 @@ def test_gpt2_tokenizer_from_tiktoken_ranks_encodes_as_tiktoken(tmp_path):
 
 
 def test_export_py_command_line(tmp_path):
-    run_dir = save_run(tmp_path / "run", tiny(n_layer=1))
+    run_dir = save_run(tmp_path / "run", bytes_model(n_layer=1))
     cmd = lambda *a: subprocess.run([sys.executable, "export_hf.py", *a], cwd=REPO, capture_output=True, text=True,
                                     timeout=300)
     r = cmd("--help")
@@ -159,14 +156,14 @@ def test_lm_eval_accuracy_equals_eval_py(tmp_path):
     examples right for this model, so a different choice on any example changes the accuracy."""
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
-    model = tiny(attn="hyperglu", residual="mhc")
+    model = bytes_model(attn="hyperglu", residual="mhc")
     hf_dir = tmp_path / "hf"
     export(model, tmp_path)
     encode, _ = encoder(BYTES)
-    examples = [hellaswag.parse(json.dumps(ex), "") for ex in EXAMPLES * 2]
+    examples = [hellaswag.parse(json.dumps(ex), "") for ex in HELLASWAG * 2]
     losses = hellaswag.ending_losses(model, examples, encode, 64, "cpu")
     fixture = []
-    for i, ex in enumerate(EXAMPLES * 2):
+    for i, ex in enumerate(HELLASWAG * 2):
         pred = hellaswag.predictions(losses[i])[0]
         fixture.append(dict(ex, ind=i, label=pred if i % 2 == 0 else (pred + 1) % 4))
     data = write_jsonl(tmp_path / "hs.jsonl", fixture)

@@ -7,65 +7,15 @@ import math
 import os
 import subprocess
 import sys
-from dataclasses import asdict
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import hellaswag
+from conftest import BYTES, HELLASWAG, R50K, REPO, VARIANTS, bytes_model, save_run, write_jsonl
 from data.tokenizer import char_spec, encoder
-from model import GPT, GPTConfig
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BYTES = {"kind": "bytes", "vocab_size": 256}
-
-# rowanz/hellaswag's schema (data/hellaswag_val.jsonl); the last context is longer than the tiny models' block_size,
-# so it is cut from the left, and its label is a string, as in the Hugging Face copy
-EXAMPLES = [
-    {"ind": 4, "activity_label": "Baking cookies", "ctx_a": "A woman pours flour into a bowl.", "ctx_b": "she",
-     "ctx": "A woman pours flour into a bowl. she", "split": "val", "split_type": "indomain", "label": 1,
-     "endings": ["throws the bowl at the dog.", "stirs in two eggs and some sugar.", "paints the ceiling blue.",
-                 "drives to the beach."], "source_id": "activitynet~v_0001"},
-    {"ind": 9, "activity_label": "Tennis", "ctx_a": "A man bounces a ball on a court.", "ctx_b": "he",
-     "ctx": "A man bounces a ball on a court. he", "split": "val", "split_type": "indomain", "label": 3,
-     "endings": ["eats the racket.", "reads a newspaper in the rain.", "swims across the net.",
-                 "serves the ball over the net."], "source_id": "activitynet~v_0002"},
-    {"ind": 13, "activity_label": "Playing piano", "ctx_a": "A boy sits at a piano.", "ctx_b": "he",
-     "ctx": "A boy sits at a piano. he", "split": "val", "split_type": "zeroshot", "label": 0,
-     "endings": ["plays a short song.", "mails it.", "cooks dinner on the keys while a cat watches.", "flies."],
-     "source_id": "activitynet~v_0003"},
-    {"ind": 21, "activity_label": "Home and Garden", "ctx_a": "[header] How to water a plant. [title] Check the "
-     "soil. [step] Push a finger into the soil near the stem to feel whether it is dry.", "ctx_b": "",
-     "ctx": "[header] How to water a plant. [title] Check the soil. [step] Push a finger into the soil near the "
-     "stem to feel whether it is dry.", "split": "val", "split_type": "zeroshot", "label": "2",
-     "endings": ["Sing to it.", "Paint it.", "If it is dry, pour water slowly at the base.", "Sell it."],
-     "source_id": "wikihow~1"},
-]
-
-
-def write_jsonl(path, examples=EXAMPLES):
-    with open(path, "w") as f:
-        for ex in examples:
-            f.write(json.dumps(ex) + "\n")
-    return str(path)
-
-
-def tiny(seed=0, **cfg):
-    """A small random GPT over bytes, its weights moved off their init (HC/mHC start as the plain network)."""
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(**dict(dict(vocab_size=256, n_layer=2, n_embd=32, n_head=2, block_size=64), **cfg)))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
-
-
-def save_run(folder, model, tokenizer=BYTES):
-    os.makedirs(folder, exist_ok=True)
-    torch.save({"model": model.state_dict(), "model_args": asdict(model.config), "tokenizer": tokenizer, "step": 5},
-               os.path.join(folder, "ckpt_best.pt"))
-    return str(folder)
+from model import GPTConfig
 
 
 def direct_losses(model, example, encode):
@@ -84,15 +34,11 @@ def direct_losses(model, example, encode):
     return out
 
 
-VARIANTS = [dict(attn=a, residual=r) for a in ("softmax", "hyperglu", "hypermlp") for r in ("plain", "hc", "mhc")]
-VARIANTS += [dict(attn="softmax", pos="rope", use_kv_conv=True), dict(attn="hyperglu", aligner_kind="identity")]
-
-
 @pytest.mark.parametrize("cfg", VARIANTS, ids=lambda c: "-".join(str(v) for v in c.values()))
 def test_batched_scoring_equals_direct_per_ending_loss(tmp_path, cfg):
     examples = hellaswag.load(write_jsonl(tmp_path / "hs.jsonl"))
     encode, _ = encoder(BYTES)
-    model = tiny(**cfg)
+    model = bytes_model(**cfg)
     got = hellaswag.ending_losses(model, examples, encode, model.config.block_size, "cpu", batch_size=3)
     assert sorted(got) == list(range(len(examples)))
     for i, ex in enumerate(examples):
@@ -151,7 +97,7 @@ def test_acc_sums_and_acc_norm_averages():
 ])
 def test_load_names_the_file_line_and_problem(tmp_path, line, says):
     path = tmp_path / "bad.jsonl"
-    path.write_text(json.dumps(EXAMPLES[0]) + "\n\n" + line + "\n")
+    path.write_text(json.dumps(HELLASWAG[0]) + "\n\n" + line + "\n")
     with pytest.raises(ValueError) as e:
         hellaswag.load(str(path))
     assert f"bad.jsonl: line 3: {says}" in str(e.value)
@@ -168,7 +114,7 @@ def expected_metrics(model, examples):
 
 
 def test_eval_py_prints_one_line_per_metric_then_json(tmp_path):
-    model = tiny(attn="hyperglu", residual="mhc")
+    model = bytes_model(attn="hyperglu", residual="mhc")
     run_dir = save_run(tmp_path / "run", model)
     data = write_jsonl(tmp_path / "hs.jsonl")
     r = run("eval.py", f"--out_dir={run_dir}", "--task=hellaswag", f"--input={data}", "--device=cpu", "--batch_size=5")
@@ -183,9 +129,9 @@ def test_eval_py_prints_one_line_per_metric_then_json(tmp_path):
 
 
 def test_eval_py_under_torchrun_equals_one_process(tmp_path):
-    model = tiny(attn="softmax", residual="hc")
+    model = bytes_model(attn="softmax", residual="hc")
     run_dir = save_run(tmp_path / "run", model)
-    data = write_jsonl(tmp_path / "hs.jsonl", EXAMPLES * 2)  # 8 examples, 4 a rank
+    data = write_jsonl(tmp_path / "hs.jsonl", HELLASWAG * 2)  # 8 examples, 4 a rank
     args = ["eval.py", f"--out_dir={run_dir}", f"--input={data}", "--device=cpu"]
     one = run(*args)
     two = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args)
@@ -198,9 +144,9 @@ def test_eval_py_under_torchrun_equals_one_process(tmp_path):
 
 
 def test_eval_py_errors_are_one_line(tmp_path):
-    run_dir = save_run(tmp_path / "run", tiny(n_layer=1))
+    run_dir = save_run(tmp_path / "run", bytes_model(n_layer=1))
     spec = char_spec("to be or not to be")  # a char model whose vocabulary lacks HellaSwag's characters
-    chars_run = save_run(tmp_path / "chars", tiny(n_layer=1, vocab_size=spec["vocab_size"]), spec)
+    chars_run = save_run(tmp_path / "chars", bytes_model(n_layer=1, vocab_size=spec["vocab_size"]), spec)
     data = write_jsonl(tmp_path / "hs.jsonl")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"ctx": "a", "endings": ["b", "c"], "label": 0}\n{"ctx": "a", "endings": "b"}\n')
@@ -230,7 +176,7 @@ def test_prepare_checks_and_keeps_a_local_copy(tmp_path):
     assert "4 examples" in r.stdout
     assert (out / "hellaswag_val.jsonl").read_text() == open(src).read()
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps(EXAMPLES[0]) + "\n{oops\n")
+    bad.write_text(json.dumps(HELLASWAG[0]) + "\n{oops\n")
     r = run("data/hellaswag/prepare.py", f"--input={bad}", f"--out_dir={tmp_path / 'other'}")
     assert r.returncode == 1 and r.stderr.startswith("error: ") and "line 2: not JSON" in r.stderr, r.stderr
     assert not (tmp_path / "other" / "hellaswag_val.jsonl").exists() and os.listdir(tmp_path / "other") == []
@@ -248,7 +194,7 @@ TRAIN = ["--device=cpu", "--n_layer=1", "--n_embd=32", "--n_head=2", "--block_si
 def bytes_data(tmp_path_factory):
     """A bytes dataset (header shards) from a text with HellaSwag's words, and the fixture jsonl."""
     root = tmp_path_factory.mktemp("bytes")
-    text = " ".join(ex["ctx"] + " " + e for ex in EXAMPLES for e in ex["endings"]) * 12
+    text = " ".join(ex["ctx"] + " " + e for ex in HELLASWAG for e in ex["endings"]) * 12
     (root / "t.txt").write_text(text)
     r = run("data/textfile/prepare.py", f"--input={root / 't.txt'}", f"--out_dir={root / 'data'}", "--tokenizer=bytes")
     assert r.returncode == 0, r.stderr
@@ -287,11 +233,10 @@ def test_token_bytes_count_the_utf8_bytes_of_the_text():
     table = token_bytes(spec)
     assert sum(table[i] for i in encode(text)) == len(text.encode("utf-8")) and max(table) == 3
     assert token_bytes(BYTES) == [1] * 256
-    r50k = os.path.join(REPO, "..", "shared", "data", "tokenizers", "r50k_base.tiktoken")
-    if os.path.isfile(r50k):  # GPT-2 BPE offline; <|endoftext|> separates documents and counts no bytes
+    if os.path.isfile(R50K):  # GPT-2 BPE offline; <|endoftext|> separates documents and counts no bytes
         gpt2 = {"kind": "gpt2", "vocab_size": 50257}
-        encode, _ = encoder(gpt2, r50k)
-        table = token_bytes(gpt2, r50k)
+        encode, _ = encoder(gpt2, R50K)
+        table = token_bytes(gpt2, R50K)
         assert sum(table[i] for i in encode(text + "<|endoftext|>")) == len(text.encode("utf-8"))
 
 
