@@ -1,7 +1,7 @@
 """
 Export a run's checkpoint as a Hugging Face model folder that transformers loads offline:
 
-$ python export_hf.py --out_dir=out/fineweb --to=hf/fineweb-124m        # ckpt_best.pt there, else ckpt_last.pt
+$ python export_hf.py --out_dir=out/fineweb --to=out/fineweb-hf        # ckpt_best.pt there, else ckpt_last.pt
 $ python export_hf.py --ckpt=out/run/ckpt_last.pt --to=DIR --tokenizer_file=r50k_base.tiktoken   # offline BPE
 $ python export_hf.py --help
 
