@@ -181,7 +181,6 @@ if compile is None:
 
 try:
     data = open_dataset(dataset, block_size, mad_size, mad_args, distributed.on_master)
-    extra = ExtraMetrics(data, config, device, ctx, log)  # val_bpb, and HellaSwag every hellaswag_every steps
 except ValueError as e:
     fail(e)
 tokenizer, task = data.tokenizer, data.task  # task: a MAD task, whose answers are scored; None for text
@@ -218,6 +217,7 @@ if init_from == "resume":  # the model, the data stream and the tokenizer must b
 row0, order = (ckpt["loader"]["next_row"], ckpt["loader"]["order"]) if ckpt is not None else (0, data_order)
 try:  # the shards are validated here (sizes, headers), and both splits must hold a block_size window
     loader = data.loader(proc_batch, accum, rank, world, seed, device, row0, order)
+    extra = ExtraMetrics(data, config, device, ctx, log)  # val_bpb, and HellaSwag every hellaswag_every steps
 except ValueError as e:
     fail(e)
 
