@@ -19,7 +19,7 @@ import torch
 from checkpoint import write_atomic
 
 COLUMNS = ["step", "tokens", "train_loss", "val_loss", "lr", "grad_norm", "ms_per_step", "tok_per_s", "mfu",
-           "elapsed_s", "amax_fwd", "amax_bwd", "val_acc", "val_acc_macro"]
+           "elapsed_s", "amax_fwd", "amax_bwd", "val_acc", "val_acc_macro", "val_bpb", "hellaswag_acc_norm"]
 
 
 class RunFolder:
@@ -75,6 +75,8 @@ class RunFolder:
         else:
             with open(self.metrics) as f:
                 self.columns = f.readline().strip().split(",")
+            if missing := [c for c in COLUMNS if c not in self.columns]:
+                print(f"note: {self.metrics} predates the columns {', '.join(missing)}; this run does not log them there")
         if wandb_log:
             import wandb  # optional: pip install wandb
             self.wandb = wandb

@@ -38,6 +38,7 @@ from configurator import configure, pick_device
 from data import mad
 from data.dataset import open_dataset
 from distributed import fail, finish
+from extra_metrics import ExtraMetrics
 from model import GPT, GPTConfig
 from run_folder import RunFolder
 
@@ -56,6 +57,10 @@ seed = 1337
 wandb_log = False                # needs `pip install wandb`
 wandb_project = "hypergpt"
 wandb_run_name = "run"
+hellaswag_every = 0              # score HellaSwag every this many steps, acc_norm into metrics.csv (llm.c's -h); 0 = off
+hellaswag_file = ""              # its jsonl; "" = data/hellaswag/hellaswag_val.jsonl (python data/hellaswag/prepare.py)
+hellaswag_limit = 0              # score its first hellaswag_limit examples only; 0 = all
+tokenizer_file = ""              # GPT-2 BPE offline, for val_bpb and HellaSwag: path to r50k_base.tiktoken
 # data
 dataset = "pystdlib"             # a folder under data/ (run its prepare.py first), a path to one, or mad:<task>
 mad_size = "lite"                # mad:<task> datasets: "lite" or "original" task settings (data/mad.py)
@@ -212,6 +217,7 @@ if init_from == "resume":  # the model, the data stream and the tokenizer must b
 row0, order = (ckpt["loader"]["next_row"], ckpt["loader"]["order"]) if ckpt is not None else (0, data_order)
 try:  # the shards are validated here (sizes, headers), and both splits must hold a block_size window
     loader = data.loader(proc_batch, accum, rank, world, seed, device, row0, order)
+    extra = ExtraMetrics(data, config, device, ctx, log)  # val_bpb, and HellaSwag every hellaswag_every steps
 except ValueError as e:
     fail(e)
 
@@ -326,7 +332,8 @@ if eval_only or start_step == 0:
     val, val_acc, val_acc_macro = evaluate()
     log(f"step {start_step}: val loss {val:.4f}{fmt_acc(val_acc, val_acc_macro)}")
     write_row(dict(step=start_step, tokens=start_step * tokens_per_step, val_loss=val, val_acc=val_acc,
-                   val_acc_macro=val_acc_macro, elapsed_s=elapsed0))
+                   val_acc_macro=val_acc_macro, val_bpb=extra.bpb(val), elapsed_s=elapsed0,
+                   **extra.hellaswag(raw_model, start_step, force=eval_only)))
     if eval_only:
         finish(0)
 step, t_start, dt_avg = start_step, time.time() - elapsed0, None
@@ -373,7 +380,7 @@ while step < max_iters:
         val, val_acc, val_acc_macro = evaluate()
         if not math.isfinite(val):  # the last update broke the weights: do not checkpoint them
             stop_non_finite("validation", val)
-        row["val_loss"], row["val_acc"], row["val_acc_macro"] = val, val_acc, val_acc_macro
+        row.update(val_loss=val, val_acc=val_acc, val_acc_macro=val_acc_macro, val_bpb=extra.bpb(val))
         if residual != "plain" and master:  # HC/mHC composite Amax gain over all sites on the first val batch
             x, _ = next(iter(data.val_batches(batch_size, eval_iters, seed, device=device, limit=1)))
             row["amax_fwd"], row["amax_bwd"] = diagnostics.amax(raw_model, x, ctx)
@@ -381,6 +388,7 @@ while step < max_iters:
         best_val = min(best_val, val)
         save_checkpoint([run.ckpt_best, run.ckpt_last] if improved else [run.ckpt_last], step, time.time() - t_start)
         log(f"step {step}: val loss {val:.4f} (best {best_val:.4f}){fmt_acc(val_acc, val_acc_macro)}; saved {'ckpt_last, ckpt_best' if improved else 'ckpt_last'}")
+    row.update(extra.hellaswag(raw_model, step))
     if row:
         write_row(dict(row, step=step, tokens=step * tokens_per_step, elapsed_s=time.time() - t_start))
 

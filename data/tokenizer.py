@@ -101,6 +101,21 @@ def save_meta(data_dir, spec):
         os.remove(os.path.join(data_dir, "meta.pkl"))
 
 
+def token_bytes(spec, tokenizer_file=""):
+    """The UTF-8 byte count of each token id's text, a list over the spec's vocabulary, for bits per byte: 1 for
+    every byte, the character's for char, the piece's for GPT-2 BPE, whose <|endoftext|> counts 0 (it separates
+    documents; its text is not the data's). None for a tokenizer without text (mad)."""
+    kind = spec["kind"]
+    if kind == "bytes":
+        return [1] * 256
+    if kind == "char":
+        return [len(spec["itos"][i].encode("utf-8")) for i in range(spec["vocab_size"])]
+    if kind == "gpt2":
+        enc = gpt2_encoding(tokenizer_file)
+        return [0 if i == GPT2_EOT else len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)]
+    return None
+
+
 def encoder(spec, tokenizer_file=""):
     """(encode, decode) for a tokenizer spec. encode: str -> list[int]; decode: list[int] -> str."""
     kind = spec["kind"]

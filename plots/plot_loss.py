@@ -4,13 +4,17 @@ Loss curves and a results table from run folders (metrics.csv + config.json), li
 $ python plots/plot_loss.py out/cpu/*                                   # -> plots/loss.{png,pdf,md,csv}
 $ python plots/plot_loss.py out/cpu/* --layout=families --threshold=1.7 --zoom=0.3 --out=plots/results/cpu/loss
 $ python plots/plot_loss.py out/fineweb/* --x=tokens --train --ema=0.9 --logy --ref="3.425=GPT-2 124M" --format=svg
+$ python plots/plot_loss.py out/fineweb/* --y=hellaswag_acc_norm --ref="0.2955=GPT-2 124M (llm.c)" --out=plots/hellaswag
+$ python plots/plot_loss.py out/quickstart out/fineweb --y=val_bpb      # a bytes run beside a BPE run
 
 Labels come from each run's config by config.grids.label, in the paper's grammar (S-pc, R-12!,
 G-cg-q-12o + mHC×4, ...), not from the folder name; a grid run with training-setup tags (config/grids.py: h2,
 Muon, lr2e-3) adds them, read from its recorded name and checked against its settings (S-p Muon lr0.04).
 --untagged leaves those runs out. --layout=families draws one panel per attention family (softmax, ReLU
-attention, HyperMLP, HyperGLU) present, on shared axes. The table gives final and best val loss,
-steps and tokens to reach --threshold, parameters, median tok/s and wall time. For a step logged twice (a
+attention, HyperMLP, HyperGLU) present, on shared axes. --y picks the curve: val loss (default), val bits per byte
+(comparable across tokenizers) or HellaSwag acc_norm (train.py's hellaswag_every). The table gives final and best
+val loss, steps and tokens to reach --threshold, parameters, median tok/s, wall time, and the last val bits per
+byte and HellaSwag acc_norm. For a step logged twice (a
 resumed run) the later entry wins.
 """
 import argparse
@@ -29,6 +33,7 @@ from config.budget import param_report  # noqa: E402
 from model import GPTConfig  # noqa: E402
 
 FAMILIES = ["softmax", "ReLU attention", "HyperMLP", "HyperGLU"]
+METRICS = {"val_loss": "val loss", "val_bpb": "val bits per byte", "hellaswag_acc_norm": "HellaSwag acc_norm"}
 
 
 def family(cfg):
@@ -117,6 +122,7 @@ def summarize(run, threshold):
     tps = [r["tok_per_s"] for r in rows.values() if "tok_per_s" in r]
     elapsed = [r["elapsed_s"] for r in rows.values() if "elapsed_s" in r]
     hit = next(((s, rows[s].get("tokens")) for s, v in val if threshold is not None and v <= threshold), None)
+    last = lambda col: next((r[col] for r in reversed(rows.values()) if col in r), None)
     try:
         cfg = GPTConfig(**upgrade(run["model_args"]))
         params = param_report(cfg)["total"]
@@ -130,12 +136,13 @@ def summarize(run, threshold):
                 steps_to_threshold=hit[0] if hit else None,
                 tokens_to_threshold=int(hit[1]) if hit and hit[1] is not None else None,
                 params=params, attn_vs_s=attn_vs_s, tok_per_s=statistics.median(tps) if tps else None,
-                wall_min=max(elapsed) / 60 if elapsed else None, done=run["done"])
+                wall_min=max(elapsed) / 60 if elapsed else None, final_bpb=last("val_bpb"),
+                hellaswag=last("hellaswag_acc_norm"), done=run["done"])
 
 
 def write_table(summaries, threshold, out):
     cols = ["label", "seed", "final_val", "best_val", "steps_to_threshold", "tokens_to_threshold", "steps",
-            "params", "attn_vs_s", "tok_per_s", "wall_min", "done", "run"]
+            "params", "attn_vs_s", "tok_per_s", "wall_min", "final_bpb", "hellaswag", "done", "run"]
     with open(out + ".csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
@@ -145,7 +152,7 @@ def write_table(summaries, threshold, out):
     def fmt(k, v):
         if v is None:
             return "n/a"
-        if k in ("final_val", "best_val"):
+        if k in ("final_val", "best_val", "final_bpb", "hellaswag"):
             return f"{v:.4f}"
         if k in ("params", "tok_per_s", "tokens_to_threshold"):
             return f"{v:,.0f}"
@@ -156,7 +163,7 @@ def write_table(summaries, threshold, out):
         return str(v)
     thr = f"steps to val ≤ {threshold}" if threshold is not None else "steps to threshold"
     heads = ["variant", "seed", "final val", "best val", thr, "tokens to threshold", "steps", "params",
-             "attention params vs S", "tok/s", "wall (min)", "done", "run"]
+             "attention params vs S", "tok/s", "wall (min)", "final val bpb", "HellaSwag acc_norm", "done", "run"]
     groups, pairs = variant_stats(summaries), pair_stats(summaries)
     lines = ["Per variant: final val loss over its seeds (mean ± sample std; one seed has no std).", "",
              "| variant | n | seeds | final val | best val (mean) | attention params vs S |", "|---|---|---|---|---|---|"]
@@ -293,7 +300,9 @@ def main(argv=None):
     p.add_argument("runs", nargs="+", help="run folders")
     p.add_argument("--out", default=os.path.join(REPO, "plots", "loss"), help="output path without extension")
     p.add_argument("--x", default="step", choices=["step", "tokens", "time"])
-    p.add_argument("--train", action="store_true", help="also draw the train loss (thin lines)")
+    p.add_argument("--y", default="val_loss", choices=list(METRICS), help="the curve: val loss, val bits per byte, "
+                   "or HellaSwag acc_norm (train.py's hellaswag_every)")
+    p.add_argument("--train", action="store_true", help="also draw the train loss (thin lines; with --y=val_loss)")
     p.add_argument("--ema", type=float, default=0.0, help="EMA smoothing of the train loss, e.g. 0.9")
     p.add_argument("--logy", action="store_true")
     p.add_argument("--zoom", type=float, default=0.0, help="inset on the last fraction of the x range, e.g. 0.3")
@@ -304,6 +313,8 @@ def main(argv=None):
     p.add_argument("--title", default="")
     p.add_argument("--untagged", action="store_true", help="leave out runs with training-setup tags (Muon, lr, h)")
     args = p.parse_args(argv)
+    if args.train and args.y != "val_loss":
+        p.error(f"--train draws the train loss, which has no {METRICS[args.y]} counterpart; use it with --y=val_loss")
 
     import matplotlib
     matplotlib.use("Agg")
@@ -317,7 +328,9 @@ def main(argv=None):
             continue
         if args.untagged and run["tags"]:
             continue
-        if not any("val_loss" in r for r in run["rows"].values()):
+        if args.y != "val_loss" and not any(args.y in r for r in run["rows"].values()):
+            print(f"note {path}: no {args.y} in its metrics.csv; it has no {METRICS[args.y]} curve")
+        elif not any("val_loss" in r for r in run["rows"].values()):
             print(f"note {path}: no val point yet; only its train loss is drawn" if args.train else
                   f"note {path}: no val point yet (add --train to draw its train loss)")
         if args.x == "time" and not any("elapsed_s" in r for r in run["rows"].values()):
@@ -343,7 +356,7 @@ def main(argv=None):
         members = [r for r in runs if fam is None or r["family"] == fam]
         drawn = []  # (variant, xs, ys, band): a val curve, the mean and min-max band where a variant has seeds
         for v in dict.fromkeys(r["variant"] for r in members):
-            seeds = [series(r, "val_loss", args.x) for r in members if r["variant"] == v]
+            seeds = [series(r, args.y, args.x) for r in members if r["variant"] == v]
             seeds = [c for c in seeds if c[0]]
             if len(seeds) == 1:
                 xs, ys = seeds[0]
@@ -369,12 +382,12 @@ def main(argv=None):
             ax.axhline(float(value), color="k", ls="--", lw=1, label=name or None)
         if args.logy:
             ax.set_yscale("log")
-        ax.set_title(fam or args.title or "validation loss")
+        ax.set_title(fam or args.title or {"val_loss": "validation loss"}.get(args.y, METRICS[args.y]))
         ax.grid(alpha=0.3)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("val loss" + (" (thin: train)" if args.train else ""))
+        ax.set_ylabel(METRICS[args.y] + (" (thin: train)" if args.train else ""))
         if members:
-            ax.legend(fontsize=7, loc="upper right")
+            ax.legend(fontsize=7, loc="lower right" if args.y == "hellaswag_acc_norm" else "upper right")
         else:
             ax.text(0.5, 0.5, "no runs", transform=ax.transAxes, ha="center", va="center", color="gray")
         if args.zoom and drawn:

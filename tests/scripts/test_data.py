@@ -8,12 +8,11 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import R50K, REPO
 from configurator import configure
 from data.shards import HEADER_BYTES, Loader, TokenStream, open_shard, val_batches, write_shard
 from data.tokenizer import encoder, load_meta
 
-R50K = os.path.join(REPO, "..", "shared", "data", "tokenizers", "r50k_base.tiktoken")
 needs_r50k = pytest.mark.skipif(not os.path.isfile(R50K), reason="needs the r50k_base.tiktoken ranks file (offline BPE)")
 
 

@@ -68,7 +68,7 @@ def test_tiny_run_decreases_loss_and_writes_the_run_folder(dataset, tmp_path):
     assert sorted(os.listdir(out)) == ["DONE", "ckpt_best.pt", "ckpt_last.pt", "config.json", "metrics.csv"]
     with open(os.path.join(out, "metrics.csv")) as f:
         assert f.readline().strip() == ("step,tokens,train_loss,val_loss,lr,grad_norm,ms_per_step,tok_per_s,mfu,elapsed_s,"
-                                        "amax_fwd,amax_bwd,val_acc,val_acc_macro")
+                                        "amax_fwd,amax_bwd,val_acc,val_acc_macro,val_bpb,hellaswag_acc_norm")
     assert abs(float(m[60]["amax_fwd"]) - 1) < 1e-4  # mHC: rows of every H_res sum to 1, so the composite's too
     assert "amax_fwd" not in m[0]  # logged at evals after training steps
     cfg = json.load(open(os.path.join(out, "config.json")))
