@@ -113,7 +113,7 @@ _types.update(lr_decay_iters=int, device=str, dtype=str, compile=bool, backend=s
 
 
 try:
-    configure(globals(), config_keys, sys.argv[1:], _types)
+    configure(globals(), config_keys, sys.argv[1:], _types, [f.name for f in fields(GPTConfig)])
     _checks = [("init_from", ("scratch", "resume")), ("lr_schedule", ("cosine", "linear", "wsd")),
                ("optimizer", ("adamw", "muon")),
                ("data_order", ("random", "sequential")), ("dtype", (None, "float32", "bfloat16", "float16"))]

@@ -2,6 +2,7 @@
 # layout) at the parameter budget of the softmax model configured before it, with 2 heads as the paper.
 # Everything else, position encoding included, stays as the base config has it.
 # python train.py config/shakespeare_char.py config/hyperglu.py
+# Size overrides go before this file (--n_embd=128 config/hyperglu.py): after it, train.py refuses them.
 from config.budget import match_budget
 from model import GPTConfig
 

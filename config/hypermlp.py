@@ -1,6 +1,7 @@
 # Overlay: HyperMLP attention (R-cg-q-12o, ReLU instead of the GLU split) at the budget of the softmax
 # model configured before it, with 2 heads; everything else stays as configured.
 # python train.py config/shakespeare_char.py config/hypermlp.py
+# Size overrides go before this file (--n_embd=128 config/hypermlp.py): after it, train.py refuses them.
 from config.budget import match_budget
 from model import GPTConfig
 

@@ -68,6 +68,52 @@ def test_config_missing_file():
         configure(g, list(g), ["nope.py"])
 
 
+def test_config_overlay_that_matched_the_budget_freezes_what_it_read(tmp_path):
+    """config/hyperglu.py reads the model's size: changing it afterwards would unmatch the budget silently, so it is
+    refused; what it did not read (dropout, out_dir, the residual overlays after it) stays free, and so do the
+    settings of an overlay that reads nothing (config/hc.py) and what a base file derives from its own values."""
+    from dataclasses import fields
+    from model import GPTConfig
+    model_keys = [f.name for f in fields(GPTConfig)]
+
+    def train_globals():
+        g = {f.name: f.default for f in fields(GPTConfig)}
+        g.update(n_layer=4, n_head=4, n_embd=128, block_size=64, bias=False, out_dir="out", dataset="d", eval_interval=1,
+                 eval_iters=1, log_interval=1, gradient_accumulation_steps=1, batch_size=1, learning_rate=0.1,
+                 max_iters=1, lr_decay_iters=1, min_lr=0.1, beta2=0.9, warmup_iters=1)
+        return g
+    recipe = ["config/shakespeare_char.py", "config/hyperglu.py", "config/mhc.py", "--dropout=0.0", "--out_dir=o"]
+    g = train_globals()
+    configure(g, list(g), [os.path.join(REPO, a) if a.endswith(".py") else a for a in recipe], None, model_keys)
+    assert g["attn"] == "hyperglu" and g["residual"] == "mhc" and g["out_dir"] == "o" and g["n_head"] == 2
+    for late in ("--n_embd=64", "--n_head=4", "--qk_rank=64", "--block_size=32", "--use_kv_conv=False"):
+        g = train_globals()
+        with pytest.raises(ValueError, match=f"{late} changes .* after .*config/hyperglu.py.*Put {late} before"):
+            configure(g, list(g), [os.path.join(REPO, "config/hyperglu.py"), late], None, model_keys)
+    g = train_globals()
+    configure(g, list(g), ["--n_embd=256", "--n_head=8", os.path.join(REPO, "config/hyperglu.py")], None, model_keys)
+    assert g["n_embd"] == 256 and g["n_head"] == 2
+    g = train_globals()
+    configure(g, list(g), [os.path.join(REPO, "config/hc.py"), "--hc_streams=8", "--hc_dynamic=False"], None, model_keys)
+    assert g["hc_streams"] == 8
+    base = tmp_path / "base.py"
+    base.write_text("n_layer = 8\nn_embd = n_layer * 32\n")
+    g = train_globals()
+    configure(g, list(g), [str(base), "--n_layer=2"], None, model_keys)
+    assert (g["n_layer"], g["n_embd"]) == (2, 256)
+
+
+def test_config_file_errors_give_file_line_and_line(tmp_path):
+    g = settings()
+    cfg = tmp_path / "c.py"
+    cfg.write_text("batch_size = 4\ndropout = (0.1\n")
+    with pytest.raises(ValueError, match=r"c.py:2: .*: dropout = \(0.1$"):
+        configure(g, list(g), [str(cfg)])
+    cfg.write_text("batch_size = 4\ndropout = 1 / 0\n")
+    with pytest.raises(ValueError, match=r"c.py:2: ZeroDivisionError: division by zero \(in: dropout = 1 / 0\)"):
+        configure(g, list(g), [str(cfg)])
+
+
 # ---------------------------------------------------------------- shards
 
 def test_shard_round_trip_both_formats(tmp_path):
