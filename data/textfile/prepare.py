@@ -12,7 +12,8 @@ files are joined by a newline. The last --val_fraction of the tokens are val. Sh
 --tokenizer=bytes takes the files' bytes as they are. The other tokenizers decode UTF-8 and stop at invalid
 UTF-8 with the file and byte offset, unless --errors=replace (bad bytes become U+FFFD). Files that look binary
 (a NUL byte in the first 8 KB) are skipped with a warning. Shards already in OUT_DIR (any that train.py would
-read) are removed before the new ones are written, so a re-run never mixes old and new data.
+read) are removed before the new ones are written, so a re-run never mixes old and new data; a file there that is
+named like a shard but is not one (not the format its name says) is an error, and nothing is removed.
 """
 import argparse
 import glob
@@ -22,7 +23,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from data.shards import write_shard  # noqa: E402
+from data.shards import open_shard, write_shard  # noqa: E402
 from data.tokenizer import GPT2_EOT, char_spec, gpt2_encoding, save_meta  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,6 +38,20 @@ parser.add_argument("--errors", default="strict", choices=["strict", "replace"],
 parser.add_argument("--val_fraction", type=float, default=0.1)
 parser.add_argument("--shard_tokens", type=int, default=100_000_000)
 args = parser.parse_args()
+
+# train.py reads every shard in the folder, so an earlier prepare's must not stay beside the new ones; but a file
+# that is named like a shard and is not one is someone else's: refuse before reading or writing anything
+old = [p for pat in ("*_train_*.bin", "*_val_*.bin", "train.bin", "val.bin")
+       for p in glob.glob(os.path.join(glob.escape(args.out_dir), pat))]
+for p in old:
+    try:
+        if not os.path.isfile(p):
+            raise ValueError(f"{p}: a folder")
+        open_shard(p, header=os.path.basename(p) not in ("train.bin", "val.bin"))
+    except ValueError as e:
+        sys.exit(f"error: {p} is not a shard ({str(e).removeprefix(p + ': ')}); prepare removes the shards of an "
+                 f"earlier prepare from --out_dir, and no other file: move it out of {args.out_dir}, or pick another "
+                 f"--out_dir")
 
 if os.path.isdir(args.input):
     files = sorted(f for f in glob.glob(os.path.join(args.input, args.pattern), recursive=True) if os.path.isfile(f))
@@ -82,9 +97,7 @@ if len(ids) - n_val < 2:
     sys.exit(f"error: {len(ids)} tokens are too few to split into train and val")
 name = args.name or os.path.basename(os.path.normpath(args.out_dir))
 os.makedirs(args.out_dir, exist_ok=True)
-old = [p for pat in ("*_train_*.bin", "*_val_*.bin", "train.bin", "val.bin")
-       for p in glob.glob(os.path.join(glob.escape(args.out_dir), pat))]
-for p in old:  # train.py reads every shard in the folder: an earlier prepare's must not stay beside the new ones
+for p in old:
     os.remove(p)
 if old:
     print(f"removed {len(old)} shards of an earlier prepare from {args.out_dir}")
