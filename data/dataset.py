@@ -72,9 +72,11 @@ class Shards:
         self.tokenizer = load_meta(data_dir)
 
     def loader(self, batch_size, accum, rank, world, seed, device, row0=0, order="random"):
-        """The training loader; the shards are validated here (sizes, headers), and val must hold a window too."""
+        """The training loader; the shards are validated here (sizes, headers, token ids below the tokenizer's
+        vocab_size), and val must hold a window too."""
         loader = shards.Loader(self.dir, batch_size, self.seq_len, accum, rank, world, order, seed, device, row0)
         next(self.val_batches(batch_size, 1, seed))
+        shards.check_vocab(self.dir, self.tokenizer["vocab_size"])
         return loader
 
     def val_batches(self, batch_size, eval_iters, seed, rank=0, world=1, device="cpu", limit=None):

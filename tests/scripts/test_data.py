@@ -10,7 +10,7 @@ import pytest
 
 from conftest import R50K, REPO
 from configurator import configure
-from data.shards import HEADER_BYTES, Loader, TokenStream, open_shard, val_batches, write_shard
+from data.shards import HEADER_BYTES, Loader, TokenStream, check_vocab, open_shard, val_batches, write_shard
 from data.tokenizer import encoder, load_meta
 
 needs_r50k = pytest.mark.skipif(not os.path.isfile(R50K), reason="needs the r50k_base.tiktoken ranks file (offline BPE)")
@@ -145,6 +145,16 @@ def test_bad_shards_name_the_file_and_problem(tmp_path, damage, msg):
         open_shard(path)
     with pytest.raises(ValueError, match=msg):
         TokenStream(str(tmp_path), "train")
+
+
+def test_token_ids_beyond_the_vocabulary_name_the_shard(tmp_path):
+    write_shard(str(tmp_path / "x_train_000000.bin"), np.arange(100) % 50)
+    write_shard(str(tmp_path / "x_train_000001.bin"), np.r_[np.arange(70) % 50, 64, np.arange(29)])
+    write_shard(str(tmp_path / "x_val_000000.bin"), np.arange(100) % 50)
+    check_vocab(str(tmp_path), 65)
+    with pytest.raises(ValueError, match="x_train_000001.bin: token id 64 \\(the first such at token 70\\) is not "
+                                         "below vocab_size=64"):
+        check_vocab(str(tmp_path), 64)
 
 
 def test_missing_shard_and_split(tmp_path):
