@@ -5,7 +5,8 @@ weights_only=False) runs whatever a file from someone else asks for; weights_onl
 strings, lists and dicts only. train.py stores everything in those types (the numpy and Python RNG states as
 lists). Checkpoints written before that hold numpy objects: they load only with trust=True (train.py and sample.py:
 --trust_checkpoint=True). Older files' model_args are read as today's GPTConfig takes them (upgrade); load_model
-builds the model a checkpoint holds.
+builds the model a checkpoint holds. A file whose model_args this model.py does not take, or whose weights do not fit
+them, is a ValueError naming the file (model_config, check_weights): train.py's resume and sample.py say the same.
 """
 import os
 import pickle
@@ -19,8 +20,9 @@ import torch
 from model import GPT, GPTConfig
 
 
-def load_checkpoint(path, trust=False):
-    """The checkpoint dict at path, on the CPU. Any problem is a ValueError naming the file."""
+def load_checkpoint(path, trust=False, need=()):
+    """The checkpoint dict at path, on the CPU, with model, model_args and the keys in need (sample.py needs the
+    tokenizer). Any problem is a ValueError naming the file."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as e:
@@ -36,15 +38,40 @@ def load_checkpoint(path, trust=False):
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})") from None
     if not isinstance(state, dict) or "model" not in state or "model_args" not in state:
         raise ValueError(f"{path} is not a train.py checkpoint (expected a dict with model and model_args)")
+    missing = [k for k in need if k not in state]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}; expected a checkpoint that train.py wrote (it records "
+                         f"the tokenizer, and the training state a resume needs)")
     state["model_args"] = upgrade(state["model_args"], state["model"])
     return state
 
 
-def load_model(state):
-    """The model saved in a checkpoint dict as load_checkpoint reads it (a stray torch.compile '_orig_mod.' prefix is
-    stripped)."""
-    model = GPT(GPTConfig(**state["model_args"]))
-    model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in state["model"].items()})
+def model_config(state, path):
+    """The GPTConfig of a loaded checkpoint; model_args this model.py does not take are a ValueError naming path."""
+    try:
+        return GPTConfig(**state["model_args"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: its model_args do not fit this model.py ({e})") from None
+
+
+def check_weights(model, weights, path):
+    """A ValueError naming path where weights (a state dict) are not the tensors model has, by name and shape."""
+    want = model.state_dict()
+    bad = [f"{k} has shape {tuple(v.shape)} in the file, {tuple(want[k].shape)} in the model"
+           for k, v in weights.items() if k in want and tuple(v.shape) != tuple(want[k].shape)]
+    bad += [f"{k} is missing" for k in want if k not in weights]
+    bad += [f"{k} is not in the model" for k in weights if k not in want]
+    if bad:
+        raise ValueError(f"{path}: its weights do not fit its model_args: {'; '.join(bad[:5])}"
+                         f"{f' (and {len(bad) - 5} more)' if len(bad) > 5 else ''}")
+
+
+def load_model(state, path):
+    """The GPT a loaded checkpoint holds, its weights in (a stray torch.compile '_orig_mod.' prefix stripped)."""
+    model = GPT(model_config(state, path))
+    weights = {k.removeprefix("_orig_mod."): v for k, v in state["model"].items()}
+    check_weights(model, weights, path)
+    model.load_state_dict(weights)
     return model
 
 

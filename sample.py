@@ -72,10 +72,10 @@ ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device
 torch.manual_seed(seed)
 
 try:
-    state = load_checkpoint(ckpt, trust_checkpoint)
+    state = load_checkpoint(ckpt, trust_checkpoint, need=("tokenizer",))
+    model = load_model(state, ckpt).eval().to(device)
 except ValueError as e:
     sys.exit(f"error: {e}")
-model = load_model(state).eval().to(device)
 tokenizer = state["tokenizer"]
 try:
     encode, decode = encoder(tokenizer, tokenizer_file)

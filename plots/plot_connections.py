@@ -40,11 +40,11 @@ def main(argv=None):
         sys.exit(f"error: checkpoint '{args.ckpt}' not found")
     try:
         state = load_checkpoint(args.ckpt, args.trust_checkpoint)
+        model = load_model(state, args.ckpt).eval()
     except ValueError as e:
         sys.exit(f"error: {e}")
-    if state["model_args"]["residual"] == "plain":
+    if model.config.residual == "plain":
         sys.exit(f"error: {args.ckpt} uses the plain residual: there are no connection matrices to plot")
-    model = load_model(state).eval()
     cfg = model.config
     data = args.dataset or state["config"]["dataset"]
     if not os.path.isdir(data):

@@ -244,7 +244,8 @@ def test_ddp_two_processes_match_one_on_a_mad_task(tmp_path):
         assert abs(float(a["val_acc_macro"]) - float(b["val_acc_macro"])) < 1e-9
     # the logged macro score is the per-batch score averaged with batch-size weights (mad-lab's Lightning logging)
     from checkpoint import load_checkpoint, load_model
-    model = load_model(load_checkpoint(str(tmp_path / "one" / "ckpt_last.pt"))).eval()
+    path = str(tmp_path / "one" / "ckpt_last.pt")
+    model = load_model(load_checkpoint(path), path).eval()
     task = mad.make_task("compression", "lite", "seq_len=9,train_examples=64,test_examples=22")
     with torch.no_grad():
         scores = [(mad.macro_accuracy(model(x, y)[0], y).item(), len(x)) for x, y in mad.val_batches(task, 4, 1337)]
