@@ -7,9 +7,19 @@ It is compiled on first use with torch.utils.cpp_extension (a C++ compiler with 
 then cached) for fp32 and fp64 CPU tensors. Where it cannot be built, for other dtypes (bf16 autocast), under
 torch.compile and on GPUs, ops/hyperglu.py runs its eager steps, which compute the same numbers (ops.dispatch
 decides; HYPERGLU_FUSED=0 in the environment turns the kernel off).
+
+The build folder, under $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions, is keyed by a hash of the source and
+one of the torch it links against (version, install path, flags), and it builds a copy of the source kept there:
+checkouts and venvs that share the cache build once per distinct source and torch, never over each other. Builds
+into one folder take turns under an flock, which the kernel drops when its holder dies (a SIGKILL mid-build
+included): a build killed midway never blocks the next, and a live one is waited for BUILD_WAIT seconds at most.
 """
 
+import contextlib
+import fcntl
+import hashlib
 import os
+import sys
 import time
 import warnings
 
@@ -17,8 +27,38 @@ import torch
 
 ROWS = 64  # query rows per block: a block's maps stay in L2 (32, 64 and 128 within 2% of each other at T=1024)
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "hyperglu_cpu.cpp")
+BUILD_WAIT = 600  # seconds to wait for another process's build before running the eager steps instead
 
 _ext = None
+
+
+@contextlib.contextmanager
+def build_lock(folder, wait=None):
+    """Hold an flock on folder/build.lock while the block runs: one build per folder at a time across processes.
+    A holder that died released it; a live one is polled every 0.2 s for `wait` seconds (BUILD_WAIT), then
+    TimeoutError. Where the file system has no flock, the block runs without it."""
+    wait = BUILD_WAIT if wait is None else wait
+    path = os.path.join(folder, "build.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline, told = time.time() + wait, False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.time() > deadline:
+                    raise TimeoutError(f"another process has been building in {folder} for over {wait} s") from None
+                if not told:
+                    warnings.warn(f"ops/hyperglu_cpu.py: waiting for another process's build in {folder}",
+                                  RuntimeWarning)
+                    told = True
+                time.sleep(0.2)
+            except OSError:  # no flock here
+                break
+        yield
+    finally:
+        os.close(fd)  # and with it the lock
 
 
 def load():
@@ -31,23 +71,31 @@ def load():
                             "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"],
                  "AVX2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]}.get(cap, [])
         name = f"hyperglu_cpu_{cap.lower()}"
-        # a build folder of our own, per torch version (the extension links against its ABI)
         root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
                                                                       "torch_extensions")
-        build = os.path.join(root, f"{name}_torch{torch.__version__.replace('+', '_')}")
         try:
             from torch.utils.cpp_extension import load as build_extension
+            with open(SOURCE, "rb") as f:
+                source = f.read()
+            key = hashlib.sha256(source).hexdigest()[:12]
+            env = "\0".join([torch.__version__, os.path.dirname(torch.__file__), sys.version, *flags])
+            env = hashlib.sha256(env.encode()).hexdigest()[:8]
+            build = os.path.join(root, f"{name}_{key}_torch{torch.__version__.replace('+', '_')}_{env}")
             os.makedirs(build, exist_ok=True)
-            lock = os.path.join(build, "lock")  # torch's build lock; a build killed midway leaves it behind, and
-            if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > 300:  # every later load would wait
-                warnings.warn(f"ops/hyperglu_cpu.py: removing a stale build lock {lock} (a build killed midway)",
-                              RuntimeWarning)
-                os.remove(lock)
-            if not os.path.exists(os.path.join(build, f"{name}.so")):
-                warnings.warn("ops/hyperglu_cpu.py: building the fused HyperGLU CPU kernel (first use, about 30 s; "
-                              "then cached)", RuntimeWarning)
-            _ext = build_extension(name=name, sources=[SOURCE], build_directory=build, verbose=False,
-                                   extra_cflags=["-O3", "-fopenmp", *flags], extra_ldflags=["-fopenmp"])
+            with build_lock(build):
+                copy = os.path.join(build, "hyperglu_cpu.cpp")  # the folder's own: the same path for every checkout
+                if not os.path.exists(copy):
+                    with open(f"{copy}.tmp-{os.getpid()}", "wb") as f:
+                        f.write(source)
+                    os.replace(f"{copy}.tmp-{os.getpid()}", copy)
+                baton = os.path.join(build, "lock")  # torch's own build lock: under ours, one left there is stale (a
+                if os.path.exists(baton):           # build killed midway), and torch would wait on it for ever
+                    os.remove(baton)
+                if not os.path.exists(os.path.join(build, f"{name}.so")):
+                    warnings.warn("ops/hyperglu_cpu.py: building the fused HyperGLU CPU kernel (first use, about 30 s; "
+                                  "then cached)", RuntimeWarning)
+                _ext = build_extension(name=name, sources=[copy], build_directory=build, verbose=False,
+                                       extra_cflags=["-O3", "-fopenmp", *flags], extra_ldflags=["-fopenmp"])
         except Exception as e:  # no compiler, no ninja, ...: the eager path computes the same thing
             warnings.warn(f"ops/hyperglu_cpu.py: the fused CPU kernel could not be built ({type(e).__name__}: {e}); "
                           f"HyperGLU runs its eager steps", RuntimeWarning)

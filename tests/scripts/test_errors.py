@@ -577,3 +577,24 @@ def test_a_killed_kernel_build_does_not_hang_the_next_and_builds_run_one_at_a_ti
         out, err = start(cwd).communicate(timeout=120)
         assert out.strip() == "loaded" and "building" not in err, err
     assert {p: os.stat(p).st_mtime_ns for p in map(str, (tmp_path / "ext").rglob("*.so"))} == built
+
+
+def test_a_live_build_is_waited_for_a_bounded_time(tmp_path):
+    """A process that holds the build lock and does not finish (stopped, hung): the next waits `wait` seconds, then
+    gives up (load() then runs the eager steps), rather than waiting for ever."""
+    from ops.hyperglu_cpu import build_lock
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | "
+                               "os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+                               str(tmp_path / "build.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        t0 = time.time()
+        with pytest.raises(TimeoutError, match="another process has been building"):
+            with build_lock(str(tmp_path), wait=0.5):
+                pass
+        assert time.time() - t0 < 5
+    finally:
+        holder.kill()
+        holder.wait()
+    with build_lock(str(tmp_path), wait=5):  # its holder gone, the lock is free at once
+        pass
