@@ -376,7 +376,8 @@ def full_disk(tmp):
     """The finished run on a 1 MiB tmpfs with 48 KiB free: a checkpoint (72 KB) does not fit."""
     disk = os.path.join(tmp, "disk")
     if not mount_tmpfs(disk, 1 << 20):
-        pytest.skip("no tmpfs can be mounted here (needs root); '6 disk full (simulated)' covers the write failing")
+        pytest.skip("no tmpfs can be mounted here (not root, or not allowed to mount); '6 disk full (simulated)' "
+                    "covers the write failing")
     shutil.copytree(os.path.join(tmp, "run"), os.path.join(disk, "run"))
     st = os.statvfs(disk)
     with open(os.path.join(disk, "filler"), "wb") as f:
