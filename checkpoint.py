@@ -6,7 +6,7 @@ strings, lists and dicts only. train.py stores everything in those types (the nu
 lists). Checkpoints written before that hold numpy objects: they load only with trust=True (train.py and sample.py:
 --trust_checkpoint=True). Older files' model_args are read as today's GPTConfig takes them (upgrade); load_model
 builds the model a checkpoint holds. A file whose model_args this model.py does not take, or whose weights do not fit
-them, is a ValueError naming the file (model_config, check_weights): train.py's resume and sample.py say the same.
+them, is a ValueError naming the file (load_model, check_weights): train.py's resume and sample.py say the same.
 """
 import os
 import pickle
@@ -46,12 +46,13 @@ def load_checkpoint(path, trust=False, need=()):
     return state
 
 
-def model_config(state, path):
-    """The GPTConfig of a loaded checkpoint; model_args this model.py does not take are a ValueError naming path."""
+def model_config(model_args):
+    """The GPTConfig of a checkpoint's model_args; ones this model.py does not take are a ValueError (the caller
+    names the file: sample.py through load_model, train.py's resume through resume_differences)."""
     try:
-        return GPTConfig(**state["model_args"])
+        return GPTConfig(**model_args)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: its model_args do not fit this model.py ({e})") from None
+        raise ValueError(f"its model_args do not fit this model.py ({e})") from None
 
 
 def check_weights(model, weights, path):
@@ -68,7 +69,10 @@ def check_weights(model, weights, path):
 
 def load_model(state, path):
     """The GPT a loaded checkpoint holds, its weights in (a stray torch.compile '_orig_mod.' prefix stripped)."""
-    model = GPT(model_config(state, path))
+    try:
+        model = GPT(model_config(state["model_args"]))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     weights = {k.removeprefix("_orig_mod."): v for k, v in state["model"].items()}
     check_weights(model, weights, path)
     model.load_state_dict(weights)
@@ -131,6 +135,10 @@ def set_rng_state(rng, device):
         torch.cuda.set_rng_state(rng["cuda"], device)
 
 
+TRAINING_STATE = ("optimizer", "scaler", "config", "tokenizer", "step", "best_val_loss", "elapsed_s", "loader",
+                  "rng")
+
+
 def load_for_resume(last, best, trust=False):
     """The checkpoint at `last` (ckpt_last.pt) that init_from=resume continues; a ValueError names the file, and says
     how to resume from `best` (ckpt_best.pt) where that is there."""
@@ -139,7 +147,7 @@ def load_for_resume(last, best, trust=False):
     if not os.path.isfile(last):
         raise ValueError(f"init_from=resume but {last} does not exist{hint}")
     try:
-        return load_checkpoint(last, trust)
+        return load_checkpoint(last, trust, need=TRAINING_STATE)
     except ValueError as e:
         raise ValueError(f"{e}{hint}") from None
 
@@ -156,10 +164,7 @@ def resume_differences(ckpt, config, model_args, tokenizer, same_dataset):
     a resumed run cannot change (same_dataset(name) tells whether another `dataset` setting names this data). applied:
     the others (schedule, intervals, max_iters, wandb, device, ...), which take effect."""
     old, now = ckpt["config"], {**config, **model_args}
-    try:
-        old_model = asdict(GPTConfig(**ckpt["model_args"]))
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"its model_args do not fit this model.py ({e})") from None
+    old_model = asdict(model_config(ckpt["model_args"]))
     fixed = [f"{k}: {old_model[k]!r} -> {v!r}" for k, v in model_args.items()
              if k not in COMPUTE_ONLY and old_model.get(k) != v]
     same = lambda k: old[k] == now[k] or (k == "dataset" and same_dataset(old[k]))  # noqa: E731

@@ -224,6 +224,10 @@ except ValueError as e:
 torch.manual_seed(seed)  # the same initial weights on every rank
 model = GPT(GPTConfig(**model_args))
 if ckpt is not None:
+    try:
+        checkpoint.check_weights(model, ckpt["model"], run.ckpt_last)
+    except ValueError as e:
+        fail(e)
     model.load_state_dict(ckpt["model"])
 model.grad_ckpt = grad_ckpt
 model.to(device)
