@@ -16,7 +16,7 @@ Shapes: B batch, T sequence, C (= D) width, h heads, L block_size.
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -592,6 +592,13 @@ class GPTConfig:
         if self.residual == "mhc" and not (self.hc_dynamic and self.hc_tanh):
             raise ValueError(f"{o}.hc_dynamic/hc_tanh=False is not valid with residual='mhc' (its coefficients are "
                              f"always dynamic, without tanh); expected residual='hc' for static or tanh-free HC")
+        unused = {"plain": ("hc_streams", "hc_dynamic", "hc_tanh", "mhc_iters", "mhc_pre_init", "mhc_res_init"),
+                  "hc": ("mhc_iters", "mhc_pre_init", "mhc_res_init"), "mhc": ()}[self.residual]
+        default = {f.name: f.default for f in fields(self)}
+        moved = [f"{k}={getattr(self, k)!r}" for k in unused if getattr(self, k) != default[k]]
+        if moved:  # a knob of another residual would be silently ignored
+            raise ValueError(f"{o}.{', '.join(moved)} {'does' if len(moved) == 1 else 'do'} nothing with residual="
+                             f"{self.residual!r}; expected residual='hc' or 'mhc' (mhc_* for 'mhc'), or the default")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"{o}.dropout={self.dropout!r} is not valid; expected 0 <= dropout < 1")
         H1 = self.qk_heads()

@@ -84,6 +84,8 @@ def test_import_leaves_matmul_precision_alone():
     (dict(attn="linear"), "attn"), (dict(residual="post"), "residual"), (dict(pos="alibi"), "pos"),
     (dict(mlp="relu"), "mlp"), (dict(norm="batch"), "norm"), (dict(n_embd=30, n_head=4), "n_embd"),
     (dict(attn="hyperglu", qk_rank=6), "qk_rank"), (dict(hc_streams=0), "hc_streams"), (dict(dropout=1.5), "dropout"),
+    (dict(hc_streams=8, hc_dynamic=False), "hc_streams=8, hc_dynamic=False"),
+    (dict(residual="hc", mhc_iters=5), "mhc_iters"),
 ])
 def test_gpt_config_errors_name_the_field(kw, field):
     with pytest.raises(ValueError, match=field):
