@@ -2,14 +2,20 @@
 The run folder (out_dir) of one train.py run: the lock that keeps a second run out while this one lives, the claim
 that refuses to overwrite another run's checkpoints, config.json (the settings, where and how the run ran, the
 commit), metrics.csv (a row per logged step; wandb too when asked) and DONE. The checkpoints in it are
-checkpoint.py's. Rank 0 alone writes here.
+checkpoint.py's. Rank 0 alone writes here, and only to the run's own files (RUN_FILES, LOCK, partial checkpoints):
+what else is in the folder is the user's, and is neither read, moved nor changed.
 """
 import atexit
+import errno
+import fnmatch
 import glob
+import itertools
 import json
 import os
 import platform
+import re
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -18,6 +24,7 @@ import torch
 
 from checkpoint import write_atomic
 
+RUN_FILES = ("ckpt_last.pt", "ckpt_best.pt", "config.json", "metrics.csv", "DONE")  # and LOCK, ckpt_*.pt.tmp-*
 COLUMNS = ["step", "tokens", "train_loss", "val_loss", "lr", "grad_norm", "ms_per_step", "tok_per_s", "mfu",
            "elapsed_s", "amax_fwd", "amax_bwd", "val_acc", "val_acc_macro", "val_bpb", "hellaswag_acc_norm"]
 
@@ -30,36 +37,68 @@ class RunFolder:
         self.metrics, self.columns, self.wandb = os.path.join(out_dir, "metrics.csv"), COLUMNS, None
 
     def claim(self, init_from, overwrite, eval_only):
-        """Make out_dir and lock it for this run; refuse a scratch run where checkpoints are (or move them aside
-        with overwrite=True); clear what an interrupted run left: partial checkpoint files, and a DONE that this run
-        makes stale by training on (DONE means finished). Returns an error message, or None."""
+        """Make out_dir and lock it for this run; refuse a scratch run where checkpoints are (or move the earlier run's
+        files aside with overwrite=True); clear what an interrupted run left: partial checkpoint files, and a DONE that
+        this run makes stale by training on (DONE means finished). Everything is checked before anything changes.
+        Returns an error message, or None."""
         out_dir = self.dir
         try:
             os.makedirs(out_dir, exist_ok=True)
         except OSError as e:
             return f"out_dir '{out_dir}' cannot be created: {e.strerror}"
-        holder = lock(os.path.join(out_dir, "LOCK"))
-        if holder:
-            return (f"out_dir '{out_dir}' is in use by another run ({holder}); wait for it to end, or pick another "
-                    f"--out_dir")
+        error = lock(os.path.join(out_dir, "LOCK"))
+        if error:
+            return error
+        for tmp in glob.glob(os.path.join(glob.escape(out_dir), "ckpt_*.pt.tmp-*")):
+            if not stat.S_ISREG(os.lstat(tmp).st_mode):
+                what = "a symlink" if os.path.islink(tmp) else "a folder" if os.path.isdir(tmp) else "not a file"
+                return (f"{tmp} is {what}, under the name this run writes a checkpoint's temp file to; expected a "
+                        f"partial checkpoint file or nothing: remove or rename it")
         if init_from == "scratch" and (os.path.exists(self.ckpt_last) or os.path.exists(self.ckpt_best)):
             if not overwrite:
                 return (f"out_dir '{out_dir}' holds the checkpoints of an earlier run, which a scratch run would "
                         f"overwrite; continue that run with --init_from=resume, train into a new --out_dir, or pass "
                         f"--overwrite=True to move it aside")
-            aside = f"{os.path.normpath(out_dir)}.old-{time.strftime('%Y%m%d-%H%M%S')}"
-            os.makedirs(aside)
-            for name in os.listdir(out_dir):
-                if name != "LOCK":
-                    os.replace(os.path.join(out_dir, name), os.path.join(aside, name))
-            print(f"overwrite: moved the earlier run in {out_dir} to {aside}")
-        for tmp in filter(os.path.isfile, glob.glob(os.path.join(glob.escape(out_dir), "ckpt_*.pt.tmp-*"))):
+            error = self.move_aside()
+            if error:
+                return error
+        for tmp in glob.glob(os.path.join(glob.escape(out_dir), "ckpt_*.pt.tmp-*")):
             os.remove(tmp)
             print(f"removed {tmp}, left by an interrupted checkpoint write")
         done = os.path.join(out_dir, "DONE")
         if os.path.exists(done) and not eval_only:
             os.remove(done)
             print(f"removed {done}: this run trains on, and writes it again when it finishes")
+        return None
+
+    def move_aside(self):
+        """--overwrite: move the earlier run's own files (RUN_FILES and partial checkpoints, nothing else in out_dir)
+        into a new folder beside out_dir, <out_dir>.old-<time> (-2, -3, ... where that is taken). Returns an error
+        message, or None."""
+        base = f"{os.path.abspath(self.dir)}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+        for i in itertools.count(1):
+            aside = base if i == 1 else f"{base}-{i}"
+            try:
+                os.mkdir(aside)
+                break
+            except FileExistsError:
+                continue
+            except OSError as e:
+                return (f"--overwrite=True: cannot make {aside} to move the earlier run into ({e.strerror}); move it "
+                        f"yourself, or train into a new --out_dir")
+        if os.stat(aside).st_dev != os.stat(self.dir).st_dev:  # out_dir is a mount point: a move would be a copy
+            os.rmdir(aside)
+            return (f"--overwrite=True: {self.dir} is a mount point, and its files cannot be moved to {aside} on "
+                    f"another file system without copying them; move the earlier run yourself, or train into a new "
+                    f"--out_dir")
+        moved = sorted(n for n in os.listdir(self.dir) if n in RUN_FILES or fnmatch.fnmatch(n, "ckpt_*.pt.tmp-*"))
+        for i, name in enumerate(moved):
+            try:
+                os.replace(os.path.join(self.dir, name), os.path.join(aside, name))
+            except OSError as e:
+                return (f"--overwrite=True: moving {os.path.join(self.dir, name)} to {aside} failed ({e.strerror}), "
+                        f"after {', '.join(moved[:i]) or 'no file'}; expected a folder whose run files can be moved")
+        print(f"overwrite: moved the earlier run in {self.dir} ({', '.join(moved)}) to {aside}")
         return None
 
     def start(self, config, fresh, wandb_log=False, wandb_project="", wandb_run_name="", **info):
@@ -97,24 +136,50 @@ class RunFolder:
 def lock(path):
     """Hold an advisory lock (flock) on the file at path for this process's life. The kernel drops it on any exit,
     SIGKILL included, so a lock file that a killed run left behind is stale, and is taken over. Returns None once
-    locked, else who holds it (the pid and host the holder wrote into the file)."""
+    locked, else why not: who holds it (the pid and host the holder wrote into the file), or what is at path instead
+    of a lock file. path is never followed as a link, and a file that holds anything but a lock's text is not ours
+    to rewrite."""
     import fcntl
+    out_dir = os.path.dirname(path)
+    ours = lambda text: not text or re.fullmatch(r"pid \d+ on [\w.-]+", text)  # noqa: E731
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                what = ("a symlink" if stat.S_ISLNK(st.st_mode) else "a folder" if stat.S_ISDIR(st.st_mode) else
+                        "a file with other names (a hard link)" if stat.S_ISREG(st.st_mode) else "not a regular file")
+                return (f"{path} is {what}; expected a regular file, the run folder's lock, which train.py creates "
+                        f"and removes: remove it, if no run is using this out_dir")
+        except FileNotFoundError:
+            pass
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:  # a link or folder made since the lstat is caught the next time round
+            if e.errno in (errno.ELOOP, errno.EISDIR):
+                continue
+            return (f"out_dir '{out_dir}' is not writable ({e.strerror}); expected a folder this run can write its "
+                    f"lock, checkpoints and logs to")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.read(fd, 200).decode(errors="replace").strip()
             os.close(fd)
-            return holder or "a run that is starting"
+            who = holder if holder and ours(holder) else "a process" if holder else "a run that is starting"
+            return (f"out_dir '{out_dir}' is in use by another run ({who}); wait for it to end, or pick another "
+                    f"--out_dir")
         except OSError as e:  # a file system without flock
             os.close(fd)
             print(f"warning: cannot lock {path} ({e.strerror}); nothing stops a second run from using this out_dir")
             return None
-        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
+        if os.path.exists(path) and os.lstat(path).st_ino == os.fstat(fd).st_ino:
             break
         os.close(fd)  # the holder removed the file between our open and flock: lock the new one
     stale = os.read(fd, 200).decode(errors="replace").strip()
+    if not ours(stale):
+        size = os.fstat(fd).st_size
+        os.close(fd)
+        return (f"{path} holds something other than a run's lock ({size} bytes that do not read 'pid N on HOST'); "
+                f"expected the run folder's lock file: move that file elsewhere")
     if stale:
         print(f"note: {path} was left by a run that ended without releasing it ({stale}); taking it over")
     os.ftruncate(fd, 0)
