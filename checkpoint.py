@@ -97,23 +97,46 @@ def upgrade(args, weights=None):
 # saving and resuming a train.py run
 
 def write_atomic(path, write, mode="w", tmp=None):
-    """write(f) into a temp file, fsync it, rename it over path: a crash mid-write leaves the previous file."""
+    """write(f) into a temp file, fsync it, rename it over path: a crash mid-write leaves the previous file. A failed
+    write (a full disk, a read-only or vanished folder) removes the temp file and raises OSError whose strerror names
+    path and the cause (torch.save reports a full disk as a RuntimeError, 'unexpected pos', over the OSError it met)."""
     tmp = tmp or f"{path}.tmp-{os.getpid()}"
-    with open(tmp, mode) as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    made = False
+    try:
+        with open(tmp, mode) as f:
+            made = True
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except Exception as e:
+        if made:
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+        cause = e
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__
+        if cause is None:  # not the file system's doing: a bug, with its traceback
+            raise
+        raise OSError(cause.errno, f"writing {path} failed: {cause.strerror or cause}"
+                                   f"{' (the partial file is removed)' if made else ''}") from None
 
 
-def save(state, paths, folder):
-    """The training state to each of paths, atomically, then folder's entries to disk. train.py lists ckpt_best before
-    ckpt_last, so a kill between the two never leaves ckpt_last recording a best that ckpt_best.pt does not hold."""
+def save(state, paths, folder, written=lambda path: None):
+    """The training state to each of paths, atomically, then folder's entries to disk; written(path) after each file.
+    train.py lists ckpt_best before ckpt_last, so a kill between the two never leaves ckpt_last recording a best that
+    ckpt_best.pt does not hold. A failure is an OSError whose strerror says which file and why."""
     for path in paths:
         write_atomic(path, lambda f: torch.save(state, f), "wb", f"{path}.tmp-{state['step']}")
-    dirfd = os.open(folder, os.O_RDONLY)
-    os.fsync(dirfd)
-    os.close(dirfd)
+        written(path)
+    try:
+        dirfd = os.open(folder, os.O_RDONLY)
+        os.fsync(dirfd)
+        os.close(dirfd)
+    except OSError as e:
+        raise OSError(e.errno, f"syncing {folder} failed: {e.strerror}") from None
 
 
 def rng_state(device):

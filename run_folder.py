@@ -11,6 +11,7 @@ import fnmatch
 import glob
 import itertools
 import json
+import math
 import os
 import platform
 import re
@@ -22,7 +23,9 @@ import time
 
 import torch
 
+import checkpoint
 from checkpoint import write_atomic
+from distributed import fail
 
 RUN_FILES = ("ckpt_last.pt", "ckpt_best.pt", "config.json", "metrics.csv", "DONE")  # and LOCK, ckpt_*.pt.tmp-*
 COLUMNS = ["step", "tokens", "train_loss", "val_loss", "lr", "grad_norm", "ms_per_step", "tok_per_s", "mfu",
@@ -35,12 +38,12 @@ class RunFolder:
         self.dir = out_dir
         self.ckpt_last, self.ckpt_best = os.path.join(out_dir, "ckpt_last.pt"), os.path.join(out_dir, "ckpt_best.pt")
         self.metrics, self.columns, self.wandb = os.path.join(out_dir, "metrics.csv"), COLUMNS, None
+        self.good_step = None  # the step ckpt_last.pt holds, where a resume would start (None: no checkpoint yet)
 
-    def claim(self, init_from, overwrite, eval_only):
+    def claim(self, init_from, overwrite):
         """Make out_dir and lock it for this run; refuse a scratch run where checkpoints are (or move the earlier run's
-        files aside with overwrite=True); clear what an interrupted run left: partial checkpoint files, and a DONE that
-        this run makes stale by training on (DONE means finished). Everything is checked before anything changes.
-        Returns an error message, or None."""
+        files aside with overwrite=True); clear the partial checkpoint files an interrupted write left. Everything is
+        checked before anything changes. Returns an error message, or None."""
         out_dir = self.dir
         try:
             os.makedirs(out_dir, exist_ok=True)
@@ -65,10 +68,6 @@ class RunFolder:
         for tmp in glob.glob(os.path.join(glob.escape(out_dir), "ckpt_*.pt.tmp-*")):
             os.remove(tmp)
             print(f"removed {tmp}, left by an interrupted checkpoint write")
-        done = os.path.join(out_dir, "DONE")
-        if os.path.exists(done) and not eval_only:
-            os.remove(done)
-            print(f"removed {done}: this run trains on, and writes it again when it finishes")
         return None
 
     def move_aside(self):
@@ -101,21 +100,46 @@ class RunFolder:
         print(f"overwrite: moved the earlier run in {self.dir} ({', '.join(moved)}) to {aside}")
         return None
 
+    def save(self, state, paths):
+        """checkpoint.save, then: once a file is written, a DONE that an earlier run left no longer says what the folder
+        holds, and goes (only then, so that a resume that fails before it leaves the finished run as it was). Returns
+        an error message where a write fails, or None."""
+        def written(path):
+            done = os.path.join(self.dir, "DONE")
+            if os.path.exists(done):
+                os.remove(done)
+                print(f"removed {done}: this run trains on, and writes it again when it finishes")
+        try:
+            checkpoint.save(state, paths, self.dir, written)
+        except OSError as e:  # its strerror says which file and why
+            return f"{e.strerror}. Free space, or fix {self.dir}; {self.last_good()}"
+
+    def last_good(self):
+        """Where a resume would start, as this run knows it."""
+        if self.good_step is None:
+            return "no checkpoint was written yet; start again"
+        return (f"{self.ckpt_last} (step {self.good_step}) is the last good checkpoint; resume from it "
+                f"(--init_from=resume)")
+
     def start(self, config, fresh, wandb_log=False, wandb_project="", wandb_run_name="", **info):
         """Write config.json (config, info, the commit and the environment) and metrics.csv's header (fresh: a new
-        run; resuming keeps the file's own columns, so the rows stay aligned with its header), and start wandb."""
+        run; resuming keeps the file's own columns, so the rows stay aligned with its header), and start wandb.
+        Returns an error message where the folder cannot be written, or None."""
         commit = (git("rev-parse", "HEAD") or "").strip() or "unknown"
-        write_atomic(os.path.join(self.dir, "config.json"), lambda f: json.dump(
-            dict(config, **info, git_commit=commit, git_dirty=git_dirty(), torch_version=torch.__version__,
-                 python_version=platform.python_version(), argv=sys.argv), f, indent=2))
-        if fresh or not os.path.isfile(self.metrics) or os.path.getsize(self.metrics) == 0:
-            # a new run (the folder holds no checkpoint): rows of an attempt that never saved one do not carry over
-            write_atomic(self.metrics, lambda f: f.write(",".join(COLUMNS) + "\n"))
-        else:
-            with open(self.metrics) as f:
-                self.columns = f.readline().strip().split(",")
-            if missing := [c for c in COLUMNS if c not in self.columns]:
-                print(f"note: {self.metrics} predates the columns {', '.join(missing)}; this run does not log them there")
+        try:
+            write_atomic(os.path.join(self.dir, "config.json"), lambda f: json.dump(
+                dict(config, **info, git_commit=commit, git_dirty=git_dirty(), torch_version=torch.__version__,
+                     python_version=platform.python_version(), argv=sys.argv), f, indent=2))
+            if fresh or not os.path.isfile(self.metrics) or os.path.getsize(self.metrics) == 0:
+                # a new run (the folder holds no checkpoint): rows of an attempt that never saved one do not carry over
+                write_atomic(self.metrics, lambda f: f.write(",".join(COLUMNS) + "\n"))
+            else:
+                with open(self.metrics) as f:
+                    self.columns = f.readline().strip().split(",")
+        except OSError as e:
+            return f"{e.strerror}; expected an out_dir this run can write to"
+        if missing := [c for c in COLUMNS if c not in self.columns]:  # a resumed run's older metrics.csv
+            print(f"note: {self.metrics} predates the columns {', '.join(missing)}; this run does not log them there")
         if wandb_log:
             import wandb  # optional: pip install wandb
             self.wandb = wandb
@@ -123,14 +147,22 @@ class RunFolder:
 
     def write_row(self, row):
         """Append one metrics.csv row (floats at full precision; empty cells for what this step did not measure)."""
-        with open(self.metrics, "a") as f:
-            f.write(",".join("" if row.get(c) is None else repr(row[c]) for c in self.columns) + "\n")
+        try:
+            with open(self.metrics, "a") as f:
+                f.write(",".join("" if row.get(c) is None else repr(row[c]) for c in self.columns) + "\n")
+        except OSError as e:
+            fail(f"appending to {self.metrics} failed: {e.strerror}; {self.last_good()}")
         if self.wandb:
             self.wandb.log({k: v for k, v in row.items() if v is not None}, step=row["step"])
 
     def done(self, summary):
-        """DONE: the run finished; summary is its last step, best val loss, ..."""
-        write_atomic(os.path.join(self.dir, "DONE"), lambda f: json.dump(summary, f))
+        """DONE: the run finished; summary is its last step, best val loss, ... In strict JSON: a best val loss that is
+        still inf (max_iters=0 wrote no checkpoint) is null."""
+        summary = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}
+        try:
+            write_atomic(os.path.join(self.dir, "DONE"), lambda f: json.dump(summary, f, allow_nan=False))
+        except OSError as e:
+            fail(f"{e.strerror}; the run itself is complete: {self.last_good()}")
 
 
 def lock(path):

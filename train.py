@@ -21,7 +21,6 @@ out_dir, or --overwrite=True to move the old run aside), and a run holds a lock 
 """
 
 import math
-import os
 import sys
 import time
 from contextlib import nullcontext
@@ -239,12 +238,13 @@ scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
 start_step, best_val, elapsed0 = 0, float("inf"), 0.0
 if ckpt is not None:
     start_step, best_val, elapsed0 = checkpoint.restore(ckpt, optim, scaler, rank, device)
+    run.good_step = start_step
     log(f"resumed from {run.ckpt_last} at step {start_step} (best val {best_val:.4f})")
 else:
     torch.manual_seed(seed + rank)  # dropout differs per rank
 ckpt = None  # free the memory
 
-distributed.on_master(lambda: run.claim(init_from, overwrite, eval_only))
+distributed.on_master(lambda: run.claim(init_from, overwrite))
 raw_model = model  # checkpoints and MFU use the plain module: no _orig_mod. prefix
 if compile:
     log("compiling the model...")
@@ -295,29 +295,25 @@ def evaluate():
 
 
 def save_checkpoint(paths, step, elapsed):
-    """The full training state, written by rank 0 to each of paths (checkpoint.save); every rank calls it, so that
-    each rank's RNG states are in it."""
+    """The full training state, written by rank 0 to each of paths (run.save); every rank calls it, so that each
+    rank's RNG states are in it, and every rank stops where the write fails."""
     states = distributed.gather(checkpoint.rng_state(device))
-    if master:
-        checkpoint.save({"model": raw_model.state_dict(), "optimizer": optim.state_dict(), "scaler": scaler.state_dict(),
-                         "model_args": model_args, "config": config, "tokenizer": tokenizer, "step": step,
-                         "best_val_loss": best_val, "elapsed_s": elapsed, "loader": loader.state(step - start_step),
-                         "rng": states}, paths, out_dir)
+    distributed.on_master(lambda: run.save({
+        "model": raw_model.state_dict(), "optimizer": optim.state_dict(), "scaler": scaler.state_dict(),
+        "model_args": model_args, "config": config, "tokenizer": tokenizer, "step": step, "best_val_loss": best_val,
+        "elapsed_s": elapsed, "loader": loader.state(step - start_step), "rng": states}, paths))
+    run.good_step = step
 
 
-if master:
-    run.start(config, init_from == "scratch", wandb_log, wandb_project, wandb_run_name, model_args=model_args,
-              tokenizer_kind=tokenizer["kind"], world_size=world, tokens_per_step=tokens_per_step, device=device,
-              dtype=dtype, compile=compile)
+distributed.on_master(lambda: run.start(config, init_from == "scratch", wandb_log, wandb_project, wandb_run_name,
+                                        model_args=model_args, tokenizer_kind=tokenizer["kind"], world_size=world,
+                                        tokens_per_step=tokens_per_step, device=device, dtype=dtype, compile=compile))
 write_row = run.write_row if master else (lambda row: None)
 
 
-def stop_non_finite(what, value):
-    last = (f"{run.ckpt_last} is the last good checkpoint" if os.path.isfile(run.ckpt_last)
-            else "no checkpoint was written yet")
-    log(f"error: step {step}: the {what} loss is {value}; stopping. {last}. "
-        f"Try a lower learning_rate, grad_clip, or dtype=bfloat16/float32.")
-    finish(1)
+def stop_non_finite(what, value):  # every rank sees the same (all-reduced) loss, so every rank stops here
+    fail(f"step {step}: the {what} loss is {value}; stopping. {run.last_good()} with a lower learning_rate, "
+         f"grad_clip, or dtype=bfloat16/float32")
 
 
 def fmt_time(s):

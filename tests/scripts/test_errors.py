@@ -439,8 +439,8 @@ def failed_resume_keeps_done(tmp, r, before):
 
 
 def divergence_names_the_last_good_checkpoint(tmp, r, before):
-    one_error(r, "step 4: the validation loss is nan", f"{tmp}/run/ckpt_last.pt (step 2, val loss",
-              "is the last good checkpoint", "--init_from=resume")
+    one_error(r, "step 4: the validation loss is nan", f"{tmp}/run/ckpt_last.pt (step 2) is the last good checkpoint",
+              "--init_from=resume")
 
 
 OUTCOMES = [  # id, script, args, set-up, check
