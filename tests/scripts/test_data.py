@@ -152,8 +152,8 @@ def test_token_ids_beyond_the_vocabulary_name_the_shard(tmp_path):
     write_shard(str(tmp_path / "x_train_000001.bin"), np.r_[np.arange(70) % 50, 64, np.arange(29)])
     write_shard(str(tmp_path / "x_val_000000.bin"), np.arange(100) % 50)
     check_vocab(str(tmp_path), 65)
-    with pytest.raises(ValueError, match="x_train_000001.bin: token id 64 \\(the first such at token 70\\) is not "
-                                         "below vocab_size=64"):
+    with pytest.raises(ValueError, match="x_train_000001.bin: token id 64 \\(the first such at token 70\\) is not below "
+                                         "the tokenizer's vocab_size=64"):
         check_vocab(str(tmp_path), 64)
 
 
