@@ -566,7 +566,8 @@ def test_a_killed_kernel_build_does_not_hang_the_next_and_builds_run_one_at_a_ti
     both = [start(), start()]
     outs = [p.communicate(timeout=400) for p in both]
     assert all(out.strip() == "loaded" for out, _ in outs), outs
-    assert sum(err.count("building the fused HyperGLU CPU kernel") for _, err in outs) == 1, outs
+    # the warning itself, not the source line that Python prints under it
+    assert sum(err.count("RuntimeWarning: ops/hyperglu_cpu.py: building") for _, err in outs) == 1, outs
     built = {p: os.stat(p).st_mtime_ns for p in map(str, (tmp_path / "ext").rglob("*.so"))}
     assert len(built) == 1
 
