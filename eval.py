@@ -75,7 +75,10 @@ if dtype is None:
 ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
 
-model = load_model(state).to(device)
+try:
+    model = load_model(state, ckpt).to(device)
+except ValueError as e:  # model_args or weights that do not fit this model.py
+    fail(e)
 m = hellaswag.score(model, examples, encode, model.config.block_size, device, batch_size, ctx)
 if rank == 0:
     print(f"acc       {m['acc']:.4f} ± {m['acc_stderr']:.4f}")

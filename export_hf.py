@@ -178,14 +178,14 @@ def hf_tokenizer(spec, block_size, tokenizer_file=""):
                                    clean_up_tokenization_spaces=False, **special)
 
 
-def export(state, to, tokenizer_file=""):
-    """Write the export of a checkpoint dict (checkpoint.load_checkpoint's) into the folder `to`, through a temp
-    folder renamed at the end; an earlier export there is replaced."""
+def export(state, to, tokenizer_file="", path="the checkpoint"):
+    """Write the export of a checkpoint dict (checkpoint.load_checkpoint's, read from path) into the folder `to`,
+    through a temp folder renamed at the end; an earlier export there is replaced."""
     import torch
     from safetensors.torch import save_file
 
     from checkpoint import load_model
-    model = load_model(state)
+    model = load_model(state, path)
     spec = state["tokenizer"]
     model_args = dict(state["model_args"], impl="reference")
     tmp = f"{os.path.normpath(to)}.tmp-{os.getpid()}"
@@ -283,7 +283,7 @@ if __name__ == "__main__":
         sys.exit(f"error: export_hf.py needs transformers and safetensors ({e}); pip install -r requirements-eval.txt")
     try:
         state = load_checkpoint(ckpt, trust_checkpoint)
-        export(state, to, tokenizer_file)
+        export(state, to, tokenizer_file, ckpt)
     except ValueError as e:
         sys.exit(f"error: {e}")
     print(f"exported {ckpt} (step {state.get('step')}, {state['tokenizer']['kind']} tokenizer) -> {to}")

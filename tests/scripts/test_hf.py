@@ -25,10 +25,11 @@ from data.tokenizer import char_spec, encoder  # noqa: E402
 def export(model, folder, tokenizer=BYTES, tokenizer_file=""):
     """Save model as a run, export it with export_hf.py's export(), load it back with transformers."""
     run_dir = save_run(folder / "run", model, tokenizer)
-    state = load_checkpoint(os.path.join(run_dir, "ckpt_best.pt"))
-    export_hf.export(state, str(folder / "hf"), tokenizer_file)
+    path = os.path.join(run_dir, "ckpt_best.pt")
+    state = load_checkpoint(path)
+    export_hf.export(state, str(folder / "hf"), tokenizer_file, path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder / "hf"), trust_remote_code=True)
-    return hf.eval(), load_model(state).eval()
+    return hf.eval(), load_model(state, path).eval()
 
 
 @pytest.mark.parametrize("cfg", VARIANTS, ids=lambda c: "-".join(str(v) for v in c.values()))
