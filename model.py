@@ -16,7 +16,7 @@ Shapes: B batch, T sequence, C (= D) width, h heads, L block_size.
 
 import math
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -498,8 +498,7 @@ class ManifoldHC(Streams):
         self.b_res = nn.Parameter(config.mhc_res_init * (2 * torch.eye(n) - 1))
 
     def coefficients(self, x):
-        """x (B,T,n,C) fp32 -> H_pre (B,T,n), H_res (B,T,n,n), H_post (B,T,n) [Eqs. 7-9], from
-        h = RMSNorm(flat streams) phi (B,T,n^2+2n)."""
+        """x (B,T,n,C) fp32 -> H_pre (B,T,n), H_res (B,T,n,n), H_post (B,T,n) [Eqs. 7-9], from RMSNorm(x) phi."""
         n = self.n
         flat = x.flatten(-2)  # (B,T,nC): every coefficient sees all streams
         h = (flat * torch.rsqrt(flat.pow(2).mean(-1, keepdim=True) + self.eps)) @ self.phi  # RMSNorm (gain in phi)
@@ -589,16 +588,14 @@ class GPTConfig:
                               ("gate_act", ("sigmoid", "none")), ("attn_norm", ("out_scale", "l2", "none")),
                               ("aligner_kind", ("offset", "identity"))):
             _choice(o, name, getattr(self, name), allowed)
-        if self.residual == "mhc" and not (self.hc_dynamic and self.hc_tanh):
-            raise ValueError(f"{o}.hc_dynamic/hc_tanh=False is not valid with residual='mhc' (its coefficients are "
-                             f"always dynamic, without tanh); expected residual='hc' for static or tanh-free HC")
         unused = {"plain": ("hc_streams", "hc_dynamic", "hc_tanh", "mhc_iters", "mhc_pre_init", "mhc_res_init"),
-                  "hc": ("mhc_iters", "mhc_pre_init", "mhc_res_init"), "mhc": ()}[self.residual]
-        default = {f.name: f.default for f in fields(self)}
-        moved = [f"{k}={getattr(self, k)!r}" for k in unused if getattr(self, k) != default[k]]
-        if moved:  # a knob of another residual would be silently ignored
+                  "hc": ("mhc_iters", "mhc_pre_init", "mhc_res_init"), "mhc": ("hc_dynamic", "hc_tanh")}
+        moved = [f"{k}={getattr(self, k)!r}" for k in unused[self.residual]
+                 if getattr(self, k) != self.__dataclass_fields__[k].default]
+        if moved:  # silently ignored otherwise
             raise ValueError(f"{o}.{', '.join(moved)} {'does' if len(moved) == 1 else 'do'} nothing with residual="
-                             f"{self.residual!r}; expected residual='hc' or 'mhc' (mhc_* for 'mhc'), or the default")
+                             f"{self.residual!r}{' (always dynamic, without tanh)' * (self.residual == 'mhc')}; "
+                             f"expected the default, or residual='hc' (hc_*) or 'mhc' (mhc_*)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"{o}.dropout={self.dropout!r} is not valid; expected 0 <= dropout < 1")
         H1 = self.qk_heads()
@@ -750,8 +747,7 @@ class GPT(nn.Module):
         summary = [f"num {what} parameter tensors: {len(ps)}, with {sum(p.numel() for p in ps):,} parameters"
                    for what, ps in (("Muon", matrices), ("decayed", decay), ("non-decayed", no_decay))
                    if what != "Muon" or ps]
-        fused = device_type == "cuda"
-        adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+        adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
         if optimizer == "adamw":
             return adamw, "\n".join(summary)
         muon = torch.optim.Muon([{"params": matrices, "lr_scale": muon_lr / learning_rate}], lr=muon_lr,
@@ -762,8 +758,7 @@ class GPT(nn.Module):
         """Training FLOPs per token (forward + backward = 3x forward) at context T (default block_size): 6 N for
         every parameter outside attention used once per token (1 MAC = 2 FLOPs, elementwise ignored), 3x each
         attention's forward FLOPs (its own count: weights and score maps) and the HC/mHC stream mixing."""
-        cfg = self.config
-        T = T or cfg.block_size
+        cfg, T = self.config, T or self.config.block_size
         attn = {id(p) for block in self.transformer.h for p in block.attn.parameters()}
         N = sum(p.numel() for n, p in self.named_parameters() if id(p) not in attn and not n.endswith("wpe.weight"))
         flops = 6 * N + 3 * sum(block.attn.flops_per_token(T) for block in self.transformer.h)
