@@ -20,6 +20,19 @@ import torch
 from model import GPT, GPTConfig
 
 
+def find(out_dir, ckpt=""):
+    """The checkpoint a script reads: ckpt where given, else out_dir's ckpt_best.pt, else its ckpt_last.pt. A
+    ValueError says which is missing."""
+    if not ckpt:
+        found = [p for p in (os.path.join(out_dir, n) for n in ("ckpt_best.pt", "ckpt_last.pt")) if os.path.isfile(p)]
+        if not found:
+            raise ValueError(f"no ckpt_best.pt or ckpt_last.pt in out_dir '{out_dir}'; train first or pass --ckpt=PATH")
+        ckpt = found[0]
+    if not os.path.isfile(ckpt):
+        raise ValueError(f"checkpoint '{ckpt}' not found")
+    return ckpt
+
+
 def load_checkpoint(path, trust=False, need=()):
     """The checkpoint dict at path, on the CPU, with model, model_args and the keys in need (sample.py needs the
     tokenizer). Any problem is a ValueError naming the file."""

@@ -20,7 +20,7 @@ import torch
 
 import distributed
 import hellaswag
-from checkpoint import load_checkpoint, load_model
+from checkpoint import find, load_checkpoint, load_model
 from configurator import configure, pick_device
 from data.tokenizer import encoder
 from distributed import fail, finish
@@ -52,16 +52,8 @@ try:
 except ValueError as e:
     fail(e)
 input = input or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "hellaswag", "hellaswag_val.jsonl")
-if not ckpt:
-    for name in ("ckpt_best.pt", "ckpt_last.pt"):
-        if os.path.isfile(os.path.join(out_dir, name)):
-            ckpt = os.path.join(out_dir, name)
-            break
-    else:
-        fail(f"no ckpt_best.pt or ckpt_last.pt in out_dir '{out_dir}'; train first or pass --ckpt=PATH")
-if not os.path.isfile(ckpt):
-    fail(f"checkpoint '{ckpt}' not found")
 try:
+    ckpt = find(out_dir, ckpt)
     state = load_checkpoint(ckpt, trust_checkpoint)
     encode, _ = encoder(state["tokenizer"], tokenizer_file)
     examples = hellaswag.load_encoded(input, encode, state["model_args"]["block_size"], limit)  # on every rank

@@ -24,7 +24,7 @@ import re
 import shutil
 import sys
 
-from checkpoint import load_checkpoint
+from checkpoint import find, load_checkpoint
 from configurator import configure
 
 # -----------------------------------------------------------------------------
@@ -257,15 +257,10 @@ if __name__ == "__main__":
             raise ValueError("to='' is not valid; expected --to=DIR, the folder to write the export to")
     except ValueError as e:
         sys.exit(f"error: {e}")
-    if not ckpt:
-        for name in ("ckpt_best.pt", "ckpt_last.pt"):
-            if os.path.isfile(os.path.join(out_dir, name)):
-                ckpt = os.path.join(out_dir, name)
-                break
-        else:
-            sys.exit(f"error: no ckpt_best.pt or ckpt_last.pt in out_dir '{out_dir}'; train first or pass --ckpt=PATH")
-    if not os.path.isfile(ckpt):
-        sys.exit(f"error: checkpoint '{ckpt}' not found")
+    try:
+        ckpt = find(out_dir, ckpt)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     if os.path.exists(to) and not os.path.isdir(to):
         sys.exit(f"error: --to={to} is a file; expected a folder to write the export to")
     if os.path.isdir(to) and os.listdir(to):

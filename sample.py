@@ -7,13 +7,12 @@ $ python sample.py --out_dir=out/run --start=FILE:prompt.txt --temperature=0.8 -
 $ python sample.py --help                                        # every setting, its default and what it does
 """
 
-import os
 import sys
 from contextlib import nullcontext
 
 import torch
 
-from checkpoint import load_checkpoint, load_model
+from checkpoint import find, load_checkpoint, load_model
 from configurator import configure, pick_device
 from data.tokenizer import encoder
 
@@ -52,15 +51,10 @@ if start.startswith("FILE:"):
     except (OSError, UnicodeDecodeError) as e:
         sys.exit(f"error: --start={start}: the prompt file cannot be read ({getattr(e, 'strerror', None) or e})")
 
-if not ckpt:
-    for name in ("ckpt_best.pt", "ckpt_last.pt"):
-        if os.path.isfile(os.path.join(out_dir, name)):
-            ckpt = os.path.join(out_dir, name)
-            break
-    else:
-        sys.exit(f"error: no ckpt_best.pt or ckpt_last.pt in out_dir '{out_dir}'; train first or pass --ckpt=PATH")
-if not os.path.isfile(ckpt):
-    sys.exit(f"error: checkpoint '{ckpt}' not found")
+try:
+    ckpt = find(out_dir, ckpt)
+except ValueError as e:
+    sys.exit(f"error: {e}")
 try:
     device, device_type = pick_device(device)
 except ValueError as e:
